@@ -1,0 +1,215 @@
+"""The one training loop every method shares, and evaluation.
+
+Read top to bottom: AdamW (no decay on biases and LayerNorm), linear warm-up then linear decay
+(transformers' scheduler), gradient accumulation, autocast on CUDA (bf16/fp16) and fp32 on CPU,
+gradient clipping, the method's per-step hook after each optimiser step (before zero_grad), a loss
+curve every `log_every_steps`, and optional evaluation every `eval_every_steps` keeping the best.
+
+Timing excludes the first `timing_warmup_steps` optimiser steps and all evaluation; on CUDA every
+timed step is bracketed by device synchronisation. Data time (waiting for the next batch) is split
+from compute time (forward, backward, optimiser step).
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from bench import BenchError
+from bench.measure import sync
+from methods.base import Method, is_head_param
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite; the run is recorded with status `nan`."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    samples: int
+    wall_s: float  # whole loop, evaluation included
+    timed_steps: int
+    timed_s: float  # compute + data time of the timed steps, evaluation excluded
+    timed_samples: int
+    timed_tokens: int  # non-padding tokens
+    compute_s: float
+    data_s: float
+    curve: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    best_step: int | None = None
+
+
+def total_steps(n_batches: int, budget: Any) -> int:
+    """Optimiser steps the run will take: `max_steps` if set, else epochs over the data."""
+    if budget.max_steps:
+        return int(budget.max_steps)
+    return int(math.ceil(n_batches / budget.grad_accum_steps) * budget.epochs)
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _check_adapter_gradients(model: nn.Module, head: str, method_name: str) -> None:
+    """After the first backward: some non-head trainable parameter must have a non-zero gradient,
+    otherwise the method attached nothing that learns."""
+    for name, param in model.named_parameters():
+        if param.requires_grad and not is_head_param(name, head) and param.grad is not None \
+                and bool(param.grad.abs().sum() > 0):
+            return
+    raise BenchError(f"method '{method_name}' attached nothing that learns: no parameter outside the task "
+                     f"head got a gradient; check method.target_modules against the model's module names")
+
+
+def _injected_fault(run_id: str) -> str | None:
+    """Test aid: BENCH_INJECT_FAULT='<substring of run_id>:<error|nan|kill>[,...]' makes matching runs
+    fail on purpose at step 2, so sweep fault tolerance can be tested. Not part of the config."""
+    spec = os.environ.get("BENCH_INJECT_FAULT", "")
+    for item in filter(None, spec.split(",")):
+        pattern, _, kind = item.rpartition(":")
+        if pattern and pattern in run_id:
+            return kind
+    return None
+
+
+def train(model: nn.Module, method: Method, loader, *, lr: float, weight_decay: float, warmup_ratio: float,
+          budget: Any, steps: int, device: torch.device, precision: str, head: str, run_id: str,
+          timing_warmup_steps: int, evaluate_fn: Callable[[], dict] | None = None,
+          main_metric: str | None = None) -> TrainResult:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise BenchError(f"method '{method.name}' left no trainable parameters")
+    optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr,
+                                  fused=device.type == "cuda")
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(round(warmup_ratio * steps)), steps)
+    amp_dtype = autocast_dtype(precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    accum = int(budget.grad_accum_steps)
+    fault = _injected_fault(run_id)
+
+    res = TrainResult(0, 0, 0.0, 0, 0.0, 0, 0, 0.0, 0.0)
+    best_value, best_state = -math.inf, None
+    log_loss = torch.zeros((), device=device)
+    log_count = 0
+    model.train()
+    wall_start = time.perf_counter()
+    batches = _forever(loader)
+    progress = tqdm(total=steps, desc=f"train {method.name}", unit="step", dynamic_ncols=True,
+                    disable=os.environ.get("BENCH_PROGRESS", "1") == "0")
+    while res.steps < steps:
+        timed = res.steps >= timing_warmup_steps
+        sync(device)
+        t0 = time.perf_counter()
+        micro = [next(batches) for _ in range(accum)]
+        t1 = time.perf_counter()
+        for batch in micro:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss = model(**batch).loss / accum
+            if fault == "nan" and res.steps == 2:
+                loss = loss * float("nan")
+            scaler.scale(loss).backward()
+            log_loss += loss.detach()
+            res.samples += batch["input_ids"].shape[0]
+            if timed:
+                res.timed_samples += batch["input_ids"].shape[0]
+                res.timed_tokens += int(batch["attention_mask"].sum())
+        if res.steps == 0:
+            _check_adapter_gradients(model, head, method.name)
+        if budget.max_grad_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, float(budget.max_grad_norm))
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        method.on_step(model, res.steps + 1)
+        optimizer.zero_grad(set_to_none=True)
+        res.steps += 1
+        log_count += 1
+        sync(device)
+        t2 = time.perf_counter()
+        if timed:
+            res.timed_steps += 1
+            res.data_s += t1 - t0
+            res.compute_s += t2 - t1
+        if fault == "error" and res.steps == 2:
+            raise RuntimeError("injected fault (BENCH_INJECT_FAULT)")
+        if fault == "kill" and res.steps == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        if res.steps % budget.log_every_steps == 0 or res.steps == steps:
+            mean_loss = float(log_loss) / log_count
+            if not math.isfinite(mean_loss):
+                raise NonFiniteLoss(f"training loss is {mean_loss} at step {res.steps}")
+            res.curve.append({"step": res.steps, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                              "elapsed_s": time.perf_counter() - wall_start})
+            progress.set_postfix(loss=f"{mean_loss:.4f}")
+            log_loss.zero_()
+            log_count = 0
+        progress.update(1)
+
+        if evaluate_fn and budget.eval_every_steps and res.steps % budget.eval_every_steps == 0 \
+                and res.steps < steps:
+            metrics = evaluate_fn()
+            model.train()
+            res.evals.append({"step": res.steps, **metrics})
+            if budget.keep_best and metrics[main_metric] > best_value:
+                best_value, res.best_step = metrics[main_metric], res.steps
+                best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    progress.close()
+    res.wall_s = time.perf_counter() - wall_start
+    res.timed_s = res.data_s + res.compute_s
+    if best_state is not None and evaluate_fn is not None:
+        final = evaluate_fn()
+        res.evals.append({"step": res.steps, **final})
+        if final[main_metric] < best_value:  # restore the best evaluated weights
+            model.load_state_dict(best_state, strict=False)
+        else:
+            res.best_step = res.steps
+    return res
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, device: torch.device, precision: str) -> tuple[np.ndarray, np.ndarray, float]:
+    """Logits and labels over a loader, and the mean loss."""
+    model.eval()
+    amp_dtype = autocast_dtype(precision)
+    logits, labels, loss_sum, n = [], [], 0.0, 0
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = model(**batch)
+        bs = batch["labels"].shape[0]
+        loss_sum += float(out.loss) * bs
+        n += bs
+        logits.append(out.logits.float().cpu())
+        labels.append(batch["labels"].cpu())
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy(), loss_sum / max(n, 1)
+
+
+def to_predictions(logits: np.ndarray, is_regression: bool) -> np.ndarray:
+    return logits[:, 0] if is_regression else logits.argmax(-1)

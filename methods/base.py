@@ -1,0 +1,114 @@
+"""The method interface and its name registry.
+
+A method says how to attach itself to a model and what trains; it never contains a training loop.
+The shared loop (bench/train.py) calls `on_step` after every optimiser step, before zero_grad.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from bench import BenchError
+
+
+@dataclass(frozen=True)
+class AttachContext:
+    """What a method may need to know besides its own config."""
+
+    rank: int | None
+    model_cfg: Any  # conf/model/*.yaml: module names per family
+    num_labels: int
+    total_steps: int  # optimiser steps the loop will take (AdaLoRA's schedule needs it)
+
+
+class Method:
+    name: ClassVar[str]
+    uses_rank: ClassVar[bool] = True  # False: the `rank` knob is ignored and left out of the config hash
+    merges: ClassVar[bool] = False  # True: can be folded into the base weights for zero-overhead inference
+
+    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
+        raise NotImplementedError
+
+    def effective_config(self, cfg: dict, rank: int | None) -> dict:
+        """The method's settings as they will be used (e.g. alpha derived from rank); hashed for identity."""
+        return dict(cfg)
+
+    def on_step(self, model: nn.Module, global_step: int) -> None:
+        """Called by the loop after each optimiser step, before zero_grad."""
+
+    def merged(self, model: nn.Module) -> nn.Module:
+        """A copy of the model with the method folded into the base weights."""
+        raise NotImplementedError(f"method '{self.name}' does not merge")
+
+    def save(self, model: nn.Module, out_dir: Path) -> None:
+        """Save what is needed to reproduce the fine-tuned model from the base model (safetensors)."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(state, str(out_dir / "trainable.safetensors"))
+
+    def load(self, base_model: nn.Module, cfg: Any, ctx: AttachContext, out_dir: Path) -> nn.Module:
+        """Rebuild the fine-tuned model from a fresh base model and what `save` wrote."""
+        model = self.attach(base_model, cfg, ctx)
+        state = load_file(str(out_dir / "trainable.safetensors"))
+        missing = set(state) - {n for n, _ in model.named_parameters()}
+        if missing:
+            raise BenchError(f"{out_dir}: saved tensors {sorted(missing)[:3]} do not match the model")
+        model.load_state_dict(state, strict=False)
+        return model
+
+    def info(self, model: nn.Module) -> dict:
+        """Method-specific facts for the record (e.g. AdaLoRA's final rank pattern)."""
+        return {}
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get_method(name: str) -> Method:
+    if name not in REGISTRY:
+        raise BenchError(f"unknown method '{name}'; choose one of: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def freeze_all_but_head(model: nn.Module, head: str) -> None:
+    """Freeze every parameter except those of the task head (module name `head`)."""
+    for name, param in model.named_parameters():
+        param.requires_grad = is_head_param(name, head)
+
+
+def is_head_param(name: str, head: str) -> bool:
+    """True for parameters of the task head, also under peft's wrappers (…classifier.modules_to_save…)."""
+    return name.startswith(f"{head}.") or f".{head}." in name
+
+
+def count_params(model: nn.Module, head: str) -> dict[str, int]:
+    trainable = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
+    return {
+        "trainable_params": sum(n for _, n in trainable),
+        "trainable_params_excl_head": sum(n for name, n in trainable if not is_head_param(name, head)),
+        "total_params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer: what a full-model safetensors file holds (header excluded)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+__all__ = ["AttachContext", "Method", "REGISTRY", "register", "get_method", "freeze_all_but_head",
+           "is_head_param", "count_params", "tensor_bytes"]

@@ -1,0 +1,30 @@
+"""Full fine-tuning: every weight trains. The reference every PEFT method is compared against."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import nn
+
+from methods.base import AttachContext, Method, register
+
+
+@register
+class Full(Method):
+    name = "full"
+    uses_rank = False
+
+    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
+        for param in model.parameters():
+            param.requires_grad = True
+        return model
+
+    def effective_config(self, cfg: dict, rank: int | None) -> dict:
+        return dict(cfg)
+
+    def save(self, model: nn.Module, out_dir: Path) -> None:
+        # The fine-tuned model *is* the artefact: every tensor, buffers included.
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(out_dir / "trainable.safetensors"))

@@ -1,0 +1,38 @@
+"""LoRA (Hu et al., 2021, arXiv:2106.09685) via peft: W + (alpha/r)·B·A on the target linear layers,
+B = 0 at init so the model starts as the base model. `rslora` and `dora` are the same family and are
+registered in their own modules on top of this one."""
+from __future__ import annotations
+
+from typing import Any
+
+from peft import LoraConfig, TaskType
+
+from methods.base import AttachContext, register
+from methods.peft_common import PeftMethod
+
+
+@register
+class Lora(PeftMethod):
+    name = "lora"
+    merges = True
+    use_rslora = False
+    use_dora = False
+
+    def effective_config(self, cfg: dict, rank: int | None) -> dict:
+        out = dict(cfg)
+        out["r"] = rank
+        out["lora_alpha"] = float(cfg["alpha_over_rank"]) * rank
+        return out
+
+    def peft_config(self, cfg: Any, ctx: AttachContext) -> LoraConfig:
+        eff = self.effective_config(dict(cfg), ctx.rank)
+        return LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=eff["r"],
+            lora_alpha=eff["lora_alpha"],
+            lora_dropout=float(cfg.dropout),
+            target_modules=list(cfg.target_modules),
+            use_rslora=self.use_rslora,
+            use_dora=self.use_dora,
+            init_lora_weights=True,  # A Kaiming-uniform, B = 0
+        )

@@ -1,0 +1,31 @@
+"""Shared pieces for methods that peft implements: attach through `get_peft_model`, save/load through
+peft's own `save_pretrained` / `PeftModel.from_pretrained` (adapter_model.safetensors), merge through
+`merge_and_unload`."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from peft import PeftConfig, PeftModel, get_peft_model
+from torch import nn
+
+from methods.base import AttachContext, Method
+
+
+class PeftMethod(Method):
+    def peft_config(self, cfg: Any, ctx: AttachContext) -> PeftConfig:
+        raise NotImplementedError
+
+    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
+        # task_type SEQ_CLS makes peft train the classifier head too (modules_to_save).
+        return get_peft_model(model, self.peft_config(cfg, ctx))
+
+    def merged(self, model: nn.Module) -> nn.Module:
+        return copy.deepcopy(model).merge_and_unload()
+
+    def save(self, model: nn.Module, out_dir: Path) -> None:
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+
+    def load(self, base_model: nn.Module, cfg: Any, ctx: AttachContext, out_dir: Path) -> nn.Module:
+        return PeftModel.from_pretrained(base_model, str(out_dir))
