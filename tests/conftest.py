@@ -1,0 +1,43 @@
+"""Shared fixtures: compose the real Hydra configs with small overrides, offline."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "conf"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["BENCH_PROGRESS"] = "0"
+if "GLUE_DIR" not in os.environ and (REPO.parent / "shared" / "data" / "glue").is_dir():
+    os.environ["GLUE_DIR"] = str(REPO.parent / "shared" / "data" / "glue")
+
+GLUE_DIR = os.environ.get("GLUE_DIR")
+needs_glue = pytest.mark.skipif(not GLUE_DIR, reason="GLUE_DIR not set and ../shared/data/glue missing")
+
+# Tiny, fast defaults for tests: random-init 2-layer BERT, smoke budget, few latency iterations.
+TINY = ["model=tiny-bert", "budget=smoke", "measure.latency_iters=3", "measure.latency_warmup_iters=1",
+        "measure.latency_seq_len=16", "measure.latency_batch_size=4"]
+
+
+def compose_cfg(*overrides: str, results_dir: Path | None = None, tiny: bool = True) -> DictConfig:
+    """The real `conf/config.yaml` composed with overrides (tiny test defaults first)."""
+    extra = [f"results_dir={results_dir}"] if results_dir is not None else []
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=[*(TINY if tiny else []), *extra, *overrides])
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """make_cfg('method=lora', 'rank=4') -> composed config writing results under tmp_path."""
+
+    def _make(*overrides: str, tiny: bool = True) -> DictConfig:
+        return compose_cfg(*overrides, results_dir=tmp_path / "runs", tiny=tiny)
+
+    return _make
