@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -35,8 +37,30 @@ def app(cfg: DictConfig) -> str | None:
     return record["status"]
 
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def check_group_choices(argv: list[str]) -> str | None:
+    """One-line message for an override that names a config that does not exist (`method=nosuch`),
+    before Hydra prints its multi-line error. Sweep expressions (`range(...)`, globs) are left to Hydra."""
+    for arg in argv:
+        match = re.fullmatch(r"(method|task|model|budget)=([\w.,-]+)", arg)
+        if not match:
+            continue
+        group, values = match.groups()
+        choices = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        for value in values.split(","):
+            if value not in choices:
+                return f"unknown {group} '{value}'; choose one of: {', '.join(choices)} (files in conf/{group}/)"
+    return None
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    problem = check_group_choices(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     app()
 
 

@@ -20,8 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers.utils import logging as hf_logging
 
-from bench import BenchError, metrics as glue_metrics
+from bench import BenchError
+from bench import metrics as glue_metrics
 from bench.data import make_loader, subset, tokenize
 from bench.measure import MemoryMeter, device_name, latency_batch, latency_ms
 from bench.models import load_model, load_tokenizer
@@ -32,6 +34,7 @@ from methods import AttachContext, Method, get_method
 from methods.base import count_params, tensor_bytes
 
 RECORD = "record.json"
+hf_logging.set_verbosity_error()  # the load report ("classifier newly initialised") is expected here
 
 
 @dataclass
@@ -328,9 +331,11 @@ def _print_summary(rec: dict, path: Path) -> None:
         line = f"  latency p50 (batch {lat['batch_size']}x{lat['seq_len']}): base {lat['base']['p50_ms']:.1f} ms"
         line += f", unmerged {lat['unmerged']['p50_ms']:.1f} ms"
         if "merged" in lat:
-            line += f", merged {lat['merged']['p50_ms']:.1f} ms (max |logit diff| {rec['merged_max_abs_logit_diff']:.1e})"
+            diff = rec["merged_max_abs_logit_diff"]
+            line += f", merged {lat['merged']['p50_ms']:.1f} ms (max |logit diff| {diff:.1e})"
         lines.append(line)
     if "adapter_bytes" in rec:
-        lines.append(f"  stored weights {_fmt_bytes(rec['adapter_bytes'])} vs full model {_fmt_bytes(rec['full_model_bytes'])}")
+        lines.append(f"  stored weights {_fmt_bytes(rec['adapter_bytes'])} "
+                     f"vs full model {_fmt_bytes(rec['full_model_bytes'])}")
     lines.append(f"  record: {path}")
     print("\n".join(lines))
