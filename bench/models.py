@@ -13,6 +13,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from bench import BenchError
@@ -60,8 +61,10 @@ def load_model(model_cfg: Any, num_labels: int):
         return AutoModelForSequenceClassification.from_config(config), f"random_init:{model_cfg.family}"
     path, source = resolve_source(model_cfg)
     try:
+        # fp32 master weights whatever the checkpoint's dtype (transformers 5 defaults to dtype="auto");
+        # mixed precision comes from autocast in the loop.
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, problem_type=problem_type)
+            path, num_labels=num_labels, problem_type=problem_type, dtype=torch.float32)
     except OSError as exc:
         raise BenchError(f"model '{model_cfg.name}': cannot load {path} (no network? set HF_HUB_OFFLINE=1 "
                          f"and use an offline model such as model=minilm): {str(exc).splitlines()[0]}") from exc
