@@ -10,6 +10,7 @@ from typing import Any
 from peft import PeftConfig, PeftModel, get_peft_model
 from torch import nn
 
+from bench import BenchError
 from methods.base import AttachContext, Method
 
 
@@ -19,7 +20,13 @@ class PeftMethod(Method):
 
     def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
         # task_type SEQ_CLS makes peft train the classifier head too (modules_to_save).
-        return get_peft_model(model, self.peft_config(cfg, ctx))
+        peft_cfg = self.peft_config(cfg, ctx)
+        try:
+            return get_peft_model(model, peft_cfg)
+        except ValueError as exc:  # e.g. "Target modules {...} not found in the base model"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BenchError(f"method '{self.name}' could not attach: {first} "
+                             f"(check method.target_modules / the model's module names)") from exc
 
     def merged(self, model: nn.Module) -> nn.Module:
         return copy.deepcopy(model).merge_and_unload()
