@@ -4,6 +4,7 @@ peft's own `save_pretrained` / `PeftModel.from_pretrained` (adapter_model.safete
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,10 @@ class PeftMethod(Method):
         try:
             return get_peft_model(model, peft_cfg)
         except ValueError as exc:  # e.g. "Target modules {...} not found in the base model"
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BenchError(f"method '{self.name}' could not attach: {first} "
-                             f"(check method.target_modules / the model's module names)") from exc
+            first = re.split(r"(?<=\.)\s", str(exc).strip(), maxsplit=1)[0] or type(exc).__name__
+            targets = getattr(peft_cfg, "target_modules", None)
+            raise BenchError(f"method '{self.name}' could not attach to target_modules={targets}: {first} "
+                             "Check method.target_modules against the model's module names.") from exc
 
     def merged(self, model: nn.Module) -> nn.Module:
         return copy.deepcopy(model).merge_and_unload()
