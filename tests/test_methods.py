@@ -236,3 +236,13 @@ def test_prompt_methods_run_without_token_type_ids(make_cfg):
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
         assert out.logits.shape == (2, 2)
+
+
+@pytest.mark.parametrize(("name", "rank", "scale"), [("lora", 4, 2.0), ("lora", 16, 2.0), ("rslora", 4, 16 / 2),
+                                                     ("rslora", 16, 16 / 4), ("dora", 4, 2.0)])
+def test_lora_family_scaling(make_cfg, name, rank, scale):
+    """lora/dora: alpha = 2r so alpha/r = 2 at every rank; rslora: fixed alpha 16 over sqrt(r)."""
+    cfg, method, base, ctx = build(make_cfg, name, rank=rank)
+    model = method.attach(base, cfg.method, ctx)
+    scalings = {m.scaling["default"] for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)}
+    assert len(scalings) == 1 and scalings.pop() == pytest.approx(scale)
