@@ -1,5 +1,15 @@
 """Method registry: name -> how to attach it. Importing this package registers every method."""
-from methods import full, lora  # noqa: F401  (registration side effect)
+from methods import (  # noqa: F401  (registration side effect)
+    adalora,
+    adapters,
+    bitfit,
+    dora,
+    full,
+    ia3,
+    lora,
+    prompt,
+    rslora,
+)
 from methods.base import REGISTRY, AttachContext, Method, get_method
 
 __all__ = ["REGISTRY", "AttachContext", "Method", "get_method"]

@@ -21,7 +21,9 @@ class Lora(PeftMethod):
     def effective_config(self, cfg: dict, rank: int | None) -> dict:
         out = dict(cfg)
         out["r"] = rank
-        out["lora_alpha"] = float(cfg["alpha_over_rank"]) * rank
+        # alpha: a fixed alpha (rsLoRA) when set, else alpha_over_rank * r (LoRA: a constant alpha/r).
+        fixed = cfg.get("alpha")
+        out["lora_alpha"] = float(fixed) if fixed is not None else float(cfg["alpha_over_rank"]) * rank
         return out
 
     def peft_config(self, cfg: Any, ctx: AttachContext) -> LoraConfig:

@@ -4,12 +4,14 @@ peft's own `save_pretrained` / `PeftModel.from_pretrained` (adapter_model.safete
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
 from peft import PeftConfig, PeftModel, get_peft_model
 from torch import nn
 
+from bench import BenchError
 from methods.base import AttachContext, Method
 
 
@@ -19,7 +21,14 @@ class PeftMethod(Method):
 
     def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
         # task_type SEQ_CLS makes peft train the classifier head too (modules_to_save).
-        return get_peft_model(model, self.peft_config(cfg, ctx))
+        peft_cfg = self.peft_config(cfg, ctx)
+        try:
+            return get_peft_model(model, peft_cfg)
+        except ValueError as exc:  # e.g. "Target modules {...} not found in the base model"
+            first = re.split(r"(?<=\.)\s", str(exc).strip(), maxsplit=1)[0] or type(exc).__name__
+            targets = getattr(peft_cfg, "target_modules", None)
+            raise BenchError(f"method '{self.name}' could not attach to target_modules={targets}: {first} "
+                             "Check method.target_modules against the model's module names.") from exc
 
     def merged(self, model: nn.Module) -> nn.Module:
         return copy.deepcopy(model).merge_and_unload()

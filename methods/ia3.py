@@ -1,0 +1,37 @@
+"""(IA)³ (Liu et al. 2022, T-Few, arXiv:2205.05638) via peft: learned vectors that rescale the keys, the
+values and the FFN's inner activation; initialised to ones, so the model starts as the base model.
+It merges (the vectors fold into the weights). Has no rank.
+
+Targets are module paths *within each layer* (conf/model: ia3_targets, ia3_feedforward) turned into one
+anchored regular expression, because peft's list matching is by suffix: `output.dense` would also hit
+`attention.output.dense`, which the paper does not rescale (peft's built-in BERT/RoBERTa default does).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from peft import IA3Config, TaskType
+
+from methods.base import AttachContext, register
+from methods.peft_common import PeftMethod
+
+
+def layer_regex(layers: str, names: list[str]) -> str:
+    """Full-match regex for `<anything>.<layers>.<i>.<name>` for each name."""
+    alternatives = "|".join(re.escape(n) for n in names)
+    return rf"(.*\.)?{re.escape(layers)}\.\d+\.({alternatives})"
+
+
+@register
+class IA3(PeftMethod):
+    name = "ia3"
+    uses_rank = False
+    merges = True
+
+    def peft_config(self, cfg: Any, ctx: AttachContext) -> IA3Config:
+        layers = str(ctx.model_cfg.layers)
+        return IA3Config(task_type=TaskType.SEQ_CLS,
+                         target_modules=layer_regex(layers, list(cfg.target_modules)),
+                         feedforward_modules=layer_regex(layers, list(cfg.feedforward_modules)),
+                         init_ia3_weights=True)

@@ -1,0 +1,79 @@
+"""Build a tiny random-init model with a method attached, from the real composed config; synthetic
+batches; the shared training loop for a few steps. Used by the method tests."""
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from bench.models import load_model
+from bench.runner import plan
+from bench.train import train
+from methods import AttachContext, Method
+from methods.base import is_head_param
+
+NUM_LABELS = 2
+ALL_METHODS = ["full", "bitfit", "lora", "rslora", "dora", "adalora", "houlsby", "pfeiffer",
+               "prompt_tuning", "prefix_tuning", "ia3"]
+MERGING = {"lora", "rslora", "dora", "adalora", "ia3"}
+# Methods whose model equals the base model before training (full and bitfit trivially: nothing added).
+IDENTITY_AT_INIT = {"full", "bitfit", "lora", "rslora", "dora", "adalora", "houlsby", "pfeiffer", "ia3"}
+
+
+def fresh_base(cfg: DictConfig) -> nn.Module:
+    """The same random-init base model every time (seeded)."""
+    torch.manual_seed(0)
+    model, _ = load_model(cfg.model, NUM_LABELS)
+    return model
+
+
+def build(make_cfg, method_name: str, *overrides: str, rank: int = 4, total_steps: int = 8
+          ) -> tuple[DictConfig, Method, nn.Module, AttachContext]:
+    """(cfg, method, base model, ctx): nothing attached yet."""
+    cfg = make_cfg(f"method={method_name}", f"rank={rank}", *overrides)
+    p = plan(cfg)
+    ctx = AttachContext(rank=p.rank, model_cfg=cfg.model, num_labels=NUM_LABELS, total_steps=total_steps)
+    return cfg, p.method, fresh_base(cfg), ctx
+
+
+def batch(seed: int = 0, size: int = 4, length: int = 12) -> dict[str, torch.Tensor]:
+    """A BERT pair-style batch: token_type_ids 0/1 and some padding, as the collator makes them."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 30522, (size, length), generator=g)
+    ids[:, 0] = 101
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    types = torch.zeros_like(ids)
+    types[:, length // 2:] = 1
+    labels = torch.randint(0, NUM_LABELS, (size,), generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels}
+
+
+@torch.no_grad()
+def logits(model: nn.Module, b: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    model.eval()
+    b = b if b is not None else batch(99)
+    return model(**{k: v for k, v in b.items() if k != "labels"}).logits.detach().clone()
+
+
+def train_steps(model: nn.Module, method: Method, cfg: DictConfig, steps: int, lr: float = 1e-2) -> None:
+    """`steps` optimiser steps of the shared loop (on_step hooks included) on synthetic batches."""
+    train(model, method, [batch(i) for i in range(steps)], lr=lr, weight_decay=0.0, warmup_ratio=0.0,
+          budget=cfg.budget, steps=steps, device=torch.device("cpu"), precision="fp32",
+          head=str(cfg.model.head), run_id="test", timing_warmup_steps=0)
+
+
+@torch.no_grad()
+def perturb(model: nn.Module, head: str, scale: float = 0.1, seed: int = 1) -> None:
+    """Move every trainable non-head parameter off its init (e.g. LoRA's B = 0), as training would."""
+    g = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if param.requires_grad and not is_head_param(name, head):
+            param.add_(scale * torch.randn(param.shape, generator=g))
+
+
+def trainable(model: nn.Module, head: str) -> tuple[set[str], set[str]]:
+    """(trainable names outside the head, trainable names in the head)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    heads = {n for n in names if is_head_param(n, head)}
+    return names - heads, heads

@@ -1,0 +1,248 @@
+"""Every method, on a tiny random-init BERT through the real configs: what trains, identity at init,
+change after one step, merge equivalence, parameter counts by hand, AdaLoRA's reallocation, save/load."""
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+from transformers import RobertaConfig, RobertaForSequenceClassification
+
+from bench import BenchError
+from bench.runner import plan
+from methods import REGISTRY, AttachContext, get_method
+from methods.base import count_params, is_head_param
+from tests.method_helpers import (
+    ALL_METHODS,
+    IDENTITY_AT_INIT,
+    MERGING,
+    batch,
+    build,
+    fresh_base,
+    logits,
+    perturb,
+    train_steps,
+    trainable,
+)
+
+# Every trainable parameter outside the head matches this, and every parameter that matches trains.
+TRAINS = {
+    "full": r".*",
+    "bitfit": r".*\.bias",
+    "lora": r".*\.lora_[AB]\.default\.weight",
+    "rslora": r".*\.lora_[AB]\.default\.weight",
+    "dora": r".*\.(lora_[AB]|lora_magnitude_vector)\.default\.weight",
+    "adalora": r".*\.lora_[ABE]\.default",
+    "houlsby": r".*(\.adapter\.(down|up)\.(weight|bias)|\.LayerNorm\.(weight|bias))",
+    "pfeiffer": r".*\.adapter\.(down|up)\.(weight|bias)",
+    "prompt_tuning": r"prompt_encoder\.default\.embedding\.weight",
+    "prefix_tuning": r"prompt_encoder\.default\.embedding\.weight",
+    "ia3": r".*\.ia3_l\.default",
+}
+
+
+def test_every_method_is_registered_with_a_config():
+    assert sorted(REGISTRY) == sorted(ALL_METHODS)
+    assert {n for n, m in REGISTRY.items() if m.merges} == MERGING
+    assert {n for n, m in REGISTRY.items() if not m.uses_rank} == {"full", "bitfit", "ia3"}
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_exactly_the_intended_parameters_train(make_cfg, name):
+    cfg, method, base, ctx = build(make_cfg, name)
+    head = str(cfg.model.head)
+    model = method.attach(base, cfg.method, ctx)
+    body, head_names = trainable(model, head)
+    pattern = re.compile(TRAINS[name])
+    should = {n for n, _ in model.named_parameters() if pattern.fullmatch(n) and not is_head_param(n, head)}
+    assert body and body == should
+    # The whole task head trains, for every method (peft: its modules_to_save copy).
+    head_numel = sum(p.numel() for n, p in fresh_base(cfg).named_parameters() if is_head_param(n, head))
+    assert sum(p.numel() for n, p in model.named_parameters() if n in head_names) == head_numel
+    if name == "bitfit":  # LayerNorm gains and every weight matrix stay frozen
+        assert not any(n.endswith(".weight") for n in body)
+        assert any("LayerNorm.bias" in n for n in body)
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_identity_at_init_and_changed_after_one_step(make_cfg, name):
+    cfg, method, base, ctx = build(make_cfg, name)
+    head = str(cfg.model.head)
+    before = logits(base)
+    model = method.attach(base, cfg.method, ctx)
+    at_init = logits(model)
+    if name in IDENTITY_AT_INIT:
+        torch.testing.assert_close(at_init, before, atol=1e-6, rtol=0)
+    head_state = {n: p.detach().clone() for n, p in model.named_parameters() if is_head_param(n, head)}
+    train_steps(model, method, cfg, steps=1)
+    with torch.no_grad():  # undo the head's step: what changed must be the method's own parameters
+        for n, p in model.named_parameters():
+            if n in head_state:
+                p.copy_(head_state[n])
+    # CPU fp32 forward passes are deterministic, so any difference is the step's doing. (AdaLoRA's first
+    # step is small: Λ starts at 0 and P, Q at N(0, 0.02²), so ΔW = P·Λ·Q moves by ~1e-6.)
+    assert (logits(model) - at_init).abs().max() > 1e-7
+
+
+@pytest.mark.parametrize("name", sorted(MERGING))
+def test_merged_equals_unmerged(make_cfg, name):
+    cfg, method, base, ctx = build(make_cfg, name)
+    model = method.attach(base, cfg.method, ctx)
+    perturb(model, str(cfg.model.head))
+    unmerged = logits(model)
+    merged = method.merged(model)
+    assert not any(p.requires_grad and ("lora_" in n or "ia3_" in n) for n, p in merged.named_parameters())
+    torch.testing.assert_close(logits(merged), unmerged, atol=1e-4, rtol=0)
+
+
+def _dims(cfg):
+    c = cfg.model.config
+    return int(c.hidden_size), int(c.num_hidden_layers), int(c.intermediate_size)
+
+
+def expected_params_excl_head(name: str, cfg, r: int) -> int:
+    """Hand counts for tiny-bert: d = hidden, L = layers, f = FFN width; LoRA targets W_q, W_v."""
+    d, L, f = _dims(cfg)
+    lora = L * 2 * (d * r + r * d)  # A: r x d, B: d x r, on 2 matrices per layer
+    adapter = 2 * d * r + r + d  # down (d->r, bias r) + up (r->d, bias d)
+    init_r = max(math.ceil(1.5 * r), r + 1)
+    return {
+        "full": None,
+        "bitfit": d + L * (4 * d + d + f + d + d) + d,  # emb LN; q,k,v,o, LN1, FFN in, FFN out, LN2; pooler
+        "lora": lora,
+        "rslora": lora,
+        "dora": lora + L * 2 * d,  # + one magnitude entry per output feature of each adapted matrix
+        "adalora": L * 2 * (init_r * d + d * init_r + init_r),  # P, Q and the singular values Λ at init_r
+        "houlsby": L * 2 * adapter + (1 + 2 * L) * 2 * d,  # 2 adapters per layer + every LayerNorm (γ, β)
+        "pfeiffer": L * adapter,
+        "prompt_tuning": r * d,
+        "prefix_tuning": L * 2 * r * d,  # a key and a value prefix per layer
+        "ia3": L * (d + d + f),  # l_k, l_v, l_ff
+    }[name]
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_trainable_parameter_count_matches_hand_calculation(make_cfg, name):
+    cfg, method, base, ctx = build(make_cfg, name, rank=4)
+    total = sum(p.numel() for p in base.parameters())
+    model = method.attach(base, cfg.method, ctx)
+    counts = count_params(model, str(cfg.model.head))
+    expected = expected_params_excl_head(name, cfg, 4)
+    if name == "full":
+        assert counts["trainable_params"] == total
+    else:
+        assert counts["trainable_params_excl_head"] == expected
+
+
+@pytest.mark.parametrize(("name", "expected"), [("lora", 294_912), ("dora", 294_912 + 12 * 2 * 768)])
+def test_lora_on_default_roberta_config(make_cfg, name, expected):
+    """LoRA r = 8 on W_q, W_v of a default-size RobertaConfig(): 12 layers x 2 x (8·768 + 768·8)."""
+    cfg = make_cfg(f"method={name}", "rank=8", "model=tiny-roberta")
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        model = RobertaForSequenceClassification(RobertaConfig(num_labels=2))
+    ctx = AttachContext(rank=8, model_cfg=cfg.model, num_labels=2, total_steps=10)
+    model = get_method(name).attach(model, cfg.method, ctx)
+    assert count_params(model, "classifier")["trainable_params_excl_head"] == expected
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_save_load_round_trip_reproduces_logits(make_cfg, tmp_path, name):
+    cfg, method, base, ctx = build(make_cfg, name)
+    model = method.attach(base, cfg.method, ctx)
+    perturb(model, str(cfg.model.head))
+    expected = logits(model)
+    method.save(model, tmp_path / "w")
+    loaded = method.load(fresh_base(cfg), cfg.method, ctx, tmp_path / "w")
+    torch.testing.assert_close(logits(loaded), expected, atol=1e-5, rtol=0)
+
+
+def test_adalora_reallocates_rank_during_a_short_run(make_cfg, tmp_path):
+    steps = 12
+    cfg, method, base, ctx = build(make_cfg, "adalora", "method.deltaT=2", rank=2, total_steps=steps)
+    model = method.attach(base, cfg.method, ctx)
+    start = method.info(model)
+    assert not start["reallocated"] and set(start["rank_pattern"].values()) == {start["init_r"]} == {3}
+    tinit, tfinal = method.schedule(cfg.method, steps)
+    assert tinit < steps - tfinal
+    train_steps(model, method, cfg, steps=steps, lr=5e-3)
+    end = method.info(model)
+    assert end["reallocated"] and end["rank_pattern"].keys() == start["rank_pattern"].keys()
+    # The budget ends at target_r per matrix on average, and the triplets it dropped are zero in the model.
+    assert end["total_rank"] == 2 * len(end["rank_pattern"]) < start["total_rank"]
+    kept = sum(int((p != 0).sum()) for n, p in model.named_parameters() if ".lora_E." in n)
+    assert kept == end["total_rank"]
+    # Save -> load keeps the reallocated model (peft resizes the matrices to the rank pattern).
+    expected = logits(model)
+    method.save(model, tmp_path / "w")
+    loaded = method.load(fresh_base(cfg), cfg.method, ctx, tmp_path / "w")
+    torch.testing.assert_close(logits(loaded), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 7, 400])
+def test_adalora_schedule_leaves_a_budget_phase_for_any_step_count(make_cfg, steps):
+    cfg, method, base, ctx = build(make_cfg, "adalora", total_steps=steps)
+    method.attach(base, cfg.method, ctx)  # peft raises when tinit >= total_step - tfinal
+
+
+def test_adalora_eval_loss_is_the_task_loss(make_cfg):
+    """peft adds the orthogonal regulariser whenever a loss is computed; we add it only in training."""
+    cfg, method, base, ctx = build(make_cfg, "adalora")
+    b = batch(3)
+    plain = base.eval()(**b).loss.item()
+    model = method.attach(base, cfg.method, ctx)
+    assert model.eval()(**b).loss.item() == pytest.approx(plain, abs=1e-6)
+    assert model.train()(**b).loss.item() > plain + 1e-3 or cfg.method.orth_reg_weight == 0
+
+
+@pytest.mark.parametrize("name", ["full", "bitfit", "ia3"])
+def test_rankless_methods_ignore_rank_in_identity(make_cfg, name):
+    a, b = plan(make_cfg(f"method={name}", "rank=4")), plan(make_cfg(f"method={name}", "rank=8"))
+    assert a.config_hash == b.config_hash and a.run_id == b.run_id and a.rank is None
+
+
+def test_ranked_methods_differ_by_rank(make_cfg):
+    for name in sorted(set(ALL_METHODS) - {"full", "bitfit", "ia3"}):
+        a, b = plan(make_cfg(f"method={name}", "rank=4")), plan(make_cfg(f"method={name}", "rank=8"))
+        assert a.config_hash != b.config_hash, name
+
+
+def test_unmatched_lora_targets_are_one_line_bench_error(make_cfg):
+    cfg, method, base, ctx = build(make_cfg, "lora", "method.target_modules=[nonexistent]")
+    with pytest.raises(BenchError, match=r"method 'lora' could not attach to target_modules=.*nonexistent") as err:
+        method.attach(base, cfg.method, ctx)
+    assert "\n" not in str(err.value)
+
+
+def test_adapter_with_wrong_module_name_is_bench_error(make_cfg):
+    cfg, method, base, ctx = build(make_cfg, "pfeiffer", "model.ffn_output=nope")
+    with pytest.raises(BenchError, match="no module 'nope'"):
+        method.attach(base, cfg.method, ctx)
+
+
+def test_ia3_does_not_scale_the_attention_output(make_cfg):
+    cfg, method, base, ctx = build(make_cfg, "ia3")
+    body, _ = trainable(method.attach(base, cfg.method, ctx), str(cfg.model.head))
+    assert not any("attention.output" in n for n in body)
+    assert sum(".output.dense." in n for n in body) == int(cfg.model.config.num_hidden_layers)
+
+
+def test_prompt_methods_run_without_token_type_ids(make_cfg):
+    """The runner's latency batch has only input_ids and attention_mask."""
+    for name in ("prompt_tuning", "prefix_tuning"):
+        cfg, method, base, ctx = build(make_cfg, name)
+        model = method.attach(base, cfg.method, ctx).eval()
+        ids = torch.randint(1000, 30000, (2, 16))
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        assert out.logits.shape == (2, 2)
+
+
+@pytest.mark.parametrize(("name", "rank", "scale"), [("lora", 4, 2.0), ("lora", 16, 2.0), ("rslora", 4, 16 / 2),
+                                                     ("rslora", 16, 16 / 4), ("dora", 4, 2.0)])
+def test_lora_family_scaling(make_cfg, name, rank, scale):
+    """lora/dora: alpha = 2r so alpha/r = 2 at every rank; rslora: fixed alpha 16 over sqrt(r)."""
+    cfg, method, base, ctx = build(make_cfg, name, rank=rank)
+    model = method.attach(base, cfg.method, ctx)
+    scalings = {m.scaling["default"] for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)}
+    assert len(scalings) == 1 and scalings.pop() == pytest.approx(scale)
