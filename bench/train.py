@@ -45,6 +45,7 @@ class TrainResult:
     timed_tokens: int  # non-padding tokens
     compute_s: float
     data_s: float
+    max_batch_seq_len: int = 0  # longest padded batch (tokens): activation memory peaks there
     curve: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     best_step: int | None = None
@@ -123,6 +124,10 @@ def train(model: nn.Module, method: Method, loader, *, lr: float, weight_decay: 
         micro = [next(batches) for _ in range(accum)]
         t1 = time.perf_counter()
         for batch in micro:
+            n_rows, seq_len = batch["input_ids"].shape
+            # Count on the host-side batch: the same sum on the device would force a sync every micro-batch.
+            n_tokens = int(batch["attention_mask"].sum()) if timed else 0
+            res.max_batch_seq_len = max(res.max_batch_seq_len, int(seq_len))
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 loss = model(**batch).loss / accum
@@ -130,10 +135,10 @@ def train(model: nn.Module, method: Method, loader, *, lr: float, weight_decay: 
                 loss = loss * float("nan")
             scaler.scale(loss).backward()
             log_loss += loss.detach()
-            res.samples += batch["input_ids"].shape[0]
+            res.samples += n_rows
             if timed:
-                res.timed_samples += batch["input_ids"].shape[0]
-                res.timed_tokens += int(batch["attention_mask"].sum())
+                res.timed_samples += n_rows
+                res.timed_tokens += n_tokens
         if res.steps == 0:
             _check_adapter_gradients(model, head, method.name)
         if budget.max_grad_norm:
