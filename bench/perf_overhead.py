@@ -6,9 +6,9 @@
     python -m bench.perf_overhead --data-only     # tokenisation and loader time vs step time
 
 Same model (fresh copy per way), same LoRA config, same tokenised rows, batch size, sequence cap, learning
-rate schedule, gradient clipping, precision and seed. The suite's loop and the bare loop draw batches from the
-very same DataLoader (same order); Trainer builds its own loader from the same rows and collator (its own
-shuffle, so the padded lengths per batch differ a little). steps/s = steps / wall time from the start of the
+rate schedule, gradient clipping, precision and seed. All three draw the same batches in the same order (Trainer
+builds its own loader from the same rows and collator, given the suite's sampler); the count of padded tokens
+collated is printed per way to show it. steps/s = steps / wall time from the start of the
 first step to the end of the last, after a throwaway warm-up of the process; with --repeats the best
 (fastest) repeat of each way is kept and the order of the ways rotates between repeats, as timings on a
 shared machine drift. On CPU it also reports steps per second of this process's CPU time, which other
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from torch.utils.data import RandomSampler
 
 from bench.data import make_loader, subset, tokenize
 from bench.models import load_model, load_tokenizer
@@ -41,6 +42,21 @@ CONF = Path(__file__).resolve().parent.parent / "conf"
 def compose_cfg(overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
+
+
+class CountingCollator:
+    """Wraps a collator and counts the padded tokens it produced: each way must see the same data."""
+
+    last: CountingCollator | None = None
+
+    def __init__(self, collate):
+        self.collate, self.padded_tokens = collate, 0
+        CountingCollator.last = self
+
+    def __call__(self, rows):
+        batch = self.collate(rows)
+        self.padded_tokens += batch["input_ids"].numel()
+        return batch
 
 
 class Setup:
@@ -61,8 +77,15 @@ class Setup:
         self.tokenize_s = time.perf_counter() - start
 
     def loader(self):
-        return make_loader(self.features, self.tokenizer, int(self.cfg.budget.batch_size), shuffle=True,
-                           seed=int(self.cfg.seed))
+        loader = make_loader(self.features, self.tokenizer, int(self.cfg.budget.batch_size), shuffle=True,
+                             seed=int(self.cfg.seed))
+        loader.collate_fn = CountingCollator(loader.collate_fn)
+        return loader
+
+    def sampler(self):
+        """The shuffle every way uses: the suite's (a RandomSampler over a generator seeded with `seed`)."""
+        return RandomSampler(self.features, generator=torch.Generator().manual_seed(int(self.cfg.seed)))
+
 
     def model(self):
         seed_everything(int(self.cfg.seed))
@@ -135,6 +158,10 @@ def run_trainer(s: Setup, steps: int) -> tuple[float, float]:
                 _sync(s.device)
                 self.end, self.cpu_end = time.perf_counter(), time.process_time()
 
+    class SameOrderTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return s.sampler()  # the same batches in the same order as the other two ways
+
     clock = Clock()
     model = s.model()
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,8 +173,10 @@ def run_trainer(s: Setup, steps: int) -> tuple[float, float]:
             save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
             seed=int(s.cfg.seed), bf16=s.precision == "bf16", fp16=s.precision == "fp16",
             use_cpu=s.device.type == "cpu", optim="adamw_torch_fused" if s.device.type == "cuda" else "adamw_torch")
-        trainer = Trainer(model=model, args=args, train_dataset=s.features,
-                          data_collator=DataCollatorWithPadding(s.tokenizer, return_tensors="pt"), callbacks=[clock])
+        trainer = SameOrderTrainer(model=model, args=args, train_dataset=s.features,
+                                   data_collator=CountingCollator(DataCollatorWithPadding(s.tokenizer,
+                                                                                          return_tensors="pt")),
+                                   callbacks=[clock])
         trainer.remove_callback(PrinterCallback)  # it logs as usual; only the printing of each log is dropped
         trainer.train()
     return clock.end - clock.start, clock.cpu_end - clock.cpu_start
@@ -221,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
             for name in ways[r % len(ways):] + ways[:r % len(ways)]:
                 t, c = WAYS[name](s, steps)
                 print(f"  repeat {r + 1}: {name:8s} {steps / t:7.3f} steps/s wall ({t:.1f} s), "
-                      f"{steps / c:7.3f} steps/s of CPU time ({c:.1f} s)", flush=True)
+                      f"{steps / c:7.3f} steps/s of CPU time ({c:.1f} s), "
+                      f"{CountingCollator.last.padded_tokens} padded tokens collated", flush=True)
                 wall[name] = min(wall.get(name, float("inf")), t)
                 cpu[name] = min(cpu.get(name, float("inf")), c)
         print(_table("wall clock", wall, steps))

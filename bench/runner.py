@@ -288,7 +288,9 @@ def _execute(p: Plan) -> dict:
         # Base, unmerged and merged are timed side by side at the end (base: a fresh copy of the base model),
         # so that the machine's drift over the run does not masquerade as a method's overhead.
         base_model = load_model(cfg.model, p.task.num_labels, **load_kwargs)[0]
-        variants = {"base": base_model.to(p.device), "unmerged": model, **({"merged": merged} if merged else {})}
+        variants = {"base": base_model.to(p.device), "unmerged": model}
+        if merged is not None:
+            variants["merged"] = merged
         lat_batch = latency_batch(tokenizer.vocab_size, measure.latency_batch_size, measure.latency_seq_len,
                                   p.device)
         latency = {"batch_size": int(measure.latency_batch_size), "seq_len": int(measure.latency_seq_len),
