@@ -1,15 +1,32 @@
-"""Measurement: per-phase memory (CUDA allocated/reserved over a baseline, or CPU peak RSS) and
-inference latency with warm-up and device synchronisation."""
+"""Measurement: per-phase memory (CUDA allocated/reserved over a baseline, or CPU peak RSS), the state of
+the GPU at run start, and inference latency with a stabilising warm-up and device synchronisation.
+
+What each number means (also in README.md, "Measurement"):
+- CUDA `*_allocated_bytes`: bytes of live tensors from PyTorch's caching allocator
+  (`torch.cuda.memory_allocated` / `max_memory_allocated`); `*_reserved_bytes`: what the allocator holds
+  from the driver (allocated + its cache; `memory_reserved`). Neither counts the CUDA context (~0.5 GiB).
+  Each phase empties the allocator's cache and resets the peak counters first, so a phase's peaks are its
+  own; `baseline_*` is the value at the phase start, `*_over_baseline_bytes` the growth during it.
+- CPU `peak_rss_bytes`: the kernel's high-water mark of the whole process's resident set (VmHWM), reset at
+  the phase start through /proc/self/clear_refs (Linux). It is process memory, not tensor memory: it
+  includes Python, libraries and the data; `peak_rss_scope` says whether the reset worked.
+- Latency: milliseconds per forward pass of one fixed batch, `torch.inference_mode`, after a warm-up that
+  runs until timings stop changing; with device synchronisation before and after every timed pass.
+"""
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from bench import BenchError
 
 
 def _proc_status_bytes(field: str) -> int | None:
@@ -24,7 +41,7 @@ def _proc_status_bytes(field: str) -> int | None:
 
 
 def _reset_cpu_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) so the next reading is this phase's peak (Linux only)."""
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux only). True when it worked."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -34,72 +51,207 @@ def _reset_cpu_peak() -> bool:
 
 
 def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU, where every op is synchronous)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+def release_memory(device: torch.device) -> None:
+    """Collect garbage and hand the CUDA allocator's cached blocks back to the driver (between phases and
+    between the runs of a sweep in one process)."""
+    gc.collect()
+    if device.type == "cuda" and torch.cuda.is_initialized():
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def cuda_start_state(device: torch.device, busy_threshold_bytes: int) -> dict[str, Any]:
+    """The GPU's memory at run start, after freeing what this process can free.
+
+    `start_allocated_bytes` > 0 means tensors of an earlier run in this process are still alive (a leak in a
+    sweep run in one process); `used_outside_allocator_bytes` = total - free - reserved is memory held by
+    other processes plus this process's CUDA context and non-PyTorch allocations (a context is ~0.3-0.6 GiB).
+    `flags` lists what makes this run's memory figures or speed doubtful."""
+    release_memory(device)
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    reserved = torch.cuda.memory_reserved(device)
+    outside = total - free - reserved
+    flags = []
+    if allocated > 0:
+        flags.append(f"this process already holds {allocated} bytes of CUDA tensors at run start "
+                     f"(left over from an earlier run in the same process)")
+    if outside > busy_threshold_bytes:
+        flags.append(f"{outside} bytes of GPU memory are used outside this process's PyTorch allocator "
+                     f"(another process on the GPU?), over measure.busy_gpu_threshold_bytes={busy_threshold_bytes}")
+    return {"total_bytes": total, "free_bytes": free, "start_allocated_bytes": allocated,
+            "start_reserved_bytes": reserved, "used_outside_allocator_bytes": outside, "flags": flags}
+
+
+def check_gpu_start(device: torch.device, policy: str, busy_threshold_bytes: int) -> dict[str, Any] | None:
+    """`cuda_start_state` plus the policy: `flag` records the problems, `refuse` raises BenchError,
+    `ignore` records them too but never refuses. None on CPU."""
+    if device.type != "cuda":
+        return None
+    if policy not in ("flag", "refuse", "ignore"):
+        raise BenchError(f"measure.busy_gpu={policy}: choose flag, refuse or ignore")
+    state = cuda_start_state(device, busy_threshold_bytes)
+    if policy == "refuse" and state["flags"]:
+        raise BenchError(f"GPU not clean at run start: {state['flags'][0]}; free it, or set measure.busy_gpu=flag")
+    return state
+
+
 class MemoryMeter:
-    """Records the peak memory of named phases. On CUDA: peak allocated and reserved bytes (absolute and
-    over the baseline allocated at the phase start). On CPU: peak resident set size of the process."""
+    """Records the peak memory of named phases; see the module docstring for what each field means."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.phases: dict[str, dict[str, int | str | None]] = {}
+        self.phases: dict[str, dict[str, Any]] = {}
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         if self.device.type == "cuda":
-            sync(self.device)
+            release_memory(self.device)  # the cache left by the last phase must not count in this one
             torch.cuda.reset_peak_memory_stats(self.device)
-            baseline = torch.cuda.memory_allocated(self.device)
+            base_alloc = torch.cuda.memory_allocated(self.device)
+            base_res = torch.cuda.memory_reserved(self.device)
+            start = time.perf_counter()
             yield
             sync(self.device)
             peak_alloc = torch.cuda.max_memory_allocated(self.device)
+            peak_res = torch.cuda.max_memory_reserved(self.device)
             self.phases[name] = {
                 "kind": "cuda",
-                "baseline_allocated_bytes": baseline,
+                "baseline_allocated_bytes": base_alloc,
+                "baseline_reserved_bytes": base_res,
                 "peak_allocated_bytes": peak_alloc,
-                "peak_allocated_over_baseline_bytes": peak_alloc - baseline,
-                "peak_reserved_bytes": torch.cuda.max_memory_reserved(self.device),
+                "peak_reserved_bytes": peak_res,
+                "peak_allocated_over_baseline_bytes": peak_alloc - base_alloc,
+                "peak_reserved_over_baseline_bytes": peak_res - base_res,
+                "phase_s": time.perf_counter() - start,
             }
         else:
+            gc.collect()
             resettable = _reset_cpu_peak()
             baseline = _proc_status_bytes("VmRSS")
+            start = time.perf_counter()
             yield
             peak = _proc_status_bytes("VmHWM")
             self.phases[name] = {
                 "kind": "cpu_rss",
-                "baseline_rss_bytes": baseline,
                 # Without a resettable mark the peak is the process's lifetime peak: say so.
-                "peak_rss_bytes" if resettable else "lifetime_peak_rss_bytes": peak,
+                "peak_rss_scope": "phase" if resettable else "process_lifetime",
+                "baseline_rss_bytes": baseline,
+                "peak_rss_bytes": peak,
                 "peak_rss_over_baseline_bytes": (peak - baseline) if (resettable and peak and baseline) else None,
+                "phase_s": time.perf_counter() - start,
             }
 
 
-def latency_ms(model: nn.Module, batch: dict[str, torch.Tensor], warmup_iters: int, iters: int,
-               device: torch.device, autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """Forward-pass latency of one batch: warm-up iterations first, then `iters` timed ones, each
-    bracketed by device synchronisation. Returns p50/p95/mean in milliseconds."""
-    model.eval()
-    times = []
+def peak_memory_summary(phases: dict[str, dict[str, Any]], phase: str = "train") -> dict[str, Any]:
+    """One comparable figure for tables and plots: the phase's absolute peak, labelled with what it is."""
+    mem = phases.get(phase) or {}
+    if mem.get("kind") == "cuda":
+        return {"peak_memory_bytes": mem["peak_allocated_bytes"], "peak_memory_kind": "cuda_allocated"}
+    if mem.get("kind") == "cpu_rss":
+        return {"peak_memory_bytes": mem["peak_rss_bytes"], "peak_memory_kind": f"cpu_rss_{mem['peak_rss_scope']}"}
+    return {"peak_memory_bytes": None, "peak_memory_kind": None}
+
+
+# ---------------------------------------------------------------- latency
+
+
+def _timed_forward_ms(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    model(**batch)
+    sync(device)
+    return (time.perf_counter() - start) * 1000.0
+
+
+def warm_up(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device, *, min_iters: int,
+            tol: float, max_s: float) -> dict[str, Any]:
+    """Forward passes until timings are stable: `min_iters` first, then windows of `max(3, min_iters)` passes
+    until a window's median is within `tol` (relative) of the previous window's, or `max_s` seconds have
+    passed. First-use costs (allocator growth and page faults, kernel/primitive selection, lazy init, caches)
+    land here and not in the timed passes. Call inside inference_mode/autocast like the timed passes."""
+    start = time.perf_counter()
+    times = [_timed_forward_ms(model, batch, device) for _ in range(min_iters)]
+    window = max(3, min_iters)
+    converged = min_iters == 0
+    prev = float(np.median(times[-window:])) if times else None
+    while not converged and time.perf_counter() - start < max_s:
+        cur_times = [_timed_forward_ms(model, batch, device) for _ in range(window)]
+        times += cur_times
+        cur = float(np.median(cur_times))
+        converged = prev is not None and abs(cur - prev) <= tol * prev
+        prev = cur
+    return {"warmup_iters": len(times), "warmup_s": time.perf_counter() - start, "warmup_converged": converged}
+
+
+def latency_stats(times_ms: list[float] | np.ndarray) -> dict[str, float]:
+    """p50, p95, mean, min and standard deviation of per-pass times, in milliseconds."""
+    arr = np.asarray(times_ms, dtype=float)
+    if arr.size == 0:
+        raise ValueError("no timings")
+    return {"p50_ms": float(np.percentile(arr, 50)), "p95_ms": float(np.percentile(arr, 95)),
+            "mean_ms": float(arr.mean()), "min_ms": float(arr.min()), "std_ms": float(arr.std()),
+            "timed_iters": int(arr.size)}
+
+
+@contextmanager
+def _inference(device: torch.device, autocast_dtype: torch.dtype | None) -> Iterator[None]:
     with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                                 enabled=autocast_dtype is not None):
-        for i in range(warmup_iters + iters):
-            sync(device)
-            start = time.perf_counter()
-            model(**batch)
-            sync(device)
-            if i >= warmup_iters:
-                times.append((time.perf_counter() - start) * 1000.0)
-    arr = np.asarray(times)
-    return {"p50_ms": float(np.percentile(arr, 50)), "p95_ms": float(np.percentile(arr, 95)),
-            "mean_ms": float(arr.mean()), "iters": iters, "warmup_iters": warmup_iters}
+        yield
+
+
+def latency_ms(model: nn.Module, batch: dict[str, torch.Tensor], warmup_iters: int, iters: int,
+               device: torch.device, autocast_dtype: torch.dtype | None = None, *, warmup_tol: float = 0.05,
+               max_warmup_s: float = 10.0) -> dict[str, Any]:
+    """Forward-pass latency of one model on one batch: stabilising warm-up (see `warm_up`), then `iters`
+    timed passes, each bracketed by device synchronisation. Milliseconds."""
+    model.eval()
+    with _inference(device, autocast_dtype):
+        info = warm_up(model, batch, device, min_iters=warmup_iters, tol=warmup_tol, max_s=max_warmup_s)
+        times = [_timed_forward_ms(model, batch, device) for _ in range(iters)]
+    return {**latency_stats(times), **info}
+
+
+def latency_interleaved(models: dict[str, nn.Module], batch: dict[str, torch.Tensor], *, warmup_iters: int,
+                        iters: int, device: torch.device, autocast_dtype: torch.dtype | None = None,
+                        rounds: int = 4, warmup_tol: float = 0.05, max_warmup_s: float = 10.0,
+                        meter: MemoryMeter | None = None) -> dict[str, dict[str, Any]]:
+    """Latency of several models measured side by side, so that drift of the machine's speed (other
+    processes, clocks) hits all of them alike: each is warmed up (under its own memory phase
+    `latency_<name>` when a meter is given), then `iters` timed passes per model are split into `rounds`
+    blocks taken in turn, the order rotated every round."""
+    names = list(models)
+    info: dict[str, dict[str, Any]] = {}
+    for name in names:
+        models[name].eval()
+        with (meter.phase(f"latency_{name}") if meter else _null()), _inference(device, autocast_dtype):
+            info[name] = warm_up(models[name], batch, device, min_iters=warmup_iters, tol=warmup_tol,
+                                 max_s=max_warmup_s)
+    rounds = max(1, min(rounds, iters))
+    per_round = [iters // rounds + (1 if r < iters % rounds else 0) for r in range(rounds)]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with _inference(device, autocast_dtype):
+        for r, n_iters in enumerate(per_round):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                times[name] += [_timed_forward_ms(models[name], batch, device) for _ in range(n_iters)]
+    return {name: {**latency_stats(times[name]), **info[name], "rounds": rounds} for name in names}
+
+
+@contextmanager
+def _null() -> Iterator[None]:
+    yield
 
 
 def latency_batch(vocab_size: int, batch_size: int, seq_len: int, device: torch.device) -> dict[str, torch.Tensor]:
     """A fixed synthetic batch with no padding, so every position costs compute."""
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, vocab_size, (batch_size, seq_len), generator=g)
+    ids = torch.randint(1000 if vocab_size > 2000 else 0, vocab_size, (batch_size, seq_len), generator=g)
     ids[:, 0] = 101 if vocab_size > 101 else 0
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
 

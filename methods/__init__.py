@@ -8,6 +8,7 @@ from methods import (  # noqa: F401  (registration side effect)
     ia3,
     lora,
     prompt,
+    qlora,
     rslora,
 )
 from methods.base import REGISTRY, AttachContext, Method, get_method

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -32,6 +33,14 @@ class Method:
 
     def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
         raise NotImplementedError
+
+    def validate(self, device: torch.device) -> None:
+        """Raise BenchError (at plan time, before anything loads) when the method cannot run on `device`."""
+
+    def load_kwargs(self, cfg: Any, model_cfg: Any, device: torch.device) -> dict:
+        """Extra keyword arguments for the base model's `from_pretrained` (e.g. a quantisation config).
+        Most methods load the model as it is."""
+        return {}
 
     def effective_config(self, cfg: dict, rank: int | None) -> dict:
         """The method's settings as they will be used (e.g. alpha derived from rank); hashed for identity."""
@@ -90,12 +99,19 @@ def is_head_param(name: str, head: str) -> bool:
     return name.startswith(f"{head}.") or f".{head}." in name
 
 
+def param_count(param: torch.Tensor) -> int:
+    """Number of values a parameter stands for: bitsandbytes' 4-bit `Params4bit` packs two per byte."""
+    if param.__class__.__name__ == "Params4bit":
+        return param.numel() * 2 * param.element_size()
+    return param.numel()
+
+
 def count_params(model: nn.Module, head: str) -> dict[str, int]:
-    trainable = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
+    trainable = [(n, param_count(p)) for n, p in model.named_parameters() if p.requires_grad]
     return {
         "trainable_params": sum(n for _, n in trainable),
         "trainable_params_excl_head": sum(n for name, n in trainable if not is_head_param(name, head)),
-        "total_params": sum(p.numel() for p in model.parameters()),
+        "total_params": sum(param_count(p) for p in model.parameters()),
     }
 
 
@@ -111,4 +127,4 @@ def tensor_bytes(model: nn.Module) -> int:
 
 
 __all__ = ["AttachContext", "Method", "REGISTRY", "register", "get_method", "freeze_all_but_head",
-           "is_head_param", "count_params", "tensor_bytes"]
+           "is_head_param", "count_params", "param_count", "tensor_bytes"]

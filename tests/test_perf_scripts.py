@@ -1,0 +1,28 @@
+"""The benchmark scripts run end to end (figures are printed, not asserted: they are scripts, not timed tests)."""
+from __future__ import annotations
+
+import pytest
+
+from bench import perf_gpu, perf_overhead
+from tests.conftest import needs_glue
+
+
+@pytest.mark.slow
+@needs_glue
+def test_perf_overhead_quick_prints_all_three_ways(capsys):
+    perf_overhead.main(["--quick", "--threads", "1"])
+    out = capsys.readouterr().out
+    for way in ("| bare |", "| suite |", "| trainer |"):
+        assert way in out
+    assert "loader" in out and "ratio" in out
+
+
+@pytest.mark.slow
+@needs_glue
+def test_perf_gpu_script_runs_and_skips_what_cannot_run_here(tmp_path, capsys):
+    perf_gpu.main(["--out", str(tmp_path), "--models", "tiny-bert", "--methods", "full,lora,qlora", "--steps", "4",
+                   "--batch-size", "8", "measure.latency_iters=3", "measure.latency_max_warmup_s=0.5",
+                   "measure.latency_batch_size=4", "measure.latency_seq_len=16", "budget.eval_samples=32"])
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| tiny-bert | full | ok |" in summary and "| tiny-bert | lora | ok |" in summary
+    assert "qlora" in summary  # run on a GPU with bitsandbytes, or a note saying why it was skipped

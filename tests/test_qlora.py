@@ -1,0 +1,58 @@
+"""QLoRA on a machine without CUDA: the config composes, and the run stops at plan time with one clear line."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench import BenchError
+from bench.runner import plan
+from methods import get_method
+from tests.conftest import REPO
+
+
+def test_qlora_config_composes(make_cfg):
+    cfg = make_cfg("method=qlora", "rank=4")
+    assert cfg.method.name == "qlora" and cfg.method.quant_type == "nf4" and cfg.method.double_quant is True
+    assert list(cfg.method.target_modules) == list(cfg.model.lora_targets)
+    eff = get_method("qlora").effective_config(dict(cfg.method), 4)
+    assert eff["r"] == 4 and eff["lora_alpha"] == 8.0
+
+
+def test_qlora_load_kwargs_ask_for_nf4_with_double_quantisation(make_cfg):
+    cfg = make_cfg("method=qlora")
+    kwargs = get_method("qlora").load_kwargs(cfg.method, cfg.model, torch.device("cuda", 0))
+    quant = kwargs["quantization_config"]
+    assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4" and quant.bnb_4bit_use_double_quant
+    assert quant.bnb_4bit_compute_dtype == torch.bfloat16
+    assert quant.llm_int8_skip_modules == ["classifier"]  # the task head stays unquantised and trains
+    assert kwargs["device_map"] == {"": 0}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_qlora_on_cpu_is_one_clear_error_at_plan_time(make_cfg):
+    with pytest.raises(BenchError, match="needs a CUDA GPU") as err:
+        plan(make_cfg("method=qlora"))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
+def test_qlora_without_bitsandbytes_names_the_install():
+    with pytest.raises(BenchError, match=r"pip install -e '\.\[gpu\]'"):
+        get_method("qlora").validate(torch.device("cuda", 0))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_qlora_cli_on_cpu_exits_nonzero_with_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "BENCH_PROGRESS": "0"}
+    proc = subprocess.run([sys.executable, "-m", "bench", "method=qlora", "model=tiny-bert", "budget=smoke",
+                           f"results_dir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn" not in ln]
+    assert lines == ["error: method=qlora needs a CUDA GPU (bitsandbytes 4-bit NF4) but this run's device is "
+                     "cpu; use method=lora here, or run on a GPU machine"]
