@@ -7,9 +7,9 @@ sweeper's own expansion of the sweep overrides (unknown for other sweepers).
 
 GPU per worker: with several GPUs in one box and a parallel launcher (joblib, n_jobs = number of GPUs),
 `device=auto` makes each worker process claim the first GPU no other process holds, through an
-exclusive `flock` on a file in the temp folder. The kernel drops the lock when the process ends (also
-on SIGKILL), so nothing stale is left behind. It is skipped when CUDA_VISIBLE_DEVICES is set (Slurm,
-or a user who assigned GPUs by hand) or when there is only one GPU.
+exclusive `flock` on a file in the temp folder named after the GPU's machine-wide id (its entry in
+CUDA_VISIBLE_DEVICES when that is set). The kernel drops the lock when the process ends (also on
+SIGKILL), so nothing stale is left behind. With one visible GPU (a Slurm task, a laptop) it is used.
 """
 from __future__ import annotations
 
@@ -36,13 +36,16 @@ SUMMARY_MAX_ROWS = 30  # beyond this the summary groups seeds: one row per confi
 _gpu_lock_fds: dict[int, int] = {}  # GPU index -> open lock fd, held for the life of this process
 
 
-def claim_gpu(n_gpus: int, lock_dir: Path | None = None) -> int | None:
+def claim_gpu(n_gpus: int, lock_dir: Path | None = None, names: list[str] | None = None) -> int | None:
     """Claim the first of `n_gpus` GPUs that no other process holds; the claim lasts until the process ends.
-    Returns the index, or None when all are taken."""
+    `names` are the GPUs' machine-wide ids (what CUDA_VISIBLE_DEVICES lists; default 0..n-1), so that
+    processes with different visible sets still see each other's claims. Returns the (visible) index, or
+    None when all are taken."""
     lock_dir = lock_dir or Path(tempfile.gettempdir()) / "peft-bench-gpu-locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
+    names = names or [str(i) for i in range(n_gpus)]
     for index in range(n_gpus):
-        fd = os.open(lock_dir / f"gpu{index}.lock", os.O_CREAT | os.O_RDWR, 0o666)
+        fd = os.open(lock_dir / f"gpu{names[index]}.lock", os.O_CREAT | os.O_RDWR, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -54,12 +57,13 @@ def claim_gpu(n_gpus: int, lock_dir: Path | None = None) -> int | None:
 
 
 def auto_cuda_index(n_gpus: int) -> int:
-    """The GPU this process should use for `device=auto`: its earlier claim, else a fresh one (see module doc)."""
-    if n_gpus <= 1 or os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+    """The GPU this process uses for `device=auto`: its earlier claim, else a fresh one (see module doc)."""
+    if n_gpus <= 1:
         return 0
     if _gpu_lock_fds:
         return next(iter(_gpu_lock_fds))
-    index = claim_gpu(n_gpus)
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    index = claim_gpu(n_gpus, names=visible if len(visible) == n_gpus else None)
     if index is None:
         index = os.getpid() % n_gpus
         print(f"warning: all {n_gpus} GPUs are claimed by other bench processes; sharing cuda:{index}")
