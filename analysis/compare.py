@@ -16,7 +16,7 @@ one sample. Per config group:
 - speed (inference latency p50 unmerged, and merged where present; training samples/s): REGRESSION when
   latency grew, or throughput shrank, by more than the factor `--time-factor`.
   Memory and speed are compared only when both sides ran on the same device with the same torch version
-  (else `n/a`), unless `--ignore-device`.
+  and number of torch threads (else `n/a`), unless `--ignore-device`.
 - a config with ok runs in the baseline and none in the current (failed or missing) is a REGRESSION
   unless `--allow-missing`; a missing config says which effective-config keys changed when a config with
   the same task/model/method/rank exists on the other side.
@@ -99,7 +99,7 @@ def _label_key(row: pd.Series) -> tuple:
 
 
 def _mode(values: pd.Series) -> str | None:
-    values = values.dropna().astype(str)
+    values = values.dropna().map(lambda v: str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))
     return Counter(values).most_common(1)[0][0] if len(values) else None
 
 
@@ -244,10 +244,11 @@ def compare(base: pd.DataFrame, cur: pd.DataFrame, *, metrics: list[str], alpha:
 
 def _same_device(b: pd.DataFrame, c: pd.DataFrame) -> str | None:
     """None when both sides ran on the same device and torch version, else why not."""
-    for col, what in (("provenance.device", "device"), ("provenance.versions.torch", "torch")):
+    for col, what in (("provenance.device", "device"), ("provenance.versions.torch", "torch"),
+                      ("provenance.torch_threads", "threads")):
         bd = _mode(b[col]) if col in b.columns else None
         cd = _mode(c[col]) if col in c.columns else None
-        if bd != cd:
+        if bd != cd and not (what == "threads" and None in (bd, cd)):  # older records lack threads
             return f"{what} differs"
     return None
 

@@ -259,7 +259,8 @@ def _attempt(p: Plan, previous: dict | None) -> dict:
         "task": p.task.name, "model": str(cfg.model.name), "method": p.method.name, "rank": p.rank,
         "seed": int(cfg.seed), "lr": p.lr, "budget": str(cfg.budget.name),
         "attempt": int(previous.get("attempt", 1)) + 1 if previous else 1,
-        "started_at": _now(), "provenance": {**provenance(), "device": device_name(p.device), "pid": os.getpid()},
+        "started_at": _now(), "provenance": {**provenance(), "device": device_name(p.device), "pid": os.getpid(),
+                                             "torch_threads": torch.get_num_threads()},
         "effective_config": p.effective, "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if previous:

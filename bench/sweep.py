@@ -121,6 +121,8 @@ def _job_outcome(job_return: JobReturn) -> dict[str, Any]:
 
 def summary_table(job_outcomes: list[dict]) -> str:
     """A one-screen table of a sweep's runs, read from their records (grouped over seeds when long)."""
+    import pandas as pd
+
     from analysis.collect import load_records, to_frame
 
     records = []
@@ -142,6 +144,8 @@ def summary_table(job_outcomes: list[dict]) -> str:
                   "run_wall_s"]].rename(columns={"main_metric_value": "metric",
                                                  "trainable_params_excl_head": "params_excl_head",
                                                  "train_samples_per_s": "samples_per_s", "run_wall_s": "wall_s"})
+        out["params_excl_head"] = [f"{int(v):,}" if pd.notna(v) else "-"
+                                   for v in pd.to_numeric(out["params_excl_head"], errors="coerce")]
         text = out.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")
     else:
         df["ok"] = df["status"].str.startswith("ok")

@@ -15,7 +15,7 @@ TINY_SWEEP = ["--multirun", "model=tiny-bert", "budget=smoke", "measure.latency=
 def bench(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, capture_output=True, text=True,
                           check=False,
-                          env={**os.environ, "BENCH_PROGRESS": "0"}, timeout=300)
+                          env={**os.environ, "BENCH_PROGRESS": "0", "OMP_NUM_THREADS": "1"}, timeout=300)
 
 
 def records(folder) -> list[dict]:

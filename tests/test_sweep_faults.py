@@ -23,7 +23,7 @@ FAULTS = "-s4-:error,-s5-:nan,-s6-:kill"  # the killed run last: SIGKILL ends th
 def bench(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, capture_output=True, text=True,
                           check=False,
-                          env={**os.environ, "BENCH_PROGRESS": "0", **(env or {})}, timeout=300)
+                          env={**os.environ, "BENCH_PROGRESS": "0", "OMP_NUM_THREADS": "1", **(env or {})}, timeout=300)
 
 
 def records(results: Path) -> dict[int, dict]:
@@ -158,3 +158,17 @@ def test_gpu_claims_are_exclusive_per_process(tmp_path):
             h.wait()
     holders[0].stdout.close()
     holders[1].stdout.close()
+
+
+def test_summary_is_one_screen_for_long_sweeps():
+    from bench.sweep import SUMMARY_MAX_ROWS, summary_table
+
+    recs = sorted((REPO / "results" / "baselines" / "cpu-smoke").glob("*/record.json"))
+    jobs = [{"status": "ok", "record": str(p), "skipped": False} for p in recs]
+    jobs.append({"status": "error", "error": "BenchError: bad config", "skipped": False})
+    short = summary_table(jobs)
+    assert len(short.splitlines()) == len(jobs) + 2 and "2,057,536" in short and "bad config" in short
+    long = summary_table(jobs[:-1] * 10 + jobs[-1:])  # past SUMMARY_MAX_ROWS: one row per config
+    assert len(jobs[:-1] * 10) > SUMMARY_MAX_ROWS
+    lines = long.splitlines()
+    assert lines[0].split()[:6] == ["task", "model", "method", "rank", "runs", "ok"] and len(lines) == 1 + 3 + 1
