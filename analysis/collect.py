@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.record import config_group
+
 RECORD_NAME = "record.json"
 KNOWN_SCHEMAS = {1}
 
@@ -47,7 +49,10 @@ def to_frame(records: list[dict]) -> pd.DataFrame:
     """Flatten records; the full config blobs and per-eval lists are left out of the table."""
     slim = []
     for rec in records:
+        group = config_group_of(rec)
         rec = {k: v for k, v in rec.items() if k not in ("config", "effective_config")}
+        if group:
+            rec["config_group"] = group
         if isinstance(rec.get("train"), dict):
             rec["train"] = {k: v for k, v in rec["train"].items() if k != "evals"}
         slim.append(rec)
@@ -55,6 +60,15 @@ def to_frame(records: list[dict]) -> pd.DataFrame:
     if not df.empty:
         df["ok"] = df["status"] == "ok"
     return df
+
+
+def config_group_of(rec: dict) -> str | None:
+    """The record's config group (effective config minus the seed: one config over seeds), also for
+    records written before the runner stored it."""
+    if rec.get("config_group"):
+        return rec["config_group"]
+    effective = rec.get("effective_config")
+    return config_group(effective) if isinstance(effective, dict) else None
 
 
 def collect(root: str | Path) -> pd.DataFrame:

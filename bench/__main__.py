@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -22,19 +23,28 @@ def _is_multirun() -> bool:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def app(cfg: DictConfig) -> str | None:
-    from bench.runner import run  # imported here so `--help` and config errors stay fast
+def app(cfg: DictConfig) -> dict:
+    """Returns (in multirun) the job's outcome for the sweep progress callback (bench/sweep.py):
+    run_id, status, skipped, record path."""
+    from bench.runner import RECORD, run  # imported here so `--help` and config errors stay fast
 
     try:
         record = run(cfg)
     except BenchError as exc:  # a config problem found before the run could be identified
         print(f"error: {exc}", file=sys.stderr)
         if _is_multirun():
-            return "error"
+            return {"status": "error", "error": str(exc), "skipped": False}
         sys.exit(2)
-    if record["status"] not in ("ok",) and not _is_multirun():
+    except Exception as exc:  # noqa: BLE001 - in a sweep nothing may end the other jobs
+        if not _is_multirun():
+            raise
+        traceback.print_exc()
+        return {"status": "error", "error": f"{type(exc).__name__}: {exc}", "skipped": False}
+    if record["status"] != "ok" and not _is_multirun():
         sys.exit(1)
-    return record["status"]
+    path = Path(str(cfg.results_dir)) / record["run_id"] / RECORD
+    return {"run_id": record["run_id"], "status": record["status"], "skipped": bool(record.get("skipped")),
+            "record": str(path) if path.is_file() else None, "error": record.get("error")}
 
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"

@@ -57,6 +57,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; records on a shared folder are for the team
         with os.fdopen(fd, "w") as fh:
             json.dump(obj, fh, indent=2, sort_keys=False, default=str, allow_nan=False)
             fh.flush()
@@ -67,6 +68,12 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def read_record(path: Path) -> dict | None:
     """A record, or None when the file is missing or unreadable."""
     try:
@@ -74,3 +81,9 @@ def read_record(path: Path) -> dict | None:
             return json.load(fh)
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def config_group(effective: dict) -> str:
+    """Hash of the effective config without the seed: the runs of one config over seeds share it
+    (regression tracking compares seed groups)."""
+    return config_hash({k: v for k, v in effective.items() if k != "seed"})

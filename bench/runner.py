@@ -3,14 +3,24 @@
 A run never raises to its caller: failures become records with a status (`error`, `nan`, `oom`),
 so a sweep goes on. Runs are identified by the hash of their effective config; a run whose `ok`
 record exists is skipped unless `rerun=true`.
+
+Resume policy: a run with an `ok` record is skipped; a run with a failure record (`error`, `nan`,
+`oom`) is tried again (its `attempt` counter goes up) unless `skip_failed=true`; a run with no record
+(killed, interrupted) is run. A run interrupted by Ctrl-C writes no record, as if it had been killed.
+`oom_retries=N` retries an out-of-memory run up to N times with the micro-batch split by its smallest
+factor and gradient accumulation multiplied by it, so the effective batch is unchanged (recorded under
+`oom_retry`; the memory and speed figures are then those of the smaller micro-batch).
 """
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
 import datetime as dt
 import os
 import random
 import socket
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -35,7 +45,7 @@ from bench.measure import (
     release_memory,
 )
 from bench.models import load_model, load_tokenizer
-from bench.record import SCHEMA_VERSION, config_hash, provenance, read_record, write_json_atomic
+from bench.record import SCHEMA_VERSION, config_group, config_hash, provenance, read_record, write_json_atomic
 from bench.tasks import Task, get_task, load_task
 from bench.train import NonFiniteLoss, autocast_dtype, predict, to_predictions, total_steps, train
 from methods import AttachContext, Method, get_method
@@ -43,6 +53,9 @@ from methods.base import count_params, tensor_bytes
 
 RECORD = "record.json"
 hf_logging.set_verbosity_error()  # the load report ("classifier newly initialised") is expected here
+FAILED_STATUSES = ("error", "nan", "oom")
+LOCK_HEARTBEAT_S = 60.0  # a running run refreshes its lock's mtime this often
+LOCK_STALE_S = 600.0     # a lock not refreshed for this long is taken over, from any host
 
 
 @dataclass
@@ -63,7 +76,13 @@ class Plan:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        from bench.sweep import auto_cuda_index  # several GPUs: one per worker process (see bench/sweep.py)
+
+        index = auto_cuda_index(torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
@@ -127,28 +146,48 @@ def _now() -> str:
 
 class _Lock:
     """`run_dir/.lock` created exclusively, so two workers of a parallel sweep do not run the same config.
-    A lock left by a dead process on this host is taken over."""
+    While the run goes on, a thread refreshes the lock's mtime. A lock is stale, and taken over, when its
+    holder on this host is dead, or when it was not refreshed for LOCK_STALE_S (a holder on another host
+    that died, e.g. a Slurm job killed at its time limit)."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / ".lock"
+        self._stop = threading.Event()
 
     def acquire(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                host, _, pid = self.path.read_text().partition(":")
-                if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+                if self._stale():
                     self.path.unlink(missing_ok=True)
                     continue
                 return False
             with os.fdopen(fd, "w") as fh:
                 fh.write(f"{socket.gethostname()}:{os.getpid()}")
+            threading.Thread(target=self._heartbeat, daemon=True).start()
             return True
         return False
 
+    def _stale(self) -> bool:
+        try:
+            host, _, pid = self.path.read_text().partition(":")
+            age_s = time.time() - self.path.stat().st_mtime
+        except OSError:  # released meanwhile
+            return True
+        dead_here = host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
+        return dead_here or age_s > LOCK_STALE_S
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(LOCK_HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
     def release(self) -> None:
+        self._stop.set()
         self.path.unlink(missing_ok=True)
 
 
@@ -162,47 +201,129 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _skip_reason(existing: dict | None, cfg: DictConfig) -> str | None:
+    """Why a run with this existing record is not run again (None: run it)."""
+    if existing is None or cfg.rerun:
+        return None
+    if existing.get("status") == "ok":
+        return "an ok record exists; rerun=true to run it again"
+    if existing.get("status") in FAILED_STATUSES and cfg.get("skip_failed", False):
+        return f"a '{existing['status']}' record exists and skip_failed=true"
+    return None
+
+
 def run(cfg: DictConfig) -> dict:
-    """Run one configuration and return its record (also written to `<results_dir>/<run_id>/record.json`)."""
+    """Run one configuration and return its record (also written to `<results_dir>/<run_id>/record.json`).
+    A skipped run returns its existing record with `skipped: True`."""
     p = plan(cfg)
-    existing = read_record(p.run_dir / RECORD)
-    if existing and existing.get("status") == "ok" and not cfg.rerun:
-        print(f"skip {p.run_id}: an ok record exists ({p.run_dir / RECORD}); rerun=true to run again")
+    path = p.run_dir / RECORD
+    reason = _skip_reason(existing := read_record(path), cfg)
+    if reason:
+        print(f"skip {p.run_id}: {reason} ({path})")
         return {**existing, "skipped": True}
     lock = _Lock(p.run_dir)
     if not lock.acquire():
         print(f"skip {p.run_id}: another process is running it ({lock.path})")
         return {"run_id": p.run_id, "status": "running_elsewhere", "skipped": True}
+    try:
+        # Look again under the lock: another worker may have finished this run while we were planning.
+        reason = _skip_reason(existing := read_record(path), cfg)
+        if reason:
+            print(f"skip {p.run_id}: {reason} ({path})")
+            return {**existing, "skipped": True}
+        if existing:
+            print(f"again {p.run_id}: the last attempt ended with status '{existing.get('status')}'")
+        record = _attempt(p, existing)
+    finally:
+        lock.release()
+    release_memory(p.device)  # the next run of a sweep in this process starts clean
+    _print_summary(record, path)
+    return record
+
+
+def _smaller_micro_batch(p: Plan) -> Plan | None:
+    """The same plan with the micro-batch divided by its smallest factor and gradient accumulation
+    multiplied by it (same effective batch); None when the micro-batch is already 1."""
+    size = int(p.cfg.budget.batch_size)
+    factor = next((f for f in range(2, size + 1) if size % f == 0), None)
+    if factor is None:
+        return None
+    cfg = copy.deepcopy(p.cfg)
+    cfg.budget.batch_size = size // factor
+    cfg.budget.grad_accum_steps = int(cfg.budget.grad_accum_steps) * factor
+    return dataclasses.replace(p, cfg=cfg)
+
+
+def _attempt(p: Plan, previous: dict | None) -> dict:
+    cfg = p.cfg
     record: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION, "run_id": p.run_id, "config_hash": p.config_hash, "status": "error",
+        "schema_version": SCHEMA_VERSION, "run_id": p.run_id, "config_hash": p.config_hash,
+        "config_group": config_group(p.effective), "status": "error",
         "task": p.task.name, "model": str(cfg.model.name), "method": p.method.name, "rank": p.rank,
         "seed": int(cfg.seed), "lr": p.lr, "budget": str(cfg.budget.name),
-        "started_at": _now(), "provenance": {**provenance(), "device": device_name(p.device)},
+        "attempt": int(previous.get("attempt", 1)) + 1 if previous else 1,
+        "started_at": _now(), "provenance": {**provenance(), "device": device_name(p.device), "pid": os.getpid(),
+                                             "torch_threads": torch.get_num_threads()},
         "effective_config": p.effective, "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    if previous:
+        record["previous_status"] = previous.get("status")
+    (p.run_dir / "traceback.txt").unlink(missing_ok=True)  # from an earlier failed attempt
     start = time.perf_counter()
+    finished = False
     try:
-        record.update(_execute(p))
+        record.update(_execute_with_oom_retry(p, int(cfg.get("oom_retries") or 0), record))
         record["status"] = "ok"
+        finished = True
     except NonFiniteLoss as exc:
         record.update(status="nan", error=str(exc))
+        finished = True
     except torch.OutOfMemoryError as exc:
-        record.update(status="oom", error=str(exc).splitlines()[0])
+        record.update(status="oom", error=(str(exc).splitlines() or ["out of memory"])[0])
+        finished = True
     except BenchError as exc:
         record.update(status="error", error=str(exc))
+        finished = True
     except Exception as exc:  # noqa: BLE001 - any failure is a result, the sweep goes on
         record.update(status="error", error=f"{type(exc).__name__}: {exc}")
         p.run_dir.mkdir(parents=True, exist_ok=True)
         (p.run_dir / "traceback.txt").write_text(traceback.format_exc())
         record["traceback_file"] = "traceback.txt"
-    finally:
-        record["ended_at"] = _now()
-        record["run_wall_s"] = time.perf_counter() - start
-        write_json_atomic(p.run_dir / RECORD, record)
-        lock.release()
-        release_memory(p.device)  # a sweep in one process must not carry this run's tensors into the next
-    _print_summary(record, p.run_dir / RECORD)
+        finished = True
+    finally:  # KeyboardInterrupt/SystemExit: no record, the run stays missing and a resume runs it
+        if finished:
+            record["ended_at"] = _now()
+            record["run_wall_s"] = time.perf_counter() - start
+            write_json_atomic(p.run_dir / RECORD, record)
     return record
+
+
+def _execute_with_oom_retry(p: Plan, retries: int, record: dict) -> dict:
+    """_execute, and on out-of-memory up to `retries` more tries with a smaller micro-batch."""
+    failed: list[dict] = []
+    while True:
+        message = None
+        try:
+            out = _execute(p)
+        except torch.OutOfMemoryError as exc:
+            message = (str(exc).splitlines() or ["out of memory"])[0]
+        if message is None:
+            if failed:
+                out["oom_retry"] = {**record["oom_retry"], "batch_size": int(p.cfg.budget.batch_size),
+                                    "grad_accum_steps": int(p.cfg.budget.grad_accum_steps)}
+            return out
+        release_memory(p.device)  # outside the except block: the failed attempt's frames are released by now
+        failed.append({"batch_size": int(p.cfg.budget.batch_size),
+                       "grad_accum_steps": int(p.cfg.budget.grad_accum_steps), "error": message})
+        smaller = _smaller_micro_batch(p) if len(failed) <= retries else None
+        if retries:
+            record["oom_retry"] = {"failed_attempts": failed,
+                                   "note": "memory and speed figures are those of the last micro-batch"}
+        if smaller is None:
+            raise torch.OutOfMemoryError(message)
+        print(f"oom {p.run_id}: retrying with micro-batch {smaller.cfg.budget.batch_size} x "
+              f"{smaller.cfg.budget.grad_accum_steps} accumulation steps (same effective batch)")
+        p = smaller
 
 
 def _evaluate(model, loader, p: Plan) -> tuple[dict[str, float], np.ndarray]:

@@ -86,8 +86,10 @@ def _check_adapter_gradients(model: nn.Module, head: str, method_name: str) -> N
 
 
 def _injected_fault(run_id: str) -> str | None:
-    """Test aid: BENCH_INJECT_FAULT='<substring of run_id>:<error|nan|kill>[,...]' makes matching runs
-    fail on purpose at step 2, so sweep fault tolerance can be tested. Not part of the config."""
+    """Test aid: BENCH_INJECT_FAULT='<substring of run_id>:<error|nan|kill|oom>[,...]' makes matching runs
+    fail on purpose at step 2, so sweep fault tolerance can be tested. Not part of the config.
+    `oom` raises an out-of-memory error only without gradient accumulation, like a real OOM that a
+    smaller micro-batch cures (see the runner's `oom_retries`)."""
     spec = os.environ.get("BENCH_INJECT_FAULT", "")
     for item in filter(None, spec.split(",")):
         pattern, _, kind = item.rpartition(":")
@@ -163,6 +165,8 @@ def train(model: nn.Module, method: Method, loader, *, lr: float, weight_decay: 
             res.data_s += t1 - t0
         if fault == "error" and res.steps == 2:
             raise RuntimeError("injected fault (BENCH_INJECT_FAULT)")
+        if fault == "oom" and res.steps == 2 and accum == 1:
+            raise torch.OutOfMemoryError("injected out of memory (BENCH_INJECT_FAULT)")
         if fault == "kill" and res.steps == 2:
             os.kill(os.getpid(), signal.SIGKILL)
 

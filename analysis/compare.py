@@ -1,0 +1,321 @@
+"""Regression tracking: compare a current sweep against a baseline, config by config over seeds.
+
+    python -m analysis.compare --baseline results/baselines/cpu-smoke --current results/runs
+
+Each side is a folder of run records or a table written by `python -m analysis.collect --out x.csv`.
+Runs are matched by their config group: the hash of the effective config without the seed (new records
+carry it as `config_group`, older ones get it from `effective_config`), so the seeds of one config are
+one sample. Per config group:
+
+- metric (`main_metric_value`, higher is better; `--metric` adds columns, and a name containing `loss`
+  is lower-is-better): REGRESSION when the current mean is worse by at least `--min-effect` and, with
+  >= 2 seeds on both sides, Welch's t-test (one-sided) gives p < `--alpha`; with fewer seeds, when it
+  is worse by more than `--tolerance`. Identical seeds on both sides (zero variance) count as significant.
+- memory (peak during training: CUDA peak allocated, CPU peak RSS; median over seeds): REGRESSION when
+  current > baseline x (1 + `--memory-tol`).
+- speed (inference latency p50 unmerged, and merged where present; training samples/s): REGRESSION when
+  latency grew, or throughput shrank, by more than the factor `--time-factor`.
+  Memory and speed are compared only when both sides ran on the same device with the same torch version
+  and number of torch threads (else `n/a`), unless `--ignore-device`.
+- a config with ok runs in the baseline and none in the current (failed or missing) is a REGRESSION
+  unless `--allow-missing`; a missing config says which effective-config keys changed when a config with
+  the same task/model/method/rank exists on the other side.
+
+Prints a Markdown table (config, check, baseline, current, delta, verdict) and exits 1 on a regression,
+0 otherwise (2 when an input has no records).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from analysis.collect import config_group_of, load_records, to_frame
+
+MEMORY_COLUMNS = ("memory.train.peak_allocated_bytes", "memory.train.peak_rss_bytes",
+                  "memory.train.lifetime_peak_rss_bytes")
+LATENCY_COLUMNS = ("latency.unmerged.p50_ms", "latency.merged.p50_ms")
+THROUGHPUT_COLUMN = "train_samples_per_s"
+LABEL_COLUMNS = ("task", "model", "method", "rank", "lr", "budget")
+
+
+def load_side(source: str | Path) -> tuple[pd.DataFrame, dict[str, dict]]:
+    """A frame of runs with a `config_group` column, and the effective config of each group (records only)."""
+    source = Path(source)
+    if source.is_file() and source.suffix in (".csv", ".parquet"):
+        df = pd.read_parquet(source) if source.suffix == ".parquet" else pd.read_csv(source)
+        if "config_group" not in df.columns:
+            raise SystemExit(f"{source}: no config_group column; write the table with this version of "
+                             f"`python -m analysis.collect --out`, or pass the records folder")
+        return df, {}
+    if not source.exists():
+        raise SystemExit(f"{source}: no such folder or table")
+    records, problems = load_records(source)
+    for line in problems:
+        print(f"warning: {line}", file=sys.stderr)
+    effective = {config_group_of(r): r["effective_config"] for r in records
+                 if isinstance(r.get("effective_config"), dict)}
+    return to_frame(records), effective
+
+
+def _first_present(df: pd.DataFrame, columns: tuple[str, ...]) -> pd.Series:
+    out = pd.Series(np.nan, index=df.index, dtype=float)
+    for col in columns:
+        if col in df.columns:
+            out = out.fillna(pd.to_numeric(df[col], errors="coerce"))
+    return out
+
+
+def _label(rows: pd.DataFrame, group: str) -> str:
+    row = rows.iloc[0]
+    parts = []
+    for col in LABEL_COLUMNS:
+        value = row.get(col)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        if col == "rank":
+            parts.append(f"r{int(value)}")
+        elif col == "lr":
+            parts.append(f"lr={float(value):g}")
+        elif col == "budget":
+            parts.append(f"budget={value}")
+        else:
+            parts.append(str(value))
+    return f"{' '.join(parts)} [{group[:6]}]"
+
+
+def _label_key(row: pd.Series) -> tuple:
+    """task, model, method, rank: what a person calls 'the same run' when the config hash differs."""
+    rank = row.get("rank")
+    rank = None if rank is None or (isinstance(rank, float) and math.isnan(rank)) else int(rank)
+    return str(row.get("task")), str(row.get("model")), str(row.get("method")), rank
+
+
+def _mode(values: pd.Series) -> str | None:
+    values = values.dropna().map(lambda v: str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))
+    return Counter(values).most_common(1)[0][0] if len(values) else None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(a: dict, b: dict, limit: int = 4) -> str:
+    fa, fb = _flatten(a), _flatten(b)
+    keys = sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+    text = ", ".join(f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in keys[:limit])
+    return text + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _fmt(values: np.ndarray, unit: str = "") -> str:
+    if len(values) == 0:
+        return "-"
+    scale, suffix = (2**20, " MiB") if unit == "bytes" else (1.0, unit)
+    mean = values.mean() / scale
+    if len(values) == 1:
+        return f"{mean:.4g}{suffix}"
+    return f"{mean:.4g} ± {values.std(ddof=1) / scale:.2g}{suffix} (n={len(values)})"
+
+
+def metric_check(base: np.ndarray, cur: np.ndarray, higher_is_better: bool, *, alpha: float,
+                 min_effect: float, tolerance: float) -> tuple[str, str]:
+    """(delta text, verdict) for a metric over seeds."""
+    delta = float(cur.mean() - base.mean())
+    worse = -delta if higher_is_better else delta  # > 0: current is worse
+    if len(base) >= 2 and len(cur) >= 2:
+        if np.ptp(base) == 0 and np.ptp(cur) == 0:  # deterministic runs: any difference is real
+            p_worse, p_better = (0.0, 1.0) if worse > 0 else ((1.0, 0.0) if worse < 0 else (1.0, 1.0))
+        else:
+            tail = "less" if higher_is_better else "greater"
+            other = "greater" if higher_is_better else "less"
+            with warnings.catch_warnings():  # one side with identical seeds: scipy warns, the test holds
+                warnings.simplefilter("ignore", RuntimeWarning)
+                p_worse = float(stats.ttest_ind(cur, base, equal_var=False, alternative=tail).pvalue)
+                p_better = float(stats.ttest_ind(cur, base, equal_var=False, alternative=other).pvalue)
+        text = f"{delta:+.4g} (p={p_worse:.2g})"
+        if worse >= min_effect and p_worse < alpha:
+            return text, "REGRESSION"
+        if -worse >= min_effect and p_better < alpha:
+            return text, "improved"
+        return text, "ok"
+    text = f"{delta:+.4g} (< 2 seeds: tolerance {max(tolerance, min_effect):g})"
+    if worse > max(tolerance, min_effect):
+        return text, "REGRESSION"
+    return text, "improved" if -worse > max(tolerance, min_effect) else "ok"
+
+
+def ratio_check(base: np.ndarray, cur: np.ndarray, limit: float, higher_is_worse: bool) -> tuple[str, str]:
+    """(delta text, verdict) comparing medians: worse when cur/base beyond `limit` in the bad direction."""
+    b, c = float(np.median(base)), float(np.median(cur))
+    if b <= 0 or not math.isfinite(b) or not math.isfinite(c):
+        return "-", "n/a"
+    ratio = c / b
+    text = f"{100 * (ratio - 1):+.1f}%"
+    bad = ratio > limit if higher_is_worse else ratio < 1 / limit
+    return text, "REGRESSION" if bad else "ok"
+
+
+def compare(base: pd.DataFrame, cur: pd.DataFrame, *, metrics: list[str], alpha: float = 0.05,
+            min_effect: float = 0.01, tolerance: float = 0.02, memory_tol: float = 0.10,
+            time_factor: float = 1.5, ignore_device: bool = False, allow_missing: bool = False,
+            base_configs: dict | None = None, cur_configs: dict | None = None) -> pd.DataFrame:
+    """One row per (config group, check): config, check, baseline, current, delta, verdict."""
+    rows = []
+    for df in (base, cur):
+        df["_memory"] = _first_present(df, MEMORY_COLUMNS)
+        df["_ok"] = df["status"] == "ok"
+    cur_by_label = {_label_key(g.iloc[0]): k for k, g in cur.groupby("config_group")}
+    base_by_label = {_label_key(g.iloc[0]): k for k, g in base.groupby("config_group")}
+
+    for group, b_all in base.groupby("config_group", sort=False):
+        label = _label(b_all, group)
+        b = b_all[b_all["_ok"]]
+        if b.empty:
+            continue  # nothing ok to compare against
+        c_all = cur[cur["config_group"] == group]
+        c = c_all[c_all["_ok"]]
+        if c.empty:
+            if c_all.empty:
+                hint = ""
+                other = cur_by_label.get(_label_key(b_all.iloc[0]))
+                if other and group in (base_configs or {}) and other in (cur_configs or {}):
+                    changed = config_diff(base_configs[group], cur_configs[other])
+                    hint = f"; current has this method/task with {changed}"
+                what = f"missing in current{hint}"
+            else:
+                statuses = ", ".join(c_all["status"].astype(str))
+                errors = c_all["error"].dropna().astype(str).tolist() if "error" in c_all.columns else []
+                what = f"no ok run (status {statuses})" + (f": {errors[0][:120]}" if errors else "")
+            rows.append({"config": label, "check": "runs", "baseline": f"{len(b)} ok", "current": what,
+                         "delta": "-", "verdict": "n/a (missing)" if allow_missing else "REGRESSION"})
+            continue
+        for metric in metrics:
+            if metric not in b.columns or metric not in c.columns:
+                continue
+            bv = pd.to_numeric(b[metric], errors="coerce").dropna().to_numpy(float)
+            cv = pd.to_numeric(c[metric], errors="coerce").dropna().to_numpy(float)
+            if len(bv) == 0 or len(cv) == 0:
+                continue
+            delta, verdict = metric_check(bv, cv, "loss" not in metric, alpha=alpha, min_effect=min_effect,
+                                          tolerance=tolerance)
+            rows.append({"config": label, "check": metric, "baseline": _fmt(bv), "current": _fmt(cv),
+                         "delta": delta, "verdict": verdict})
+
+        same = _same_device(b, c)
+        perf = [("peak memory (train)", "_memory", 1 + memory_tol, True, "bytes")]
+        perf += [(col, col, time_factor, True, " ms") for col in LATENCY_COLUMNS]
+        perf += [(THROUGHPUT_COLUMN, THROUGHPUT_COLUMN, time_factor, False, "/s")]
+        for name, col, limit, higher_is_worse, unit in perf:
+            if col not in b.columns or col not in c.columns:
+                continue
+            bv = pd.to_numeric(b[col], errors="coerce").dropna().to_numpy(float)
+            cv = pd.to_numeric(c[col], errors="coerce").dropna().to_numpy(float)
+            if len(bv) == 0 or len(cv) == 0:
+                continue
+            delta, verdict = ratio_check(bv, cv, limit, higher_is_worse)
+            if same is not None and not ignore_device:
+                verdict = f"n/a ({same})"
+            rows.append({"config": label, "check": name, "baseline": _fmt(bv, unit), "current": _fmt(cv, unit),
+                         "delta": delta, "verdict": verdict})
+
+    for group, c_all in cur.groupby("config_group", sort=False):
+        if group not in set(base["config_group"]):
+            other = base_by_label.get(_label_key(c_all.iloc[0]))
+            hint = ""
+            if other and other in (base_configs or {}) and group in (cur_configs or {}):
+                hint = f" (baseline has it with {config_diff(base_configs[other], cur_configs[group])})"
+            rows.append({"config": _label(c_all, group), "check": "runs", "baseline": "-",
+                         "current": f"{int(c_all['_ok'].sum())} ok{hint}", "delta": "-", "verdict": "new"})
+    return pd.DataFrame(rows, columns=["config", "check", "baseline", "current", "delta", "verdict"])
+
+
+def _same_device(b: pd.DataFrame, c: pd.DataFrame) -> str | None:
+    """None when both sides ran on the same device and torch version, else why not."""
+    for col, what in (("provenance.device", "device"), ("provenance.versions.torch", "torch"),
+                      ("provenance.torch_threads", "threads")):
+        bd = _mode(b[col]) if col in b.columns else None
+        cd = _mode(c[col]) if col in c.columns else None
+        if bd != cd and not (what == "threads" and None in (bd, cd)):  # older records lack threads
+            return f"{what} differs"
+    return None
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    cols = list(table.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in table.iterrows():
+        verdict = f"**{row['verdict']}**" if row["verdict"] == "REGRESSION" else row["verdict"]
+        cells = [str(row[c]).replace("|", "/") for c in cols[:-1]] + [verdict]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _describe(df: pd.DataFrame, name: str, source: str) -> str:
+    devices = sorted(set(df["provenance.device"].dropna().astype(str))) if "provenance.device" in df else []
+    torch_v = sorted(set(df["provenance.versions.torch"].dropna().astype(str))) \
+        if "provenance.versions.torch" in df else []
+    ok = int((df["status"] == "ok").sum())
+    return (f"{name}: {source}: {len(df)} runs ({ok} ok) in {df['config_group'].nunique()} configs; "
+            f"device {', '.join(devices) or '?'}; torch {', '.join(torch_v) or '?'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--baseline", required=True, help="records folder or table (.csv/.parquet)")
+    ap.add_argument("--current", required=True, help="records folder or table (.csv/.parquet)")
+    ap.add_argument("--metric", action="append", default=None,
+                    help="metric column(s) to test (repeat); default main_metric_value")
+    ap.add_argument("--alpha", type=float, default=0.05, help="significance level of the one-sided Welch test")
+    ap.add_argument("--min-effect", type=float, default=0.01,
+                    help="smallest metric drop (absolute, e.g. 0.01 = 1 accuracy point) that can be a regression")
+    ap.add_argument("--tolerance", type=float, default=0.02,
+                    help="metric drop allowed when a side has fewer than 2 seeds")
+    ap.add_argument("--memory-tol", type=float, default=0.10, help="relative peak-memory growth allowed")
+    ap.add_argument("--time-factor", type=float, default=1.5,
+                    help="latency growth / throughput shrink factor allowed")
+    ap.add_argument("--ignore-device", action="store_true",
+                    help="compare memory and speed even across devices or torch versions")
+    ap.add_argument("--allow-missing", action="store_true",
+                    help="a baseline config without an ok current run is not a regression")
+    ap.add_argument("--out", help="also write the Markdown report here")
+    args = ap.parse_args(argv)
+
+    base, base_configs = load_side(args.baseline)
+    cur, cur_configs = load_side(args.current)
+    for df, src in ((base, args.baseline), (cur, args.current)):
+        if df.empty or "config_group" not in df.columns:
+            print(f"error: no run records with a config in {src}", file=sys.stderr)
+            return 2
+    table = compare(base, cur, metrics=args.metric or ["main_metric_value"], alpha=args.alpha,
+                    min_effect=args.min_effect, tolerance=args.tolerance, memory_tol=args.memory_tol,
+                    time_factor=args.time_factor, ignore_device=args.ignore_device,
+                    allow_missing=args.allow_missing, base_configs=base_configs, cur_configs=cur_configs)
+    n_reg = int((table["verdict"] == "REGRESSION").sum())
+    report = "\n".join([
+        _describe(base, "baseline", args.baseline), "", _describe(cur, "current", args.current), "",
+        to_markdown(table), "",
+        f"{n_reg} regression(s) in {table['config'].nunique()} configs" if n_reg else
+        f"no regression in {table['config'].nunique()} configs",
+    ])
+    print(report)
+    if args.out:
+        Path(args.out).write_text(report + "\n")
+    return 1 if n_reg else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

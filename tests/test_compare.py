@@ -1,0 +1,131 @@
+"""analysis.compare on constructed records: seed noise is no alarm; a clear accuracy drop, 20% more memory,
+slower inference, a failed or missing config are regressions (exit 1)."""
+from __future__ import annotations
+
+import pytest
+
+from analysis.collect import collect
+from analysis.compare import main, metric_check
+from bench.record import write_json_atomic
+
+CPU = "cpu: Test CPU (2 cores)"
+
+
+def record(seed: int, accuracy: float, *, memory_bytes: float = 500e6, latency_ms: float = 10.0,
+           samples_per_s: float = 100.0, device: str = CPU, lr: float = 4e-4, status: str = "ok") -> dict:
+    effective = {"task": {"name": "sst2"}, "model": {"name": "tiny"}, "method": {"name": "lora", "lr": lr},
+                 "rank": 8, "budget": {"max_steps": 4}, "seed": seed, "device_type": "cpu"}
+    rec = {"schema_version": 1, "run_id": f"sst2-tiny-lora-r8-s{seed}-{lr}", "status": status, "seed": seed,
+           "task": "sst2", "model": "tiny", "method": "lora", "rank": 8, "lr": lr, "budget": "smoke",
+           "effective_config": effective, "provenance": {"device": device, "versions": {"torch": "2.13.0"}}}
+    if status == "ok":
+        rec.update(main_metric="accuracy", main_metric_value=accuracy, train_samples_per_s=samples_per_s,
+                   memory={"train": {"kind": "cpu_rss", "peak_rss_bytes": memory_bytes}},
+                   latency={"unmerged": {"p50_ms": latency_ms}})
+    else:
+        rec["error"] = "RuntimeError: boom"
+    return rec
+
+
+def write(folder, recs) -> str:
+    for rec in recs:
+        write_json_atomic(folder / rec["run_id"] / "record.json", rec)
+    return str(folder)
+
+
+def run_compare(tmp_path, base, cur, *extra: str) -> tuple[int, str]:
+    out = tmp_path / "report.md"
+    code = main(["--baseline", write(tmp_path / "base", base), "--current", write(tmp_path / "cur", cur),
+                 "--out", str(out), *extra])
+    return code, out.read_text()
+
+
+def verdicts(report: str) -> dict[str, str]:
+    rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| sst2")]
+    return {row[1]: row[-1].rstrip(" |").strip("*") for row in rows}
+
+
+BASE = [record(1, 0.812), record(2, 0.826), record(3, 0.805)]
+
+
+def test_two_seed_groups_of_one_config_raise_no_alarm(tmp_path):
+    other_seeds = [record(4, 0.818), record(5, 0.803), record(6, 0.821)]
+    code, report = run_compare(tmp_path, BASE, other_seeds)
+    assert code == 0, report
+    assert set(verdicts(report).values()) == {"ok"} and "no regression" in report
+    assert "| main_metric_value |" in report and "p=" in report
+
+
+def test_clear_accuracy_drop_is_a_regression(tmp_path):
+    code, report = run_compare(tmp_path, BASE, [record(4, 0.751), record(5, 0.742), record(6, 0.760)])
+    assert code == 1
+    assert verdicts(report)["main_metric_value"] == "REGRESSION" and "1 regression(s)" in report
+
+
+def test_small_drop_below_min_effect_is_not_a_regression():
+    base, cur = [0.80, 0.80, 0.80], [0.795, 0.795, 0.795]  # identical seeds: significant, but only 0.5 points
+    assert metric_check(*map(_arr, (base, cur)), True, alpha=0.05, min_effect=0.01, tolerance=0.02)[1] == "ok"
+    assert metric_check(*map(_arr, (base, cur)), True, alpha=0.05, min_effect=0.001, tolerance=0.02)[1] \
+        == "REGRESSION"
+
+
+def test_single_seed_uses_the_tolerance():
+    assert metric_check(_arr([0.80]), _arr([0.79]), True, alpha=0.05, min_effect=0.01, tolerance=0.02)[1] == "ok"
+    assert metric_check(_arr([0.80]), _arr([0.77]), True, alpha=0.05, min_effect=0.01,
+                        tolerance=0.02)[1] == "REGRESSION"
+    assert metric_check(_arr([0.5]), _arr([0.4]), False, alpha=0.05, min_effect=0.01,  # a loss went down
+                        tolerance=0.02)[1] == "improved"
+
+
+def test_memory_up_20_percent_is_a_regression_on_the_same_device_only(tmp_path):
+    more = [record(s, a, memory_bytes=600e6) for s, a in ((4, 0.815), (5, 0.81), (6, 0.82))]
+    code, report = run_compare(tmp_path, BASE, more)
+    assert code == 1 and verdicts(report)["peak memory (train)"] == "REGRESSION"
+    assert "+20.0%" in report
+    elsewhere = [record(s, a, memory_bytes=600e6, device="NVIDIA H100") for s, a in ((4, 0.815), (5, 0.81))]
+    code, report = run_compare(tmp_path / "x", BASE, elsewhere)
+    assert code == 0 and verdicts(report)["peak memory (train)"] == "n/a (device differs)"
+
+
+def test_slower_inference_and_training_beyond_the_factor(tmp_path):
+    slow = [record(s, 0.815, latency_ms=16.0, samples_per_s=60.0) for s in (4, 5)]
+    code, report = run_compare(tmp_path, BASE, slow)
+    assert code == 1
+    v = verdicts(report)
+    assert v["latency.unmerged.p50_ms"] == "REGRESSION" and v["train_samples_per_s"] == "REGRESSION"
+    code, _ = run_compare(tmp_path / "loose", BASE, slow, "--time-factor", "2")
+    assert code == 0
+
+
+def test_failed_or_missing_config_is_a_regression_unless_allowed(tmp_path):
+    code, report = run_compare(tmp_path, BASE, [record(4, 0, status="error")])
+    assert code == 1 and "no ok run (status error): RuntimeError: boom" in report
+    changed = [record(4, 0.815, lr=1e-3)]  # another config: the baseline's is missing, and says what changed
+    code, report = run_compare(tmp_path / "m", BASE, changed)
+    assert code == 1 and "missing in current" in report and "method.lr: 0.0004 -> 0.001" in report
+    assert "| new |" in report
+    code, _ = run_compare(tmp_path / "a", BASE, changed, "--allow-missing")
+    assert code == 0
+
+
+def test_tables_from_collect_compare_like_records(tmp_path):
+    base_dir = write(tmp_path / "base", BASE)
+    table = tmp_path / "base.csv"
+    collect(base_dir).to_csv(table, index=False)
+    cur_dir = write(tmp_path / "cur", [record(4, 0.70), record(5, 0.71), record(6, 0.69)])
+    assert main(["--baseline", str(table), "--current", cur_dir]) == 1
+    assert main(["--baseline", str(table), "--current", str(table)]) == 0
+
+
+def test_empty_input_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["--baseline", str(tmp_path / "empty"), "--current", str(tmp_path / "empty")]) == 2
+    assert "no run records" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no such folder"):
+        main(["--baseline", str(tmp_path / "nowhere"), "--current", str(tmp_path / "empty")])
+
+
+def _arr(values):
+    import numpy as np
+
+    return np.asarray(values, dtype=float)
