@@ -95,6 +95,8 @@ def plan(cfg: DictConfig) -> Plan:
         "precision": precision,
         "measure": OmegaConf.to_container(cfg.measure, resolve=True),
     }
+    if cfg.get("forgetting"):  # only when set, so runs without it keep their identity
+        effective["forgetting"] = OmegaConf.to_container(cfg.forgetting, resolve=True)
     h = config_hash(effective)
     rank_part = f"-r{rank}" if rank is not None else ""
     run_id = f"{task.name}-{cfg.model.name}-{method.name}{rank_part}-s{cfg.seed}-{h[:8]}"
@@ -213,8 +215,15 @@ def _execute(p: Plan) -> dict:
     out["data"] = {"source": data_source, "train_rows": len(train_df), "dev_rows": len(dev_df),
                    "note": p.task.offline_note if data_source.startswith("glue_dir") else ""}
 
+    probe = None
+    if cfg.get("forgetting"):  # analysis/forgetting.py: the same probe before attaching and after training
+        from analysis.forgetting import make_probe
+        probe = make_probe(cfg.forgetting, cfg.model, tokenizer, p.task.name)
+
     model, model_source = load_model(cfg.model, p.task.num_labels)
     model.to(p.device)
+    if probe is not None:
+        forgetting_before = probe.measure(model, p.device, autocast_dtype(p.precision))
     out["model_source"] = model_source
     if cfg.model.get("random_init"):
         out["model_note"] = "random-init test model: metrics are meaningless"
@@ -265,6 +274,9 @@ def _execute(p: Plan) -> dict:
         out["metrics"], logits = _evaluate(model, dev_loader, p)
     out["main_metric"] = p.task.main_metric
     out["main_metric_value"] = out["metrics"][p.task.main_metric]
+    if probe is not None:
+        out["forgetting"] = probe.result(forgetting_before,
+                                         probe.measure(model, p.device, autocast_dtype(p.precision)))
 
     if measure.latency:
         with meter.phase("latency_unmerged"):
