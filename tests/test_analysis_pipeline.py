@@ -126,6 +126,16 @@ def test_forgetting_of_the_base_model_against_itself_is_zero(runs):
     assert record["forgetting"]["forgetting"] == pytest.approx(before - record["forgetting"]["after"])
 
 
+def test_forgetting_from_saved_weights_matches_the_in_run_measurement(runs):
+    from analysis.forgetting import probe_run
+
+    run_dir = _run_dir(runs, "lora", 8)
+    record, _ = read_run(run_dir)
+    res = probe_run(run_dir, "sts", max_pairs=48, max_seq_len=32)
+    for key in ("before", "after", "forgetting"):
+        assert res[key] == pytest.approx(record["forgetting"][key], abs=1e-6), key
+
+
 def test_mlm_probe_on_a_model_without_mlm_head_is_a_clear_error():
     from analysis.forgetting import make_probe, probe_config
     from bench.models import load_tokenizer
