@@ -336,7 +336,7 @@ def sequential(run_dir, task_b: str, max_steps: int | None = None, train_samples
     loop and the run's budget (optionally fewer steps/samples); then A's head goes back and A is evaluated
     again. Methods that do not merge (adapters, prompt tuning) are not supported: their trained modules
     would have to be stacked, which is a different experiment."""
-    from analysis.weights import read_run, tuned_model
+    from analysis.weights import PLAIN_AFTER_LOAD, read_run, tuned_model
     from bench import metrics as glue_metrics
     from bench.data import make_loader, subset, tokenize
     from bench.models import load_tokenizer
@@ -347,7 +347,7 @@ def sequential(run_dir, task_b: str, max_steps: int | None = None, train_samples
 
     record, cfg = read_run(run_dir)
     method = get_method(record["method"])
-    if not (method.merges or method.name == "full"):
+    if not (method.merges or method.name in PLAIN_AFTER_LOAD):
         raise BenchError(f"sequential forgetting supports methods that merge (and full); not '{method.name}'")
     task_a, task_b_obj = get_task(record["task"]), get_task(task_b)
     device, head = torch.device("cpu"), str(cfg.model.head)
@@ -416,7 +416,7 @@ def sequential(run_dir, task_b: str, max_steps: int | None = None, train_samples
         timing_warmup_steps=0,
     )
     metric_b = evaluate(model, task_b_obj, dev_b)
-    if method.name != "full":
+    if method.merges and method.name not in PLAIN_AFTER_LOAD:
         model = method.merged(model)
     set_head(model, head_a, task_a)
     after = evaluate(model, task_a, dev_a)

@@ -109,6 +109,9 @@ class Table:
                 ("±", r"$\pm$"),
                 ("ε", r"$\varepsilon$"),
                 ("–", "--"),
+                ("−", "$-$"),
+                ("·", "--"),
+                ("|cos|", r"$|\cos|$"),
                 ("†", r"$^\dagger$"),
             ):
                 text = text.replace(a, b)

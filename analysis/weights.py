@@ -40,6 +40,8 @@ W_UNCHANGED: dict[str, str] = {
     "prompt_tuning": "prompt tuning learns input tokens; the pre-trained W are unchanged",
     "prefix_tuning": "prefix tuning learns key/value prefixes; the pre-trained W are unchanged",
 }
+# Methods whose rebuilt model is already a plain model with the tuned weights in place (nothing to merge).
+PLAIN_AFTER_LOAD = ("full", "bitfit")
 EXCLUDED_PARTS = ("embeddings", "embed_tokens", "pooler", "lm_head")
 
 
@@ -110,7 +112,7 @@ def tuned_model(run_dir: str | Path, base: nn.Module | None = None, merge: bool 
     method = get_method(record["method"])
     start = copy.deepcopy(base) if base is not None else base_model(record, cfg)
     model = method.load(start, cfg.method, attach_context(record, cfg), weights_dir)
-    if merge and method.merges and method.name != "full":
+    if merge and method.merges and method.name not in PLAIN_AFTER_LOAD:
         model = method.merged(model)
     return model.eval()
 
@@ -142,7 +144,7 @@ def weight_pairs(run_dir: str | Path) -> WeightPairs:
         return WeightPairs(record["run_id"], name, False, W_UNCHANGED[name])
     start = time.perf_counter()
     method = get_method(name)
-    if not method.merges and name != "full":
+    if not method.merges and name not in PLAIN_AFTER_LOAD:
         return WeightPairs(
             record["run_id"], name, False, f"method '{name}' does not merge into the pre-trained weights"
         )
