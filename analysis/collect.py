@@ -5,18 +5,27 @@
 Nested record fields are flattened with dots (`latency.merged.p50_ms`). Records from older schema versions
 are read as they are (missing columns are NaN); failed runs are kept with their `status`. Files that are not
 valid JSON (e.g. an interrupted write by a tool that did not write atomically) are listed and skipped.
+
+When a run folder holds `analysis.json` (written by `python -m analysis.analyse`), its summary joins the row
+as `analysis.*` columns (`analysis.status`, `analysis.intruders.total`,
+`analysis.spectrum.mean_effective_rank` ...). `add_derived` adds the columns tables and plots use:
+`metric_pct`, `peak_train_memory_bytes` (+ its `memory_kind`), `intruders`, `forgetting_value`, `budget_desc`.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from bench.record import config_group
 
 RECORD_NAME = "record.json"
+ANALYSIS_NAME = "analysis.json"
+BUDGET_DESC_FIELDS = ("max_steps", "epochs", "batch_size", "train_samples", "eval_samples", "max_seq_len")
 KNOWN_SCHEMAS = {1}
 
 
@@ -38,11 +47,41 @@ def load_records(root: str | Path) -> tuple[list[dict], list[str]]:
             continue
         schema = rec.get("schema_version")
         if schema not in KNOWN_SCHEMAS:
-            problems.append(f"{path}: schema_version {schema} is not one this version reads {sorted(KNOWN_SCHEMAS)}")
+            problems.append(f"{path}: schema_version {schema} is not one this version reads "
+                            f"{sorted(KNOWN_SCHEMAS)}")
             continue
         rec["record_path"] = str(path)
+        summary = analysis_summary(path.parent / ANALYSIS_NAME)
+        if summary:
+            rec["analysis"] = summary
         records.append(rec)
     return records, problems
+
+
+def analysis_summary(path: Path) -> dict | None:
+    """The scalar part of a run's analysis.json (no per-layer scores or singular values), or None."""
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    out = {"status": res.get("status"), "reason": res.get("reason") or res.get("error")}
+    if res.get("status") == "ok":
+        intr, spec = res["intruders"], res["spectrum"]
+        out["intruders"] = {k: intr[k] for k in ("k", "epsilon", "total", "layers", "layers_with_intruders",
+                                                  "total_by_epsilon")}
+        out["spectrum"] = {k: spec[k] for k in ("changed_layers", "mean_effective_rank",
+                                                "mean_numerical_rank",
+                                                "mean_energy90_rank", "mean_relative_update")}
+    return out
+
+
+def _budget_fields(rec: dict) -> dict:
+    """The run's effective budget, without the fields that follow the task (budget=paper: epochs)."""
+    budget = dict((rec.get("effective_config") or {}).get("budget") or {})
+    if budget.get("name") == "paper":
+        budget.pop("epochs", None)
+        budget.pop("eval_every_steps", None)
+    return budget
 
 
 def to_frame(records: list[dict]) -> pd.DataFrame:
@@ -50,9 +89,14 @@ def to_frame(records: list[dict]) -> pd.DataFrame:
     slim = []
     for rec in records:
         group = config_group_of(rec)
+        budget = _budget_fields(rec)
         rec = {k: v for k, v in rec.items() if k not in ("config", "effective_config")}
         if group:
             rec["config_group"] = group
+        if budget:
+            rec["budget_sig"] = hashlib.sha256(json.dumps(budget, sort_keys=True).encode()).hexdigest()[:8]
+            rec["budget_desc"] = f"{budget.get('name')}: " + ", ".join(
+                f"{k}={budget[k]}" for k in BUDGET_DESC_FIELDS if budget.get(k) is not None)
         if isinstance(rec.get("train"), dict):
             rec["train"] = {k: v for k, v in rec["train"].items() if k != "evals"}
         slim.append(rec)
@@ -69,6 +113,46 @@ def config_group_of(rec: dict) -> str | None:
         return rec["config_group"]
     effective = rec.get("effective_config")
     return config_group(effective) if isinstance(effective, dict) else None
+
+
+def _first_present(df: pd.DataFrame, columns: list[str]) -> tuple[pd.Series, pd.Series]:
+    """Row-wise first non-null value among `columns`, and the column it came from."""
+    value = pd.Series(np.nan, index=df.index, dtype=float)
+    source = pd.Series(None, index=df.index, dtype=object)
+    for col in columns:
+        if col in df.columns:
+            take = value.isna() & df[col].notna()
+            value[take] = df.loc[take, col].astype(float)
+            source[take] = col
+    return value, source
+
+
+# Peak training memory: CUDA peak allocated when measured, else the CPU process's peak RSS.
+MEMORY_COLUMNS = ["memory.train.peak_allocated_bytes", "memory.train.peak_rss_bytes",
+                  "memory.train.lifetime_peak_rss_bytes"]
+MEMORY_KIND = {"memory.train.peak_allocated_bytes": "CUDA peak allocated",
+               "memory.train.peak_rss_bytes": "CPU peak RSS of the process",
+               "memory.train.lifetime_peak_rss_bytes": "CPU lifetime peak RSS of the process"}
+
+
+def add_derived(df: pd.DataFrame) -> pd.DataFrame:
+    """Columns the tables and plots use, tolerant of records that lack some fields."""
+    df = df.copy()
+
+    def col(name: str) -> pd.Series:
+        return df[name] if name in df.columns else pd.Series(np.nan, index=df.index)
+
+    df["metric_pct"] = pd.to_numeric(col("main_metric_value"), errors="coerce") * 100
+    df["peak_train_memory_bytes"], src = _first_present(df, MEMORY_COLUMNS)
+    df["memory_kind"] = src.map(MEMORY_KIND)
+    df["intruders"] = pd.to_numeric(col("analysis.intruders.total"), errors="coerce")
+    df["forgetting_value"] = pd.to_numeric(col("forgetting.forgetting"), errors="coerce")
+    if "rank" not in df.columns:
+        df["rank"] = np.nan
+    if "budget_desc" not in df.columns:
+        df["budget_desc"] = col("budget").astype(str)
+        df["budget_sig"] = df["budget_desc"]
+    return df
 
 
 def collect(root: str | Path) -> pd.DataFrame:

@@ -126,6 +126,8 @@ def plan(cfg: DictConfig) -> Plan:
         "precision": precision,
         "measure": OmegaConf.to_container(cfg.measure, resolve=True),
     }
+    if cfg.get("forgetting"):  # only when set, so runs without it keep their identity
+        effective["forgetting"] = OmegaConf.to_container(cfg.forgetting, resolve=True)
     h = config_hash(effective)
     rank_part = f"-r{rank}" if rank is not None else ""
     run_id = f"{task.name}-{cfg.model.name}-{method.name}{rank_part}-s{cfg.seed}-{h[:8]}"
@@ -350,9 +352,16 @@ def _execute(p: Plan) -> dict:
     out["data"] = {"source": data_source, "train_rows": len(train_df), "dev_rows": len(dev_df),
                    "note": p.task.offline_note if data_source.startswith("glue_dir") else ""}
 
+    probe = None
+    if cfg.get("forgetting"):  # analysis/forgetting.py: the same probe before attaching and after training
+        from analysis.forgetting import make_probe
+        probe = make_probe(cfg.forgetting, cfg.model, tokenizer, p.task.name)
+
     load_kwargs = p.method.load_kwargs(cfg.method, cfg.model, p.device)  # e.g. QLoRA's 4-bit quantisation
     model, model_source = load_model(cfg.model, p.task.num_labels, **load_kwargs)
     model.to(p.device)
+    if probe is not None:
+        forgetting_before = probe.measure(model, p.device, autocast_dtype(p.precision))
     out["model_source"] = model_source
     if cfg.model.get("random_init"):
         out["model_note"] = "random-init test model: metrics are meaningless"
@@ -398,6 +407,9 @@ def _execute(p: Plan) -> dict:
         out["metrics"], logits = _evaluate(model, dev_loader, p)
     out["main_metric"] = p.task.main_metric
     out["main_metric_value"] = out["metrics"][p.task.main_metric]
+    if probe is not None:
+        out["forgetting"] = probe.result(forgetting_before,
+                                         probe.measure(model, p.device, autocast_dtype(p.precision)))
 
     merged = None
     if p.method.merges:

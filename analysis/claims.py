@@ -1,0 +1,257 @@
+"""Popular claims about LoRA, checked against a sweep's runs and stated with the figures, whichever way
+they come out (used by `analysis.report`).
+
+Rules (also printed with each verdict):
+- Tasks where the reference did not learn (mean within 2 points of chance level: the majority class's share,
+  or 0 for correlations) are reported but not judged.
+- "LoRA matches full fine-tuning": per task, the mean over seeds of LoRA at each rank against full
+  fine-tuning; a rank *matches* when it is within max(1 point, 2 x the larger seed std) of full FT (metric
+  x 100) or better. Supported when the best LoRA rank matches on every task; partly when on some.
+- "LoRA does not forget": LoRA's forgetting (probe before − after, x 100) at every rank is at most 1 point.
+  Also says whether LoRA forgets less than full fine-tuning.
+- "merged LoRA adds no latency": the median over LoRA runs of merged p50 / base p50 is at most
+  1 + max(5%, the base model's own p95/p50 spread); not enough data when that spread exceeds 25%.
+  Unmerged / base is shown beside it.
+- "intruders grow as rank falls": over LoRA runs analysed at three or more ranks, Spearman's ρ between rank
+  and intruder count is negative and the lowest rank has more intruders than the highest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy.stats import spearmanr
+
+from analysis.tables import TASK_LABEL, chance_levels
+
+LEARN_POINTS = 2.0  # a configuration "learned" the task when its mean is this far above chance level
+MATCH_POINTS = 1.0
+FORGET_POINTS = 1.0
+LATENCY_TOL = 0.05
+MAX_NOISE = 0.25  # base p95/p50 above 1.25: too noisy to judge a few-percent claim
+
+
+@dataclass
+class Claim:
+    claim: str
+    verdict: str  # supported | partly supported | not supported | not enough data
+    lines: list[str] = field(default_factory=list)
+    rule: str = ""
+
+    def markdown(self) -> str:
+        body = "\n".join(f"- {line}" for line in self.lines)
+        return f'**"{self.claim}"**: **{self.verdict}**.\n\n{body}\n\n_Rule: {self.rule}_\n'
+
+
+def _t(task: str) -> str:
+    return TASK_LABEL.get(task, task)
+
+
+def _means(df: pd.DataFrame, value: str, keys=("task", "method", "rank_key")) -> pd.DataFrame:
+    g = df.groupby(list(keys), dropna=False)[value]
+    return pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1), "n": g.count()}).reset_index()
+
+
+def lora_matches_full(df: pd.DataFrame) -> Claim:
+    rule = (
+        f"a LoRA rank matches when its mean is within max({MATCH_POINTS:g} point, 2 x the larger seed std) "
+        f"of full FT, or above it; supported when the best rank matches on every task"
+    )
+    claim = "LoRA matches full fine-tuning"
+    m = _means(df[df["method"].isin(["lora", "full"])], "metric_pct")
+    tasks = sorted(set(m.loc[m["method"] == "lora", "task"]) & set(m.loc[m["method"] == "full", "task"]))
+    if not tasks:
+        missing = [name for name in ("lora", "full") if name not in set(df["method"])]
+        return Claim(
+            claim,
+            "not enough data",
+            [
+                (
+                    f"needs LoRA and full fine-tuning runs on the same task "
+                    f"(missing: {', '.join(missing) or 'a common task'})"
+                )
+            ],
+            rule,
+        )
+    lines, best_matches, judged = [], 0, 0
+    chance = chance_levels(df)
+    for task in tasks:
+        full = m[(m["task"] == task) & (m["method"] == "full")].iloc[0]
+        lora = m[(m["task"] == task) & (m["method"] == "lora")].sort_values("rank_key")
+        if task in chance and full["mean"] < chance[task] + LEARN_POINTS:
+            lines.append(
+                f"{_t(task)}: full FT {full['mean']:.1f} is within {LEARN_POINTS:g} points of chance "
+                f"({chance[task]:.1f}): it did not learn the task in this budget, nothing to match"
+            )
+            continue
+        judged += 1
+        parts, ok_any = [], False
+        for _, r in lora.iterrows():
+            tol = max(MATCH_POINTS, 2 * np.nanmax([r["std"], full["std"], 0.0]))
+            diff = r["mean"] - full["mean"]
+            ok = diff >= -tol
+            ok_any |= ok
+            parts.append(f"r={int(r['rank_key'])}: {r['mean']:.1f} ({diff:+.1f}{'' if ok else ', no'})")
+        best_matches += ok_any
+        lines.append(f"{_t(task)}: full FT {full['mean']:.1f} (n={int(full['n'])}); LoRA " + "; ".join(parts))
+    if not judged:
+        return Claim(claim, "not enough data", lines, rule)
+    verdict = "not supported"
+    if best_matches:
+        verdict = "supported" if best_matches == judged else "partly supported"
+    return Claim(claim, verdict, lines, rule)
+
+
+def lora_does_not_forget(df: pd.DataFrame) -> Claim:
+    claim = "LoRA does not forget"
+    rule = f"LoRA's forgetting is at most {FORGET_POINTS:g} point (probe score x 100) at every rank"
+    d = df[df["forgetting_value"].notna()].assign(f100=lambda x: x["forgetting_value"] * 100)
+    if "forgetting.note" in d.columns:  # the STS probe on an STS-B run measures learning, not forgetting
+        d = d[d["forgetting.note"].isna()]
+    lora = d[d["method"] == "lora"]
+    if lora.empty:
+        return Claim(
+            claim, "not enough data", ["no LoRA run measured forgetting (run with forgetting=sts)"], rule
+        )
+    probe = ", ".join(sorted(d["forgetting.probe"].dropna().unique()))
+    m = _means(d[d["method"].isin(["lora", "full"])], "f100")
+    lines, worst, less_than_full = [], -np.inf, []
+    chance = chance_levels(d)
+    learned = _means(lora, "metric_pct")
+    for task in sorted(set(m.loc[m["method"] == "lora", "task"])):
+        lo = m[(m["task"] == task) & (m["method"] == "lora")].sort_values("rank_key")
+        full = m[(m["task"] == task) & (m["method"] == "full")]
+        best = learned.loc[learned["task"] == task, "mean"].max()
+        if task in chance and best < chance[task] + LEARN_POINTS:
+            lines.append(
+                f"{_t(task)}: LoRA's best metric {best:.1f} is within {LEARN_POINTS:g} points of chance "
+                f"({chance[task]:.1f}): it barely changed the model, so its forgetting says little"
+            )
+            continue
+        worst = max(worst, lo["mean"].max())
+        text = f"{_t(task)}: LoRA forgets " + "; ".join(
+            f"r={int(r['rank_key'])}: {r['mean']:+.2f}" for _, r in lo.iterrows()
+        )
+        if not full.empty:
+            f = full["mean"].iloc[0]
+            less_than_full.append(bool(lo["mean"].max() < f))
+            text += f"; full FT {f:+.2f}"
+        lines.append(text + " points")
+    if not np.isfinite(worst):
+        return Claim(claim, "not enough data", lines, rule)
+    base_before = lora["forgetting.before"].mean() * 100 if "forgetting.before" in lora else np.nan
+    lines.append(f"probe: {probe}; base model score {base_before:.1f} (x 100); positive = ability lost")
+    if less_than_full:
+        lines.append(
+            f"LoRA forgets less than full FT on {sum(less_than_full)} of {len(less_than_full)} tasks "
+            f"(comparing LoRA's worst rank with full FT)"
+        )
+    else:
+        lines.append("no full FT run with forgetting to compare against")
+    return Claim(claim, "supported" if worst <= FORGET_POINTS else "not supported", lines, rule)
+
+
+def merged_lora_no_latency(df: pd.DataFrame) -> Claim:
+    claim = "merged LoRA adds no latency"
+    rule = (
+        f"median over LoRA runs of merged p50 / base p50 ≤ 1 + max({LATENCY_TOL:.0%}, the base model's "
+        f"median p95/p50 − 1)"
+    )
+    need = ["latency.base.p50_ms", "latency.merged.p50_ms"]
+    lora = df[df["method"] == "lora"]
+    if lora.empty or any(c not in lora.columns for c in need) or lora[need].isna().any(axis=1).all():
+        return Claim(claim, "not enough data", ["no LoRA run with base and merged latency"], rule)
+    lora = lora.dropna(subset=need)
+    merged = lora["latency.merged.p50_ms"] / lora["latency.base.p50_ms"]
+    noise = (
+        float((lora["latency.base.p95_ms"] / lora["latency.base.p50_ms"] - 1).median())
+        if "latency.base.p95_ms" in lora
+        else 0.0
+    )
+    tol = max(LATENCY_TOL, noise)
+    if noise > MAX_NOISE:
+        return Claim(
+            claim,
+            "not enough data",
+            [
+                (
+                    f"the base model's own latency is too noisy to judge: median p95/p50 = {1 + noise:.2f} "
+                    f"(allowed up to {1 + MAX_NOISE:.2f}); merged / base p50 median "
+                    f"{merged.median():.3f} over "
+                    f"{len(lora)} LoRA runs. Re-measure on a quiet machine (more measure.latency_iters)"
+                )
+            ],
+            rule,
+        )
+    lines = [
+        (
+            f"merged / base p50: median {merged.median():.3f} (range {merged.min():.3f}–{merged.max():.3f}) "
+            f"over {len(lora)} LoRA runs"
+        )
+    ]
+    if "latency.unmerged.p50_ms" in lora:
+        unmerged = lora["latency.unmerged.p50_ms"] / lora["latency.base.p50_ms"]
+        lines.append(
+            f"unmerged / base p50: median {unmerged.median():.3f} (range {unmerged.min():.3f}–"
+            f"{unmerged.max():.3f})"
+        )
+    lines.append(
+        f"base p50 {lora['latency.base.p50_ms'].median():.1f} ms, merged "
+        f"{lora['latency.merged.p50_ms'].median():.1f} ms (medians); noise allowance {tol:.1%}"
+    )
+    if merged.median() < 1 - tol:
+        lines.append(
+            "merged is clearly *faster* than the base model measured in the same run: the base "
+            "measurement (taken first) is likely disturbed by warm-up or machine load; "
+            "compare the ratios with care"
+        )
+    return Claim(claim, "supported" if merged.median() <= 1 + tol else "not supported", lines, rule)
+
+
+def intruders_grow_as_rank_falls(df: pd.DataFrame) -> Claim:
+    claim = "intruders grow as rank falls"
+    rule = (
+        "over LoRA runs at ≥ 3 ranks: Spearman's ρ(rank, intruders) < 0 and more intruders at the lowest "
+        "rank than at the highest"
+    )
+    lora = df[(df["method"] == "lora") & df["intruders"].notna()]
+    if lora.empty:
+        return Claim(
+            claim, "not enough data", ["no LoRA run has an intruder analysis (needs saved weights)"], rule
+        )
+    lines, verdicts = [], []
+    full = df[(df["method"] == "full") & df["intruders"].notna()]
+    for task, part in lora.groupby("task"):
+        ranks = sorted(part["rank_key"].unique())
+        means = part.groupby("rank_key")["intruders"].mean()
+        text = f"{_t(task)}: " + ", ".join(f"r={int(r)}: {means[r]:.1f}" for r in ranks)
+        f = full[full["task"] == task]["intruders"]
+        if not f.empty:
+            text += f"; full FT {f.mean():.1f}"
+        if len(ranks) < 3:
+            lines.append(text + f" (only {len(ranks)} rank(s): not enough)")
+            continue
+        rho = spearmanr(part["rank_key"], part["intruders"]).statistic
+        grows = bool(np.isfinite(rho) and rho < 0 and means[ranks[0]] > means[ranks[-1]])
+        verdicts.append(grows)
+        lines.append(
+            text + f"; Spearman ρ(rank, intruders) = {rho:+.2f}"
+            if np.isfinite(rho)
+            else text + "; ρ undefined (constant counts)"
+        )
+    if not verdicts:
+        return Claim(
+            claim, "not enough data", lines + ["needs LoRA runs analysed at three or more ranks"], rule
+        )
+    verdict = "supported" if all(verdicts) else "partly supported" if any(verdicts) else "not supported"
+    return Claim(claim, verdict, lines, rule)
+
+
+CLAIMS = (lora_matches_full, lora_does_not_forget, merged_lora_no_latency, intruders_grow_as_rank_falls)
+
+
+def check_all(df: pd.DataFrame) -> list[Claim]:
+    """Every claim on one group of ok runs (output of `analysis.tables.ok_frame`)."""
+    return [fn(df) for fn in CLAIMS]

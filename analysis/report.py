@@ -1,0 +1,336 @@
+"""One command from a results folder to a report a person reads top to bottom.
+
+    python -m analysis.report results/runs [--out results/report] [--force]
+
+1. Intruder dimensions and ΔW spectrum for every ok run with saved weights (`analysis.analyse`; cached in
+   each run folder as `analysis.json`, so a second report is fast; `--force` recomputes).
+2. All records into one table (`runs.csv`), the comparison tables (`tables/`: Markdown, CSV, LaTeX) and
+   the plots (`plots/`: PNG and SVG).
+3. `index.md`: what was run, the tables, the plots, intruders and spectrum, the claims checked with their
+   figures, and the runs that failed.
+Runs of different models or training budgets are reported as separate groups, never mixed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis import claims, plots, tables
+from analysis.analyse import ANALYSIS_FILE, analyse_all
+from analysis.collect import load_records, to_frame
+
+PLOT_CAPTIONS = {
+    "metric_vs_params": "Dev metric against trainable parameters (excluding the task head, log "
+    "scale). The dashed "
+    "steps join the Pareto front: configurations that no other one beats with fewer parameters.",
+    "metric_vs_memory": "Dev metric against peak memory during training.",
+    "metric_vs_rank": "Dev metric against rank for each method that has one; dashed: full fine-tuning.",
+    "intruders_vs_rank": "Intruder dimensions (top-10 vectors, ε = 0.5, summed over the layers) "
+    "against rank; "
+    "dashed: full fine-tuning.",
+    "forgetting_vs_metric": "Task metric against forgetting (probe before − after; right of zero = "
+    "ability lost).",
+    "latency": "Forward latency of one batch: the base model, the method as trained (unmerged) and "
+    "merged into "
+    "the weights.",
+    "rank_lab": "Rank lab: relative error of the best rank-r approximation of each run's ΔW, over "
+    "all analysed "
+    "layers. Where a full fine-tuning curve reaches a small error tells which LoRA rank could "
+    "express that update.",
+}
+
+
+def _rel(path: Path, root: Path) -> str:
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def _analysis_files(df: pd.DataFrame) -> dict[str, dict]:
+    import json
+
+    out = {}
+    for rp in df.get("record_path", pd.Series(dtype=str)).dropna():
+        path = Path(rp).parent / ANALYSIS_FILE
+        if path.is_file():
+            try:
+                out[str(Path(rp).parent)] = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                pass
+    return out
+
+
+def _config_label(row: pd.Series) -> str:
+    label = tables.METHOD_LABEL.get(row["method"], row["method"])
+    if pd.notna(row.get("rank")):
+        label += f" r={int(row['rank'])}"
+    return f"{tables.TASK_LABEL.get(row['task'], row['task'])} · {label} · s{row['seed']}"
+
+
+def _run_labels(part: pd.DataFrame) -> pd.Series:
+    """Readable labels, made unique with the config hash where two runs would share one."""
+    labels = part.apply(_config_label, axis=1)
+    dup = labels.duplicated(keep=False)
+    labels[dup] = labels[dup] + " #" + part.loc[dup, "config_hash"].astype(str).str[:6]
+    return labels
+
+
+def intruder_section(part: pd.DataFrame, analyses: dict[str, dict]) -> tuple[str, pd.DataFrame]:
+    """Markdown for intruders and the spectrum of one group, and the rank-lab curves."""
+    rows, curves, times, top_layers = [], [], [], []
+    part = part.assign(run_label=_run_labels(part))
+    for _, r in part.sort_values(["task", "method", "rank_key", "seed"]).iterrows():
+        res = analyses.get(str(Path(r["record_path"]).parent))
+        label = r["run_label"]
+        if res is None:
+            rows.append([label, "not analysed (no saved weights)"] + [""] * 6)
+            continue
+        if res.get("status") != "ok":
+            rows.append([label, f"{res.get('status')}: {res.get('reason') or res.get('error')}"] + [""] * 6)
+            continue
+        intr, sp = res["intruders"], res["spectrum"]
+        grid = intr["total_by_epsilon"]
+        rows.append(
+            [
+                label,
+                f"{intr['total']}",
+                f"{intr['layers_with_intruders']}/{intr['layers']}",
+                " / ".join(str(grid[e]) for e in ("0.3", "0.5", "0.7") if e in grid),
+                f"{sp['mean_relative_update']:.1e}" if sp["mean_relative_update"] is not None else "0",
+                f"{sp['mean_effective_rank'] or 0:.1f}",
+                f"{sp['mean_numerical_rank'] or 0:.1f}",
+                f"{sp['mean_energy90_rank'] or 0:.1f}",
+            ]
+        )
+        if res.get("timing_s"):
+            times.append(res["timing_s"])
+        if intr["total"] and intr.get("per_layer"):
+            layer, n = max(intr["per_layer"].items(), key=lambda kv: kv[1])
+            top_layers.append(f"{label}: most in `{layer}` ({n})")
+        lab = sp.get("rank_lab") or {"ranks": [], "model_relative_error": []}
+        curves += [
+            {"label": label, "method": r["method"], "rank": k, "relative_error": e}
+            for k, e in zip(lab["ranks"], lab["model_relative_error"])
+        ]
+    if not rows:
+        return "No runs.\n", pd.DataFrame()
+    header = [
+        "Run",
+        "Intruders (ε=0.5)",
+        "Layers with intruders",
+        "Intruders at ε=0.3 / 0.5 / 0.7",
+        "Mean ‖ΔW‖/‖W0‖",
+        "Mean effective rank of ΔW",
+        "Mean numerical rank",
+        "Mean rank for 90% energy",
+    ]
+    text = tables.Table("", header, rows).markdown() + "\n\n"
+    text += (
+        "Intruders: top-10 left singular vectors of each fine-tuned weight whose largest |cos| with "
+        "all of the "
+        "pre-trained weight's left singular vectors is below ε (Shuttleworth et al. 2024), over every linear "
+        "layer except embeddings, pooler and task head. Effective rank: Roy & Vetterli entropy rank of ΔW's "
+        "singular values; numerical rank: σ > 1e-3 σ_max; averages over the layers the run changed.\n"
+    )
+    if top_layers:
+        text += "\n" + "\n".join(f"- {line}" for line in top_layers[:12]) + "\n"
+    if times:
+        t = pd.DataFrame(times)
+        text += (
+            "\nTime per run (when computed, not from cache): rebuild weights "
+            f"{t['rebuild_weights'].median():.1f} s, "
+            f"intruder SVDs {t['intruders'].median():.2f} s, spectrum {t['spectrum'].median():.2f} s "
+            "(medians).\n"
+        )
+    return text, pd.DataFrame(curves)
+
+
+def build_report(
+    results: str | Path, out: str | Path | None = None, force: bool = False, analyse: bool = True
+) -> Path:
+    """Write the report folder and return the path of its index.md."""
+    start = time.perf_counter()
+    results = Path(results)
+    out = Path(out) if out else results.parent / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    if analyse:
+        analyse_all(results, force=force)
+    records, problems = load_records(results)
+    df = to_frame(records)
+    if df.empty:
+        raise SystemExit(f"no run records under {results}")
+    df.to_csv(out / "runs.csv", index=False)
+    ok = tables.ok_frame(df)
+    failed = df[df["status"] != "ok"]
+    analyses = _analysis_files(ok)
+
+    lines = [
+        f"# peft-bench report: `{results}`",
+        "",
+        f"Generated {dt.datetime.now().isoformat(timespec='seconds')} by `python -m analysis.report`. "
+        f"{len(df)} run records: {len(ok)} ok, {len(failed)} not ok"
+        + (f", {len(problems)} unreadable" if problems else "")
+        + ". All runs in one table: `runs.csv`.",
+        "",
+    ]
+    groups = list(ok.groupby(["model", "budget_sig"], dropna=False)) if not ok.empty else []
+    if not groups:
+        lines += ["No ok runs: nothing to compare.", ""]
+    main_tables = {t.title: t for t in tables.method_task_tables(df)}
+    rank_tables = tables.rank_tables(df)
+    for gi, ((model, _sig), part) in enumerate(groups):
+        budget_desc = str(part["budget_desc"].iloc[0])
+        suffix = "" if len(groups) == 1 else f"_{gi + 1}"
+        lines += [
+            f"## {'Group ' + str(gi + 1) + ': ' if len(groups) > 1 else ''}{model}, budget {budget_desc}",
+            "",
+            (
+                f"{len(part)} ok runs; tasks: {', '.join(sorted(part['task'].unique()))}; methods: "
+                f"{', '.join(sorted(part['method'].unique()))}; seeds: "
+                f"{', '.join(str(s) for s in sorted(part['seed'].unique()))}; device: "
+                f"{part['provenance.device'].iloc[0] if 'provenance.device' in part else '?'}."
+            ),
+            "",
+        ]
+        if part.get("model_note") is not None and part["model_note"].notna().any():
+            lines += [
+                (
+                    "> **Random-init test model: every metric in this group is meaningless** "
+                    "(the group shows that the pipeline works, not how methods compare)."
+                ),
+                "",
+            ]
+        title = f"{model} · budget {budget_desc}"
+        main = main_tables.get(title)
+        lines += ["### Method × task (LoRA paper Table 2 style)", ""]
+        if main is not None:
+            main.write(out / "tables", f"main{suffix}")
+            lines += [main.markdown(), "", f"Files: `tables/main{suffix}.md`, `.csv`, `.tex`.", ""]
+        rank_t = next((t for t in rank_tables if t.title == f"Rank table: {title}"), None)
+        if rank_t is not None:
+            rank_t.write(out / "tables", f"rank{suffix}")
+            lines += [
+                "### Rank table: metric, intruders, forgetting and memory",
+                "",
+                rank_t.markdown(),
+                "",
+                f"Files: `tables/rank{suffix}.md`, `.csv`, `.tex`.",
+                "",
+            ]
+
+        lines += ["### Plots", ""]
+        made = plots.make_all(part, out / "plots", suffix)
+        intr_text, curves = intruder_section(part, analyses)
+        made["rank_lab"] = plots.rank_lab(curves, out / "plots", "rank_lab" + suffix)
+        for name, res in made.items():
+            if isinstance(res, Path):
+                lines += [
+                    f"**{name.replace('_', ' ')}**: {PLOT_CAPTIONS[name]}",
+                    "",
+                    f"![{name}]({_rel(res, out)})",
+                    "",
+                ]
+        skipped = [
+            f"- {name.replace('_', ' ')}: skipped ({res})"
+            for name, res in made.items()
+            if not isinstance(res, Path)
+        ]
+        if skipped:
+            lines += ["Plots not drawn:", ""] + skipped + [""]
+        lines += ["", "### Intruder dimensions and ΔW spectrum", "", intr_text]
+        if not curves.empty:
+            picks = [r for r in (1, 4, 16, 64) if r <= curves["rank"].max()]
+            lab = curves[curves["rank"].isin(picks)].pivot_table(
+                index="label", columns="rank", values="relative_error"
+            )
+            lab_rows = [[idx] + [f"{v:.3f}" for v in row] for idx, row in lab.iterrows()]
+            lines += [
+                "Rank lab (relative Frobenius error of the best rank-r approximation of ΔW, all layers):",
+                "",
+                tables.Table("", ["Run"] + [f"r={r}" for r in lab.columns], lab_rows).markdown(),
+                "",
+            ]
+
+        lines += [
+            "### Claims checked",
+            "",
+            (
+                "Each claim is checked on this group's ok runs with the rule stated under it; the "
+                "figures are "
+                "what the runs measured, whichever way they point. A short CPU budget fine-tunes far "
+                "less than "
+                "the papers did, so read the verdicts as facts about these runs."
+            ),
+            "",
+        ]
+        for c in claims.check_all(part):
+            lines += [c.markdown()]
+
+    lines += ["## Runs that did not finish", ""]
+    if failed.empty:
+        lines += ["None.", ""]
+    else:
+        rows = [
+            [r["run_id"], r["status"], str(r.get("error") or "")[:160].replace("|", "/")]
+            for _, r in failed.iterrows()
+        ]
+        lines += [tables.Table("", ["Run", "Status", "Error"], rows).markdown(), ""]
+    if problems:
+        lines += ["Unreadable records:", ""] + [f"- {p}" for p in problems] + [""]
+    not_analysed = [a for a in analyses.values() if a.get("status") == "error"]
+    if not_analysed:
+        lines += ["Runs whose weights could not be analysed:", ""]
+        lines += [f"- {a['run_id']}: {a['error']}" for a in not_analysed] + [""]
+
+    lines += [
+        "## How to read this",
+        "",
+        (
+            "- Metrics are dev-set GLUE metrics x 100 (accuracy; Matthews correlation for CoLA; Pearson for "
+            "STS-B). Runs differ only in what the method and its own defaults change (same loop, data order, "
+            "training subset, precision)."
+        ),
+        "- Trainable parameters exclude the task head (which trains for every method), as papers report.",
+        (
+            "- Memory on CPU is the process's peak resident set (model, optimiser, activations, "
+            "data, Python), "
+            "not comparable with CUDA allocator figures."
+        ),
+        (
+            "- Latency: p50 over timed iterations after warm-up, for one synthetic batch; CPU figures on a "
+            "shared machine are noisy."
+        ),
+        (
+            "- QNLI (train) and MNLI: offline data are samples of GLUE, not comparable to published numbers; "
+            "their columns are marked †."
+        ),
+        (
+            "- Forgetting: the probe's score on the base model minus on the fine-tuned model (x 100), "
+            "positive = ability lost; `sts` = zero-shot STS-B Spearman of mean-pooled embeddings."
+        ),
+        "",
+        f"Report written in {time.perf_counter() - start:.1f} s.",
+    ]
+    index = out / "index.md"
+    index.write_text("\n".join(lines) + "\n")
+    return index
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", help="results folder (run folders with record.json)")
+    ap.add_argument("--out", help="report folder (default: <results>/../report)")
+    ap.add_argument("--force", action="store_true", help="recompute the cached per-run weight analysis")
+    ap.add_argument("--no-weights", action="store_true", help="skip the intruder/spectrum analysis")
+    args = ap.parse_args(argv)
+    index = build_report(args.results, args.out, args.force, analyse=not args.no_weights)
+    print(f"report: {index}")
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()

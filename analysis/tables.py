@@ -1,0 +1,452 @@
+"""Comparison tables from run records, as Markdown, CSV and LaTeX.
+
+    python -m analysis.tables results/runs [--out results/report]
+
+1. Method x task, in the style of the LoRA paper's Table 2 (Hu et al. 2021): one row per method (and rank,
+   and learning rate where a sweep varied it), the trainable parameters excluding the task head, one column
+   per task with its GLUE main metric x 100 (accuracy; Matthews correlation for CoLA; Pearson for STS-B),
+   and the average over the table's tasks; mean ± std (sample std) over seeds; the best mean per column in
+   bold. One table per model and training budget (runs with different budgets are never averaged).
+2. Rank table: per task, method and rank: the metric, intruder dimensions (ε = 0.5, from
+   `python -m analysis.analyse`), forgetting (the run's probe), peak training memory and parameters.
+
+Only `ok` runs count. Tasks whose offline data are samples (QNLI train, MNLI) are marked: not comparable to
+published numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.collect import add_derived, collect
+
+METHOD_ORDER = [
+    "full",
+    "bitfit",
+    "lora",
+    "rslora",
+    "dora",
+    "adalora",
+    "qlora",
+    "ia3",
+    "houlsby",
+    "pfeiffer",
+    "prompt_tuning",
+    "prefix_tuning",
+]
+METHOD_LABEL = {
+    "full": "Full FT",
+    "bitfit": "BitFit",
+    "lora": "LoRA",
+    "rslora": "rsLoRA",
+    "dora": "DoRA",
+    "adalora": "AdaLoRA",
+    "qlora": "QLoRA",
+    "ia3": "IA3",
+    "houlsby": "Houlsby adapter",
+    "pfeiffer": "Pfeiffer adapter",
+    "prompt_tuning": "Prompt tuning",
+    "prefix_tuning": "Prefix tuning",
+}
+TASK_ORDER = ["mnli", "sst2", "mrpc", "cola", "qnli", "qqp", "rte", "stsb"]  # the LoRA paper's column order
+TASK_LABEL = {
+    "mnli": "MNLI",
+    "sst2": "SST-2",
+    "mrpc": "MRPC",
+    "cola": "CoLA",
+    "qnli": "QNLI",
+    "qqp": "QQP",
+    "rte": "RTE",
+    "stsb": "STS-B",
+}
+METRIC_ABBR = {
+    "accuracy": "Acc",
+    "matthews_correlation": "Mcc",
+    "pearson": "Pearson",
+    "spearmanr": "Spearman",
+    "f1": "F1",
+}
+SAMPLE_NOTE = "offline data are samples of GLUE; not comparable to published numbers"
+DASH = "–"
+
+
+@dataclass
+class Table:
+    """A formatted table: header, rows of cells, which cells to mark best, footnotes, and the numbers."""
+
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    best: set[tuple[int, int]] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)
+    numbers: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    def markdown(self) -> str:
+        def cell(i: int, j: int, text: str) -> str:
+            return f"**{text}**" if (i, j) in self.best else text
+
+        lines = ["| " + " | ".join(self.header) + " |", "|" + "|".join("---" for _ in self.header) + "|"]
+        lines += [
+            "| " + " | ".join(cell(i, j, c) for j, c in enumerate(row)) + " |"
+            for i, row in enumerate(self.rows)
+        ]
+        return "\n".join(lines + ([""] + [f"{n}  " for n in self.notes] if self.notes else []))
+
+    def latex(self) -> str:
+        def esc(text: str) -> str:
+            for a, b in (
+                ("\\", r"\textbackslash{}"),
+                ("&", r"\&"),
+                ("%", r"\%"),
+                ("_", r"\_"),
+                ("#", r"\#"),
+                ("±", r"$\pm$"),
+                ("ε", r"$\varepsilon$"),
+                ("–", "--"),
+                ("−", "$-$"),
+                ("·", "--"),
+                ("|cos|", r"$|\cos|$"),
+                ("†", r"$^\dagger$"),
+            ):
+                text = text.replace(a, b)
+            return text
+
+        def cell(i: int, j: int, text: str) -> str:
+            return rf"\textbf{{{esc(text)}}}" if (i, j) in self.best else esc(text)
+
+        lines = [
+            r"\begin{table}[t]",
+            r"\centering",
+            r"\small",
+            r"\begin{tabular}{l" + "r" * (len(self.header) - 1) + "}",
+            r"\toprule",
+            " & ".join(esc(h) for h in self.header) + r" \\",
+            r"\midrule",
+        ]
+        lines += [
+            " & ".join(cell(i, j, c) for j, c in enumerate(row)) + r" \\" for i, row in enumerate(self.rows)
+        ]
+        lines += [
+            r"\bottomrule",
+            r"\end{tabular}",
+            rf"\caption{{{esc(self.title)}. " + esc(" ".join(self.notes)) + "}",
+            r"\end{table}",
+        ]
+        return "\n".join(lines)
+
+    def write(self, out_dir: Path, stem: str) -> list[Path]:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = [out_dir / f"{stem}.md", out_dir / f"{stem}.csv", out_dir / f"{stem}.tex"]
+        paths[0].write_text(f"### {self.title}\n\n{self.markdown()}\n")
+        self.numbers.to_csv(paths[1], index=False)
+        paths[2].write_text(self.latex() + "\n")
+        return paths
+
+
+def fmt_params(n: float) -> str:
+    if n is None or not np.isfinite(n):
+        return DASH
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.{1 if n / div >= 10 else 2}f}{unit}"
+    return f"{int(n)}"
+
+
+def fmt_mean_std(values: pd.Series, digits: int = 1) -> str:
+    v = values.dropna().astype(float)
+    if v.empty:
+        return DASH
+    if len(v) == 1:
+        return f"{v.iloc[0]:.{digits}f}"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+
+
+# What the `rank` knob means per method (DESIGN.md's method table), for labels.
+RANK_FORMAT = {"adalora": "target r={}", "houlsby": "width {}", "pfeiffer": "width {}",
+               "prompt_tuning": "{} tokens", "prefix_tuning": "{} tokens"}
+
+
+def method_label(method: str, rank: float, lr: float | None = None) -> str:
+    label = METHOD_LABEL.get(method, method)
+    if rank is not None and np.isfinite(rank):
+        label += " (" + RANK_FORMAT.get(method, "r={}").format(int(rank)) + ")"
+    if lr is not None:
+        label += f", lr={lr:g}"
+    return label
+
+
+def _method_sort_key(method: str) -> int:
+    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+
+
+def ok_frame(df: pd.DataFrame) -> pd.DataFrame:
+    if df.empty or "status" not in df.columns:
+        return df.iloc[0:0]
+    df = add_derived(df[df["status"] == "ok"])
+    df["rank_key"] = df["rank"].astype(float).fillna(-1)
+    df["lr"] = df["lr"].astype(float) if "lr" in df.columns else np.nan
+    return df
+
+
+@functools.cache
+def chance_level(task: str, eval_samples: int | None = None) -> float | None:
+    """What a model that learned nothing scores on the task's dev set (x 100): the majority class's share for
+    accuracy, 0 for Matthews correlation and Pearson. None when the dev data cannot be read."""
+    from bench import BenchError
+    from bench.data import subset
+    from bench.tasks import get_task, load_task
+
+    try:
+        t = get_task(task)
+        if t.main_metric != "accuracy":
+            return 0.0
+        _, dev, _ = load_task(t)
+    except BenchError:
+        return None
+    labels = subset(dev, eval_samples)["label"]
+    return float(labels.value_counts(normalize=True).max() * 100)
+
+
+def chance_levels(df: pd.DataFrame) -> dict[str, float]:
+    """{task: chance level} for the tasks of a group of runs (dev caps taken from the records)."""
+    out = {}
+    for task, part in df.groupby("task"):
+        cap = part["data.dev_rows"].max() if "data.dev_rows" in part else None
+        level = chance_level(task, int(cap) if cap is not None and pd.notna(cap) else None)
+        if level is not None:
+            out[task] = level
+    return out
+
+
+def sampled_tasks(df: pd.DataFrame) -> set[str]:
+    """Tasks whose rows came from an offline sample (their record carries a data note)."""
+    if "data.note" not in df.columns:
+        return set()
+    notes = df[["task", "data.note"]].dropna()
+    return set(notes.loc[notes["data.note"].astype(str).str.len() > 0, "task"])
+
+
+def _groups(df: pd.DataFrame):
+    """(model, budget) groups, each a separate table."""
+    for (model, _sig), part in df.groupby(["model", "budget_sig"], sort=True, dropna=False):
+        yield model, str(part["budget_desc"].iloc[0]), part
+
+
+def method_task_tables(df: pd.DataFrame) -> list[Table]:
+    df = ok_frame(df)
+    tables = []
+    for model, budget_desc, part in _groups(df):
+        tasks = sorted(part["task"].unique(), key=lambda t: TASK_ORDER.index(t) if t in TASK_ORDER else 99)
+        metric_of = part.groupby("task")["main_metric"].first().to_dict()
+        sampled = sampled_tasks(part)
+        varied_lr = part.groupby(["method", "rank_key"])["lr"].nunique().max() > 1
+        keys = ["method", "rank_key"] + (["lr"] if varied_lr else [])
+        row_groups = sorted(
+            part.groupby(keys, dropna=False), key=lambda kv: (_method_sort_key(kv[0][0]), kv[0][1:])
+        )
+        header = ["Method", "# Trainable params (excl. head)"]
+        header += [
+            f"{TASK_LABEL.get(t, t)} ({METRIC_ABBR.get(metric_of[t], metric_of[t])})"
+            + ("†" if t in sampled else "")
+            for t in tasks
+        ] + ["Avg."]
+        rows, numbers, means = [], [], []
+        for key, g in row_groups:
+            method, rank = key[0], key[1]
+            lr = key[2] if varied_lr else None
+            params = g["trainable_params_excl_head"].astype(float)
+            row = [
+                method_label(method, rank if rank >= 0 else np.nan, lr),
+                fmt_params(params.median()) + ("*" if params.nunique() > 1 else ""),
+            ]
+            num = {
+                "model": model,
+                "budget": budget_desc,
+                "method": method,
+                "rank": rank if rank >= 0 else None,
+                "lr": lr,
+                "trainable_params_excl_head": params.median(),
+            }
+            task_means = []
+            for t in tasks:
+                vals = g.loc[g["task"] == t, "metric_pct"]
+                row.append(fmt_mean_std(vals))
+                m = vals.mean() if vals.notna().any() else np.nan
+                task_means.append(m)
+                num.update(
+                    {
+                        f"{t}_mean": m,
+                        f"{t}_std": vals.std(ddof=1) if len(vals) > 1 else np.nan,
+                        f"{t}_n": int(vals.notna().sum()),
+                    }
+                )
+            avg = float(np.mean(task_means)) if task_means and np.all(np.isfinite(task_means)) else np.nan
+            row.append(f"{avg:.1f}" if np.isfinite(avg) else DASH)
+            num["avg"] = avg
+            rows.append(row)
+            numbers.append(num)
+            means.append(task_means + [avg])
+        best = set()
+        arr = np.array(means, dtype=float) if means else np.zeros((0, 0))
+        for j in range(arr.shape[1] if arr.size else 0):
+            col = arr[:, j]
+            if np.isfinite(col).sum() >= 2:
+                top = np.nanmax(col)
+                best |= {(i, j + 2) for i in np.where(np.isclose(col, top))[0]}
+        n_seeds = part.groupby(keys + ["task"], dropna=False).size()
+        notes = [
+            (
+                f"Dev-set {', '.join(sorted({METRIC_ABBR.get(m, m) for m in metric_of.values()}))} x 100; "
+                f"mean ± std over seeds where a cell has more than one run (runs per cell: "
+                f"{n_seeds.min()}–{n_seeds.max()}); best mean per column in bold; Avg. over the columns "
+                f"when a row has them all."
+            )
+        ]
+        chance = chance_levels(part)
+        if chance:
+            notes.append("Chance level (majority class; 0 for correlations): "
+                         + ", ".join(f"{TASK_LABEL.get(t, t)} {v:.1f}" for t, v in chance.items()) + ".")
+        if any("*" in r[1] for r in rows):
+            notes.append("* trainable parameters differ between tasks; the median is shown.")
+        if sampled:
+            notes.append(f"† {', '.join(TASK_LABEL.get(t, t) for t in sorted(sampled))}: {SAMPLE_NOTE}.")
+        if part.get("model_note") is not None and part["model_note"].notna().any():
+            notes.append("Random-init test model: the metrics are meaningless.")
+        tables.append(
+            Table(f"{model} · budget {budget_desc}", header, rows, best, notes, pd.DataFrame(numbers))
+        )
+    return tables
+
+
+def rank_tables(df: pd.DataFrame) -> list[Table]:
+    """Per (model, budget): task, method, rank -> metric, intruders, forgetting, memory, params."""
+    df = ok_frame(df)
+    tables = []
+    for model, budget_desc, part in _groups(df):
+        sampled = sampled_tasks(part)
+        probes = sorted(part["forgetting.probe"].dropna().unique()) if "forgetting.probe" in part else []
+        kinds = sorted(part["memory_kind"].dropna().unique())
+        header = [
+            "Task",
+            "Method",
+            "Rank",
+            "Metric",
+            "Intruders (ε=0.5)",
+            "Forgetting",
+            "Peak train memory (MiB)",
+            "Trainable params (excl. head)",
+            "Runs",
+        ]
+        rows, numbers = [], []
+        groups = part.groupby(["task", "method", "rank_key"], dropna=False)
+        for (task, method, rank), g in sorted(
+            groups,
+            key=lambda kv: (
+                TASK_ORDER.index(kv[0][0]) if kv[0][0] in TASK_ORDER else 99,
+                _method_sort_key(kv[0][1]),
+                kv[0][2],
+            ),
+        ):
+            metric = METRIC_ABBR.get(g["main_metric"].iloc[0], g["main_metric"].iloc[0])
+            intr = g["intruders"]
+            status = g.get("analysis.status")
+            if intr.notna().any():
+                intr_text = fmt_mean_std(intr, 1) if intr.nunique() > 1 else f"{int(intr.dropna().iloc[0])}"
+            elif status is not None and (status == "n/a").any():
+                intr_text = "n/a"
+            else:
+                intr_text = DASH
+            mem = g["peak_train_memory_bytes"] / 2**20
+            rows.append(
+                [
+                    TASK_LABEL.get(task, task) + ("†" if task in sampled else ""),
+                    METHOD_LABEL.get(method, method),
+                    str(int(rank)) if rank >= 0 else DASH,
+                    f"{fmt_mean_std(g['metric_pct'])} ({metric})",
+                    intr_text,
+                    fmt_mean_std(g["forgetting_value"] * 100, 1),
+                    fmt_mean_std(mem, 0),
+                    fmt_params(g["trainable_params_excl_head"].astype(float).median()),
+                    str(len(g)),
+                ]
+            )
+            numbers.append(
+                {
+                    "model": model,
+                    "budget": budget_desc,
+                    "task": task,
+                    "method": method,
+                    "rank": rank if rank >= 0 else None,
+                    "metric": g["main_metric"].iloc[0],
+                    "metric_pct_mean": g["metric_pct"].mean(),
+                    "intruders_mean": intr.mean(),
+                    "forgetting_x100_mean": (g["forgetting_value"] * 100).mean(),
+                    "peak_train_memory_mib_mean": mem.mean(),
+                    "trainable_params_excl_head": g["trainable_params_excl_head"].median(),
+                    "runs": len(g),
+                }
+            )
+        notes = [
+            (
+                "Metric x 100 (mean ± std over seeds where more than one run). Intruders: top-10 "
+                "left singular "
+                "vectors of each fine-tuned weight whose largest |cos| with the pre-trained ones is "
+                "below 0.5, "
+                "summed over the layers; n/a where the method leaves the weights unchanged; – where "
+                "not analysed."
+            )
+        ]
+        notes.append(
+            "Forgetting x 100: probe score before − after fine-tuning "
+            + (f"(probe: {', '.join(probes)})" if probes else "(no run had a forgetting probe)")
+            + "; positive = ability lost."
+        )
+        if kinds:
+            notes.append(
+                f"Memory: {', '.join(kinds)} during training"
+                + (
+                    " (whole process: model, data, Python; not comparable to GPU figures)."
+                    if any("CPU" in k for k in kinds)
+                    else "."
+                )
+            )
+        if sampled:
+            notes.append(f"† {SAMPLE_NOTE}.")
+        tables.append(
+            Table(
+                f"Rank table: {model} · budget {budget_desc}",
+                header,
+                rows,
+                set(),
+                notes,
+                pd.DataFrame(numbers),
+            )
+        )
+    return tables
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", nargs="?", default="results/runs")
+    ap.add_argument("--out", help="folder for .md/.csv/.tex files (default: print Markdown only)")
+    args = ap.parse_args(argv)
+    df = collect(args.results)
+    tables = method_task_tables(df) + rank_tables(df)
+    if not tables:
+        raise SystemExit(f"no ok runs under {args.results}")
+    for i, table in enumerate(tables):
+        print(f"### {table.title}\n\n{table.markdown()}\n")
+        if args.out:
+            stem = ("main" if not table.title.startswith("Rank") else "rank") + f"_{i}"
+            for path in table.write(Path(args.out), stem):
+                print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

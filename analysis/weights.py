@@ -1,0 +1,182 @@
+"""Rebuild a run's fine-tuned linear weights next to the pre-trained ones, from its folder alone.
+
+    python -m analysis.weights <run dir>      # lists the (layer, shape, ||ΔW||_F / ||W0||_F) it finds
+
+A run folder holds `record.json` and `weights/`. The pre-trained model is rebuilt from the record's model
+config (`bench.models.load_model`); the fine-tuned one is that model plus the method's saved weights through
+the method registry (`get_method(name).load(...)`), merged into the base weights where the method merges
+(`full` is already the model). Random-init test models are rebuilt by seeding with the run's seed before
+building the model, as the runner does.
+
+Yields `(layer name, W0, W_tuned)` for every `nn.Linear` except embeddings, the task head (`model.head`)
+and the pooler (BERT's pooler only feeds the classification head). Weights follow PyTorch's `nn.Linear`
+layout: `out_features x in_features`.
+
+Methods that leave every pre-trained weight matrix as it is (bottleneck adapters and prompt/prefix tuning
+add modules or inputs; they do not merge) are reported as not applicable, with the reason, without loading
+anything. BitFit changes only biases: its pairs are returned and give ΔW = 0 (0 intruders).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from bench import BenchError
+
+RECORD = "record.json"
+
+# Methods by registry name that never change a pre-trained weight matrix W (see DESIGN.md's method table).
+W_UNCHANGED: dict[str, str] = {
+    "houlsby": "bottleneck adapters add new modules; the pre-trained W are unchanged",
+    "pfeiffer": "bottleneck adapters add new modules; the pre-trained W are unchanged",
+    "prompt_tuning": "prompt tuning learns input tokens; the pre-trained W are unchanged",
+    "prefix_tuning": "prefix tuning learns key/value prefixes; the pre-trained W are unchanged",
+}
+# Methods whose rebuilt model is already a plain model with the tuned weights in place (nothing to merge).
+PLAIN_AFTER_LOAD = ("full", "bitfit")
+EXCLUDED_PARTS = ("embeddings", "embed_tokens", "pooler", "lm_head")
+
+
+@dataclass
+class WeightPairs:
+    """The linear weights of one run: `pairs` of (name, W0, W_tuned), or `applicable=False` with a reason."""
+
+    run_id: str
+    method: str
+    applicable: bool
+    reason: str = ""
+    pairs: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    load_s: float = 0.0
+
+
+def read_run(run_dir: str | Path) -> tuple[dict, DictConfig]:
+    """(record, resolved config) of a finished run; BenchError when it is not an ok run with saved weights."""
+    run_dir = Path(run_dir)
+    path = run_dir / RECORD if run_dir.is_dir() else run_dir
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BenchError(f"{path}: no readable run record ({type(exc).__name__}); pass a run folder") from exc
+    if record.get("status") != "ok":
+        raise BenchError(f"{record.get('run_id', path)}: status is {record.get('status')!r}, not ok")
+    if "config" not in record:
+        raise BenchError(f"{path}: the record has no resolved config; it was written by an older version")
+    return record, OmegaConf.create(record["config"])
+
+
+def task_num_labels(record: dict) -> int:
+    from bench.tasks import get_task
+
+    return get_task(record["task"]).num_labels
+
+
+def base_model(record: dict, cfg: DictConfig) -> nn.Module:
+    """The pre-trained model the run started from (same seed, so random-init test models match too)."""
+    from bench.models import load_model
+    from bench.runner import seed_everything
+
+    seed_everything(int(record["seed"]))
+    model, _ = load_model(cfg.model, task_num_labels(record))
+    return model.eval()
+
+
+def attach_context(record: dict, cfg: DictConfig):
+    from methods import AttachContext
+
+    steps = int((record.get("train") or {}).get("steps") or cfg.budget.get("max_steps") or 1)
+    return AttachContext(
+        rank=record.get("rank"), model_cfg=cfg.model, num_labels=task_num_labels(record), total_steps=steps
+    )
+
+
+def tuned_model(run_dir: str | Path, base: nn.Module | None = None, merge: bool = True) -> nn.Module:
+    """The fine-tuned model rebuilt from the run folder; merged into plain weights when `merge` and the
+    method merges. `base` (not modified) saves rebuilding the pre-trained model."""
+    from methods import get_method
+
+    run_dir = Path(run_dir)
+    record, cfg = read_run(run_dir)
+    weights_dir = run_dir / str(record.get("weights_dir") or "weights")
+    if not weights_dir.is_dir():
+        raise BenchError(
+            f"{record['run_id']}: no saved weights in {weights_dir} (run with save_weights=adapter)"
+        )
+    method = get_method(record["method"])
+    start = copy.deepcopy(base) if base is not None else base_model(record, cfg)
+    model = method.load(start, cfg.method, attach_context(record, cfg), weights_dir)
+    if merge and method.merges and method.name not in PLAIN_AFTER_LOAD:
+        model = method.merged(model)
+    return model.eval()
+
+
+def is_analysed_linear(name: str, module: nn.Module, head: str) -> bool:
+    if not isinstance(module, nn.Linear):
+        return False
+    parts = name.split(".")
+    return head not in parts and not any(part in EXCLUDED_PARTS for part in parts)
+
+
+def linear_weights(model: nn.Module, head: str) -> dict[str, torch.Tensor]:
+    return {
+        name: mod.weight.detach().float().cpu()
+        for name, mod in model.named_modules()
+        if is_analysed_linear(name, mod, head)
+    }
+
+
+def weight_pairs(run_dir: str | Path) -> WeightPairs:
+    """(layer, W0, W_tuned) for every analysed linear layer of a run, or not applicable with the reason."""
+    import time
+
+    from methods import get_method
+
+    record, cfg = read_run(run_dir)
+    name = record["method"]
+    if name in W_UNCHANGED:
+        return WeightPairs(record["run_id"], name, False, W_UNCHANGED[name])
+    start = time.perf_counter()
+    method = get_method(name)
+    if not method.merges and name not in PLAIN_AFTER_LOAD:
+        return WeightPairs(
+            record["run_id"], name, False, f"method '{name}' does not merge into the pre-trained weights"
+        )
+    head = str(cfg.model.get("head") or "classifier")
+    base = base_model(record, cfg)
+    w0 = linear_weights(base, head)
+    tuned = linear_weights(tuned_model(run_dir, base=base), head)
+    if set(w0) != set(tuned):
+        raise BenchError(
+            f"{record['run_id']}: the rebuilt model's linear layers differ from the base model's "
+            f"(only in one: {sorted(set(w0) ^ set(tuned))[:3]})"
+        )
+    pairs = [(layer, w0[layer], tuned[layer]) for layer in w0]
+    return WeightPairs(record["run_id"], name, True, pairs=pairs, load_s=time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir")
+    args = ap.parse_args(argv)
+    try:
+        wp = weight_pairs(args.run_dir)
+    except BenchError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if not wp.applicable:
+        print(f"{wp.run_id}: n/a ({wp.reason})")
+        return
+    print(f"{wp.run_id} ({wp.method}): {len(wp.pairs)} linear layers, rebuilt in {wp.load_s:.1f} s")
+    for layer, w0, wt in wp.pairs:
+        rel = float((wt - w0).norm() / w0.norm())
+        print(f"  {layer:55s} {tuple(w0.shape)!s:14s} ||dW||/||W0|| = {rel:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""Analysis on real records: a few smoke runs (tiny random-init BERT, budget=smoke) through the real Hydra
+config, then weight rebuild, intruders/spectrum cache, forgetting, tables, plots, claims and the report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from analysis import claims
+from analysis.analyse import ANALYSIS_FILE, analyse_run
+from analysis.collect import collect
+from analysis.tables import method_task_tables, ok_frame, rank_tables
+from analysis.weights import read_run, tuned_model, weight_pairs
+from bench import BenchError
+from bench.runner import run
+from tests.conftest import GLUE_DIR, compose_cfg
+
+pytestmark = pytest.mark.skipif(not GLUE_DIR, reason="GLUE_DIR not set and ../shared/data/glue missing")
+
+STS = ["forgetting=sts", "forgetting.max_pairs=48", "forgetting.max_seq_len=32"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """Full FT and LoRA at ranks 2 and 8 with the STS forgetting probe, plus one failed run."""
+    results = tmp_path_factory.mktemp("analysis") / "runs"
+    for overrides in (["method=full"], ["method=lora", "rank=2"], ["method=lora", "rank=8"]):
+        rec = run(compose_cfg(*overrides, *STS, results_dir=results))
+        assert rec["status"] == "ok", rec.get("error")
+    failed = run(compose_cfg("method=lora", "rank=4", "forgetting=sequential", results_dir=results))
+    assert failed["status"] == "error" and "analysis.forgetting sequential" in failed["error"]
+    return results
+
+
+def _run_dir(results: Path, method: str, rank: int | None = None) -> Path:
+    pattern = f"*-{method}-r{rank}-*" if rank else f"*-{method}-s*"
+    return next(
+        p for p in results.glob(pattern) if json.loads((p / "record.json").read_text())["status"] == "ok"
+    )
+
+
+def _dev_loss(model, record) -> float:
+    from bench.data import make_loader, subset, tokenize
+    from bench.models import load_tokenizer
+    from bench.tasks import get_task, load_task
+    from bench.train import predict
+
+    _, cfg = read_run(Path(record["record_dir"]))
+    _, dev, _ = load_task(get_task(record["task"]))
+    tok = load_tokenizer(cfg.model)
+    loader = make_loader(
+        tokenize(subset(dev, cfg.budget.eval_samples), tok, cfg.budget.max_seq_len),
+        tok,
+        cfg.measure.eval_batch_size,
+        shuffle=False,
+        seed=0,
+    )
+    return predict(model, loader, torch.device("cpu"), "fp32")[2]
+
+
+@pytest.mark.parametrize("method,rank", [("full", None), ("lora", 8)])
+def test_rebuilt_model_reproduces_the_recorded_eval_loss(runs, method, rank):
+    run_dir = _run_dir(runs, method, rank)
+    record, _ = read_run(run_dir)
+    record["record_dir"] = str(run_dir)
+    loss = _dev_loss(tuned_model(run_dir), record)
+    assert loss == pytest.approx(record["metrics"]["eval_loss"], abs=1e-5)
+
+
+def test_weight_pairs_cover_the_encoder_linears_only(runs):
+    wp = weight_pairs(_run_dir(runs, "lora", 2))
+    names = [n for n, _, _ in wp.pairs]
+    assert len(names) == 12 and not any(
+        "classifier" in n or "pooler" in n or "embeddings" in n for n in names
+    )
+    changed = {n for n, w0, wt in wp.pairs if not torch.equal(w0, wt)}
+    assert changed == {n for n in names if n.endswith(("query", "value"))}  # LoRA targets q and v only
+
+
+def test_methods_that_keep_w_are_not_applicable_without_loading(runs, tmp_path):
+    fake = tmp_path / "houlsby-run"
+    shutil.copytree(_run_dir(runs, "lora", 2), fake)
+    rec = json.loads((fake / "record.json").read_text())
+    rec["method"] = "houlsby"
+    (fake / "record.json").write_text(json.dumps(rec))
+    wp = weight_pairs(fake)
+    assert not wp.applicable and "adapters" in wp.reason
+    (fake / ANALYSIS_FILE).unlink(missing_ok=True)
+    assert analyse_run(fake)["status"] == "n/a"
+
+
+def test_analysis_is_cached_per_run(runs):
+    run_dir = _run_dir(runs, "lora", 2)
+    first = analyse_run(run_dir, force=True)
+    assert first["status"] == "ok" and (run_dir / ANALYSIS_FILE).is_file()
+    assert first["spectrum"]["changed_layers"] == 4
+    assert all(v["numerical_rank"] <= 2 for v in first["spectrum"]["per_layer"].values())
+    start = time.perf_counter()
+    again = analyse_run(run_dir, epsilon=1.5)  # from the cache; counts at a new ε from the stored scores
+    assert time.perf_counter() - start < 0.5
+    assert again["intruders"]["total"] == 10 * 12
+
+
+def test_forgetting_of_the_base_model_against_itself_is_zero(runs):
+    from analysis.forgetting import make_probe, probe_config
+    from analysis.weights import base_model
+    from bench.models import load_tokenizer
+
+    record, cfg = read_run(_run_dir(runs, "full"))
+    probe = make_probe(
+        probe_config("sts", max_pairs=48, max_seq_len=32), cfg.model, load_tokenizer(cfg.model)
+    )
+    model = base_model(record, cfg)
+    before = probe.measure(model, torch.device("cpu"))
+    res = probe.result(before, probe.measure(model, torch.device("cpu")))
+    assert res["forgetting"] == 0.0 and -1 <= before <= 1
+    # the run measured the same base model before training
+    assert record["forgetting"]["before"] == pytest.approx(before, abs=1e-6)
+    assert record["forgetting"]["forgetting"] == pytest.approx(before - record["forgetting"]["after"])
+
+
+def test_forgetting_from_saved_weights_matches_the_in_run_measurement(runs):
+    from analysis.forgetting import probe_run
+
+    run_dir = _run_dir(runs, "lora", 8)
+    record, _ = read_run(run_dir)
+    res = probe_run(run_dir, "sts", max_pairs=48, max_seq_len=32)
+    for key in ("before", "after", "forgetting"):
+        assert res[key] == pytest.approx(record["forgetting"][key], abs=1e-6), key
+
+
+def test_mlm_probe_on_a_model_without_mlm_head_is_a_clear_error():
+    from analysis.forgetting import make_probe, probe_config
+    from bench.models import load_tokenizer
+
+    cfg = compose_cfg()
+    with pytest.raises(BenchError, match="no pre-trained masked-LM head"):
+        make_probe(probe_config("mlm"), cfg.model, load_tokenizer(cfg.model))
+
+
+def test_sequential_forgetting_trains_task_b_and_re_evaluates_task_a(runs):
+    from analysis.forgetting import sequential
+
+    res = sequential(_run_dir(runs, "lora", 2), "rte", max_steps=2)
+    assert res["task_a"] == "sst2" and res["task_b"] == "rte" and res["steps_b"] == 2
+    assert 0 <= res["before"] <= 1 and 0 <= res["after"] <= 1
+    assert res["forgetting"] == pytest.approx(res["before"] - res["after"])
+
+
+def test_tables_plots_and_report(runs, tmp_path):
+    from analysis.report import build_report
+
+    df = collect(runs)
+    assert set(df["status"]) == {"ok", "error"}
+    main = method_task_tables(df)
+    assert len(main) == 1
+    labels = [row[0] for row in main[0].rows]
+    assert labels == ["Full FT", "LoRA (r=2)", "LoRA (r=8)"]
+    assert main[0].header[2] == "SST-2 (Acc)" and main[0].best
+    paths = main[0].write(tmp_path / "t", "main")
+    assert all(p.stat().st_size > 0 for p in paths) and "\\toprule" in paths[2].read_text()
+    rank = rank_tables(df)[0]
+    assert [r[2] for r in rank.rows] == ["–", "2", "8"]
+
+    index = build_report(runs, tmp_path / "report")
+    text = index.read_text()
+    for heading in (
+        "Method × task",
+        "Rank table",
+        "Claims checked",
+        "LoRA matches full fine-tuning",
+        "LoRA does not forget",
+        "merged LoRA adds no latency",
+        "intruders grow as rank falls",
+        "Runs that did not finish",
+        "Random-init test model",
+    ):
+        assert heading in text, heading
+    plots = tmp_path / "report" / "plots"
+    for name in (
+        "metric_vs_params",
+        "metric_vs_memory",
+        "metric_vs_rank",
+        "intruders_vs_rank",
+        "forgetting_vs_metric",
+        "latency",
+        "rank_lab",
+    ):
+        assert (plots / f"{name}.png").stat().st_size > 5000 and (plots / f"{name}.svg").is_file(), name
+    assert (tmp_path / "report" / "tables" / "main.tex").is_file()
+    assert (tmp_path / "report" / "runs.csv").is_file()
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    base = {
+        "status": "ok",
+        "model": "m",
+        "budget": "b",
+        "main_metric": "accuracy",
+        "seed": 1,
+        "trainable_params_excl_head": 10,
+        "lr": 1e-3,
+    }
+    return ok_frame(pd.DataFrame([{**base, **r} for r in rows]))
+
+
+def test_claims_say_which_way_the_figures_point():
+    rows = [
+        {
+            "task": "sst2",
+            "method": "full",
+            "rank": None,
+            "main_metric_value": 0.90,
+            "forgetting.forgetting": 0.10,
+            "analysis.intruders.total": 2,
+        }
+    ]
+    for r, acc, intr, forget in ((1, 0.80, 9, 0.02), (4, 0.895, 5, 0.03), (16, 0.90, 1, 0.05)):
+        rows.append(
+            {
+                "task": "sst2",
+                "method": "lora",
+                "rank": r,
+                "main_metric_value": acc,
+                "forgetting.forgetting": forget,
+                "forgetting.probe": "sts",
+                "forgetting.before": 0.8,
+                "analysis.intruders.total": intr,
+                "latency.base.p50_ms": 10.0,
+                "latency.base.p95_ms": 10.5,
+                "latency.merged.p50_ms": 10.2,
+                "latency.unmerged.p50_ms": 12.0,
+            }
+        )
+    verdicts = {c.claim: c.verdict for c in claims.check_all(_frame(rows))}
+    assert verdicts == {
+        "LoRA matches full fine-tuning": "supported",
+        "LoRA does not forget": "not supported",
+        "merged LoRA adds no latency": "supported",
+        "intruders grow as rank falls": "supported",
+    }
+    lonely = claims.check_all(_frame([rows[1]]))
+    assert lonely[0].verdict == "not enough data" and "full" in lonely[0].lines[0]
+    assert lonely[3].verdict == "not enough data"
+    noisy = _frame([{**rows[1], "latency.base.p95_ms": 30.0}])
+    assert claims.merged_lora_no_latency(noisy).verdict == "not enough data"
+    assert np.isfinite(_frame(rows)["metric_pct"]).all()
+
+
+def test_report_cpu_sweep_preset_composes():
+    """The preset's per-method rank grid resolves, and its sweeper params reach Hydra from the +sweep file."""
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        lora = compose(
+            config_name="config",
+            overrides=["+sweep=report_cpu", "method=lora", "rank_i=2"],
+            return_hydra_config=True,
+        )
+        full = compose(config_name="config", overrides=["+sweep=report_cpu", "method=full", "rank_i=3"])
+    assert lora.rank == 16 and full.rank == 8
+    assert lora.forgetting.probe == "sts" and lora.model.name == "minilm"
+    params = lora.hydra.sweeper.params
+    assert set(params["method"].split(",")) >= {
+        "full",
+        "lora",
+        "dora",
+        "adalora",
+        "bitfit",
+        "houlsby",
+        "pfeiffer",
+        "prompt_tuning",
+    }
+    assert params["task"] == "sst2,mrpc" and params["rank_i"] == "0,1,2,3"
