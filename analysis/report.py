@@ -112,6 +112,8 @@ def intruder_section(part: pd.DataFrame, analyses: dict[str, dict]) -> tuple[str
             layer, n = max(intr["per_layer"].items(), key=lambda kv: kv[1])
             top_layers.append(f"{label}: most in `{layer}` ({n})")
         lab = sp.get("rank_lab") or {"ranks": [], "model_relative_error": []}
+        if not sp.get("changed_layers"):  # ΔW = 0 (e.g. BitFit): no update to approximate
+            lab = {"ranks": [], "model_relative_error": []}
         curves += [
             {"label": label, "method": r["method"], "rank": k, "relative_error": e}
             for k, e in zip(lab["ranks"], lab["model_relative_error"])

@@ -280,4 +280,4 @@ def test_report_cpu_sweep_preset_composes():
         "pfeiffer",
         "prompt_tuning",
     }
-    assert params["task"] == "sst2,mrpc" and params["rank_i"] == "0,1,2,3"
+    assert params["task"] == "sst2,cola" and params["rank_i"] == "0,1,2,3"
