@@ -145,6 +145,12 @@ def _annotate_ranks(ax, df: pd.DataFrame, x: str, y: str, methods: tuple[str, ..
             )
 
 
+def _method_scatter(ax, df: pd.DataFrame, part: pd.DataFrame, x: str) -> None:
+    """Dev metric (y) against `x` for the runs in `part`, one colour per method, the same across panels."""
+    sns.scatterplot(data=part, x=x, y="metric_pct", hue="method_label", palette=_palette(_methods(df)),
+                    hue_order=[_label(m) for m in _methods(df)], s=60, ax=ax)
+
+
 def metric_vs_params(df: pd.DataFrame, out_dir: Path, name: str = "metric_vs_params") -> Path | str:
     df = df[df["trainable_params_excl_head"].astype(float) > 0]
     if df.empty:
@@ -154,16 +160,7 @@ def metric_vs_params(df: pd.DataFrame, out_dir: Path, name: str = "metric_vs_par
     fig, axes = _panels(len(tasks))
     for ax, task in zip(axes, tasks):
         part = df[df["task"] == task]
-        sns.scatterplot(
-            data=part,
-            x="trainable_params_excl_head",
-            y="metric_pct",
-            hue="method_label",
-            palette=_palette(_methods(df)),
-            hue_order=[_label(m) for m in _methods(df)],
-            s=60,
-            ax=ax,
-        )
+        _method_scatter(ax, df, part, "trainable_params_excl_head")
         front = pareto_front(
             _config_means(part, "trainable_params_excl_head", "metric_pct"),
             "trainable_params_excl_head",
@@ -204,16 +201,7 @@ def metric_vs_memory(df: pd.DataFrame, out_dir: Path, name: str = "metric_vs_mem
     tasks = _tasks(df)
     fig, axes = _panels(len(tasks))
     for ax, task in zip(axes, tasks):
-        sns.scatterplot(
-            data=df[df["task"] == task],
-            x="memory_mib",
-            y="metric_pct",
-            hue="method_label",
-            palette=_palette(_methods(df)),
-            hue_order=[_label(m) for m in _methods(df)],
-            s=60,
-            ax=ax,
-        )
+        _method_scatter(ax, df, df[df["task"] == task], "memory_mib")
         _annotate_ranks(ax, df[df["task"] == task], "memory_mib", "metric_pct")
         _chance_line(ax, df, task)
         _min_span(ax, "y", 5.0)
@@ -307,16 +295,7 @@ def forgetting_vs_metric(df: pd.DataFrame, out_dir: Path, name: str = "forgettin
     tasks = _tasks(df)
     fig, axes = _panels(len(tasks))
     for ax, task in zip(axes, tasks):
-        sns.scatterplot(
-            data=df[df["task"] == task],
-            x="forgetting_pts",
-            y="metric_pct",
-            hue="method_label",
-            palette=_palette(_methods(df)),
-            hue_order=[_label(m) for m in _methods(df)],
-            s=60,
-            ax=ax,
-        )
+        _method_scatter(ax, df, df[df["task"] == task], "forgetting_pts")
         _annotate_ranks(ax, df[df["task"] == task], "forgetting_pts", "metric_pct")
         ax.axvline(0, color="0.6", lw=0.8)
         _chance_line(ax, df, task)
