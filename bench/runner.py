@@ -258,6 +258,8 @@ def _smaller_micro_batch(p: Plan) -> Plan | None:
 
 def _attempt(p: Plan, previous: dict | None) -> dict:
     cfg = p.cfg
+    if cfg.get("cpu_threads"):
+        torch.set_num_threads(int(cfg.cpu_threads))  # recorded in provenance.torch_threads
     record: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "run_id": p.run_id, "config_hash": p.config_hash,
         "config_group": config_group(p.effective), "status": "error",

@@ -30,8 +30,13 @@ def _assert_units(section: dict, where: str) -> None:
 
 @needs_glue
 def test_smoke_record_has_every_measurement_with_units(make_cfg):
-    rec = run(make_cfg("method=lora", "rank=4"))
+    threads = torch.get_num_threads()
+    try:
+        rec = run(make_cfg("method=lora", "rank=4", "cpu_threads=1"))
+    finally:
+        torch.set_num_threads(threads)
     assert rec["status"] == "ok", rec.get("error")
+    assert rec["provenance"]["torch_threads"] == 1
 
     # memory: every phase, CPU peak RSS labelled as such (CUDA fields when run on a GPU)
     phases = rec["memory"]
