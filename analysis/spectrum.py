@@ -26,8 +26,6 @@ import time
 import numpy as np
 import torch
 
-from bench import BenchError
-
 DEFAULT_RTOL = 1e-3
 ENERGY = 0.9
 
@@ -126,19 +124,15 @@ def spectrum(pairs, rtol: float = DEFAULT_RTOL, max_rank: int = 64) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from analysis.weights import weight_pairs
+    from analysis.weights import pairs_for_cli
 
     ap = argparse.ArgumentParser(description="Singular-value spectrum of ΔW for one run, and the rank lab")
     ap.add_argument("run_dir")
     ap.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help="numerical rank tolerance (× σ_max)")
     ap.add_argument("--max-rank", type=int, default=64, help="rank lab: r = 1..max-rank")
     args = ap.parse_args(argv)
-    try:
-        wp = weight_pairs(args.run_dir)
-    except BenchError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    if not wp.applicable:
-        print(f"{wp.run_id}: ΔW spectrum n/a ({wp.reason})")
+    wp = pairs_for_cli(args.run_dir, "ΔW spectrum")
+    if wp is None:
         return
     start = time.perf_counter()
     sp = spectrum(wp.pairs, args.rtol, args.max_rank)

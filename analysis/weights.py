@@ -161,16 +161,25 @@ def weight_pairs(run_dir: str | Path) -> WeightPairs:
     return WeightPairs(record["run_id"], name, True, pairs=pairs, load_s=time.perf_counter() - start)
 
 
+def pairs_for_cli(run_dir: str | Path, what: str) -> WeightPairs | None:
+    """For the command lines: the run's weight pairs; None after printing "n/a" when the method leaves W
+    unchanged; a one-line exit when the run folder cannot be used."""
+    try:
+        wp = weight_pairs(run_dir)
+    except BenchError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if not wp.applicable:
+        print(f"{wp.run_id}: {what} n/a ({wp.reason})")
+        return None
+    return wp
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
     args = ap.parse_args(argv)
-    try:
-        wp = weight_pairs(args.run_dir)
-    except BenchError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    if not wp.applicable:
-        print(f"{wp.run_id}: n/a ({wp.reason})")
+    wp = pairs_for_cli(args.run_dir, "weights")
+    if wp is None:
         return
     print(f"{wp.run_id} ({wp.method}): {len(wp.pairs)} linear layers, rebuilt in {wp.load_s:.1f} s")
     for layer, w0, wt in wp.pairs:
