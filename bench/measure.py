@@ -19,7 +19,7 @@ import gc
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -206,18 +206,6 @@ def _inference(device: torch.device, autocast_dtype: torch.dtype | None) -> Iter
         yield
 
 
-def latency_ms(model: nn.Module, batch: dict[str, torch.Tensor], warmup_iters: int, iters: int,
-               device: torch.device, autocast_dtype: torch.dtype | None = None, *, warmup_tol: float = 0.05,
-               max_warmup_s: float = 10.0) -> dict[str, Any]:
-    """Forward-pass latency of one model on one batch: stabilising warm-up (see `warm_up`), then `iters`
-    timed passes, each bracketed by device synchronisation. Milliseconds."""
-    model.eval()
-    with _inference(device, autocast_dtype):
-        info = warm_up(model, batch, device, min_iters=warmup_iters, tol=warmup_tol, max_s=max_warmup_s)
-        times = [_timed_forward_ms(model, batch, device) for _ in range(iters)]
-    return {**latency_stats(times), **info}
-
-
 def latency_interleaved(models: dict[str, nn.Module], batch: dict[str, torch.Tensor], *, warmup_iters: int,
                         iters: int, device: torch.device, autocast_dtype: torch.dtype | None = None,
                         rounds: int = 4, warmup_tol: float = 0.05, max_warmup_s: float = 10.0,
@@ -230,7 +218,7 @@ def latency_interleaved(models: dict[str, nn.Module], batch: dict[str, torch.Ten
     info: dict[str, dict[str, Any]] = {}
     for name in names:
         models[name].eval()
-        with (meter.phase(f"latency_{name}") if meter else _null()), _inference(device, autocast_dtype):
+        with (meter.phase(f"latency_{name}") if meter else nullcontext()), _inference(device, autocast_dtype):
             info[name] = warm_up(models[name], batch, device, min_iters=warmup_iters, tol=warmup_tol,
                                  max_s=max_warmup_s)
     rounds = max(1, min(rounds, iters))
@@ -241,11 +229,6 @@ def latency_interleaved(models: dict[str, nn.Module], batch: dict[str, torch.Ten
             for name in names[r % len(names):] + names[:r % len(names)]:
                 times[name] += [_timed_forward_ms(models[name], batch, device) for _ in range(n_iters)]
     return {name: {**latency_stats(times[name]), **info[name], "rounds": rounds} for name in names}
-
-
-@contextmanager
-def _null() -> Iterator[None]:
-    yield
 
 
 def latency_batch(vocab_size: int, batch_size: int, seq_len: int, device: torch.device) -> dict[str, torch.Tensor]:

@@ -108,7 +108,8 @@ def test_warm_up_runs_until_timings_are_stable():
     model = _Slow([80.0, 40.0, 20.0, 10.0, 5.0, 2.0])  # first passes slow, getting faster, then steady
     info = M.warm_up(model, {"x": torch.zeros(1)}, torch.device("cpu"), min_iters=3, tol=0.5, max_s=5.0)
     assert info["warmup_converged"] and info["warmup_iters"] >= 9  # past the slow passes, then a stable window
-    stats = M.latency_ms(model, {"x": torch.zeros(1)}, 3, 5, torch.device("cpu"), warmup_tol=0.5)
+    stats = M.latency_interleaved({"slow": model}, {"x": torch.zeros(1)}, warmup_iters=3, iters=5,
+                                  device=torch.device("cpu"), warmup_tol=0.5)["slow"]
     assert stats["p95_ms"] < 20.0  # none of the slow first passes leaked into the timed ones
 
 
