@@ -248,7 +248,7 @@ def build_report(
             picks = [r for r in (1, 4, 16, 64) if r <= curves["rank"].max()]
             lab = curves[curves["rank"].isin(picks)].pivot_table(
                 index="label", columns="rank", values="relative_error"
-            )
+            ).reindex(curves["label"].unique())  # the intruder table's order (task, method, rank, seed), not A-Z
             lab_rows = [[idx] + [f"{v:.3f}" for v in row] for idx, row in lab.iterrows()]
             lines += [
                 "Rank lab (relative Frobenius error of the best rank-r approximation of ΔW, all layers):",

@@ -31,7 +31,7 @@ STS = ["forgetting=sts", "forgetting.max_pairs=48", "forgetting.max_seq_len=32"]
 def runs(tmp_path_factory) -> Path:
     """Full FT and LoRA at ranks 2 and 8 with the STS forgetting probe, plus one failed run."""
     results = tmp_path_factory.mktemp("analysis") / "runs"
-    for overrides in (["method=full"], ["method=lora", "rank=2"], ["method=lora", "rank=8"]):
+    for overrides in (["method=full"], ["method=lora", "rank=2"], ["method=lora", "rank=16"]):
         rec = run(compose_cfg(*overrides, *STS, results_dir=results))
         assert rec["status"] == "ok", rec.get("error")
     failed = run(compose_cfg("method=lora", "rank=4", "forgetting=sequential", results_dir=results))
@@ -65,7 +65,7 @@ def _dev_loss(model, record) -> float:
     return predict(model, loader, torch.device("cpu"), "fp32")[2]
 
 
-@pytest.mark.parametrize("method,rank", [("full", None), ("lora", 8)])
+@pytest.mark.parametrize("method,rank", [("full", None), ("lora", 16)])
 def test_rebuilt_model_reproduces_the_recorded_eval_loss(runs, method, rank):
     run_dir = _run_dir(runs, method, rank)
     record, _ = read_run(run_dir)
@@ -129,7 +129,7 @@ def test_forgetting_of_the_base_model_against_itself_is_zero(runs):
 def test_forgetting_from_saved_weights_matches_the_in_run_measurement(runs):
     from analysis.forgetting import probe_run
 
-    run_dir = _run_dir(runs, "lora", 8)
+    run_dir = _run_dir(runs, "lora", 16)
     record, _ = read_run(run_dir)
     res = probe_run(run_dir, "sts", max_pairs=48, max_seq_len=32)
     for key in ("before", "after", "forgetting"):
@@ -162,12 +162,12 @@ def test_tables_plots_and_report(runs, tmp_path):
     main = method_task_tables(df)
     assert len(main) == 1
     labels = [row[0] for row in main[0].rows]
-    assert labels == ["Full FT", "LoRA (r=2)", "LoRA (r=8)"]
+    assert labels == ["Full FT", "LoRA (r=2)", "LoRA (r=16)"]
     assert main[0].header[2] == "SST-2 (Acc)" and main[0].best
     paths = main[0].write(tmp_path / "t", "main")
     assert all(p.stat().st_size > 0 for p in paths) and "\\toprule" in paths[2].read_text()
     rank = rank_tables(df)[0]
-    assert [r[2] for r in rank.rows] == ["–", "2", "8"]
+    assert [r[2] for r in rank.rows] == ["–", "2", "16"]
 
     index = build_report(runs, tmp_path / "report")
     text = index.read_text()
@@ -183,6 +183,8 @@ def test_tables_plots_and_report(runs, tmp_path):
         "Random-init test model",
     ):
         assert heading in text, heading
+    lab = text[text.index("Rank lab (relative"):]
+    assert lab.index("LoRA r=2") < lab.index("LoRA r=16"), "rank-lab rows in rank order, not A-Z"
     plots = tmp_path / "report" / "plots"
     for name in (
         "metric_vs_params",
