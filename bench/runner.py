@@ -336,6 +336,22 @@ def _evaluate(model, loader, p: Plan) -> tuple[dict[str, float], np.ndarray]:
     return {**glue_metrics.compute(list(p.task.metrics), preds, labels), "eval_loss": loss}, logits
 
 
+def _check_positions(config: Any, p: Plan, features: list[dict]) -> None:
+    """Prompt/prefix tuning lengthen every sequence by their virtual tokens; fail before training, with the fix,
+    when the longest example would then run past the model's position embeddings."""
+    extra = p.method.virtual_tokens(p.rank)
+    positions = getattr(config, "max_position_embeddings", None)
+    if not extra or not positions:
+        return
+    if config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        positions -= int(config.pad_token_id) + 1  # RoBERTa's positions start after the padding index
+    longest = max(len(f["input_ids"]) for f in features)
+    if longest + extra > positions:
+        raise BenchError(f"method '{p.method.name}' adds {extra} virtual tokens, and the longest tokenised example "
+                         f"has {longest}: {longest + extra} > the model's {positions} positions; set "
+                         f"budget.max_seq_len={positions - extra} (for every method you compare) or a smaller rank")
+
+
 def _execute(p: Plan) -> dict:
     cfg, budget, measure = p.cfg, p.cfg.budget, p.cfg.measure
     out: dict[str, Any] = {}
@@ -347,10 +363,9 @@ def _execute(p: Plan) -> dict:
     train_df, dev_df, data_source = load_task(p.task)
     train_df, dev_df = subset(train_df, budget.train_samples), subset(dev_df, budget.eval_samples)
     tokenizer = load_tokenizer(cfg.model)
-    train_loader = make_loader(tokenize(train_df, tokenizer, budget.max_seq_len), tokenizer,
-                               budget.batch_size, shuffle=True, seed=int(cfg.seed))
-    dev_loader = make_loader(tokenize(dev_df, tokenizer, budget.max_seq_len), tokenizer,
-                             measure.eval_batch_size, shuffle=False, seed=0)
+    train_features, dev_features = (tokenize(df, tokenizer, budget.max_seq_len) for df in (train_df, dev_df))
+    train_loader = make_loader(train_features, tokenizer, budget.batch_size, shuffle=True, seed=int(cfg.seed))
+    dev_loader = make_loader(dev_features, tokenizer, measure.eval_batch_size, shuffle=False, seed=0)
     out["data"] = {"source": data_source, "train_rows": len(train_df), "dev_rows": len(dev_df),
                    "note": p.task.offline_note if data_source.startswith("glue_dir") else ""}
 
@@ -362,6 +377,7 @@ def _execute(p: Plan) -> dict:
     load_kwargs = p.method.load_kwargs(cfg.method, cfg.model, p.device)  # e.g. QLoRA's 4-bit quantisation
     model, model_source = load_model(cfg.model, p.task.num_labels, **load_kwargs)
     model.to(p.device)
+    _check_positions(model.config, p, [*train_features, *dev_features])
     if probe is not None:
         forgetting_before = probe.measure(model, p.device, autocast_dtype(p.precision))
     out["model_source"] = model_source

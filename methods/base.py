@@ -37,6 +37,10 @@ class Method:
     def validate(self, device: torch.device) -> None:
         """Raise BenchError (at plan time, before anything loads) when the method cannot run on `device`."""
 
+    def virtual_tokens(self, rank: int | None) -> int:
+        """Positions the method adds in front of every sequence (prompt/prefix tuning); 0 for most methods."""
+        return 0
+
     def load_kwargs(self, cfg: Any, model_cfg: Any, device: torch.device) -> dict:
         """Extra keyword arguments for the base model's `from_pretrained` (e.g. a quantisation config).
         Most methods load the model as it is."""

@@ -5,7 +5,8 @@ arXiv:2101.00190; P-Tuning v2 for NLU) via peft. `rank` = number of virtual toke
   to token_type_ids and ones to the attention mask, so BERT pair inputs work.
 - prefix_tuning: `rank` trained key/value vectors are prepended in every layer (past_key_values).
 Neither is identity at init and neither merges. Both lengthen the sequence: with a model of 512
-positions, max_seq_len + rank must stay <= 512 (BERT also shifts positions past a prefix).
+positions, the longest tokenised example + rank must stay <= 512 (BERT also shifts positions past a prefix):
+the runner checks this on the data before training (`virtual_tokens`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ _INITS = {"random": PromptTuningInit.RANDOM, "sample_vocab": PromptTuningInit.SA
 @register
 class PromptTuning(PeftMethod):
     name = "prompt_tuning"
+
+    def virtual_tokens(self, rank: int | None) -> int:
+        return int(rank or 0)
 
     def effective_config(self, cfg: dict, rank: int | None) -> dict:
         out = {**cfg, "num_virtual_tokens": rank}
@@ -48,6 +52,9 @@ class PromptTuning(PeftMethod):
 @register
 class PrefixTuning(PeftMethod):
     name = "prefix_tuning"
+
+    def virtual_tokens(self, rank: int | None) -> int:
+        return int(rank or 0)
 
     def effective_config(self, cfg: dict, rank: int | None) -> dict:
         out = {**cfg, "num_virtual_tokens": rank}

@@ -53,6 +53,18 @@ def test_method_that_attaches_nothing_is_an_error_record(make_cfg):
     assert "traceback_file" not in rec  # a BenchError: a clear message, no traceback wall
 
 
+@pytest.mark.parametrize("name", ["prompt_tuning", "prefix_tuning"])
+def test_virtual_tokens_past_the_positions_fail_before_training(make_cfg, name):
+    # max_seq_len 16 truncates SST-2's longer sentences to exactly 16 tokens; the model gets 24 positions.
+    short = ["budget.max_seq_len=16", "model.config.max_position_embeddings=24"]
+    ok = run(make_cfg(f"method={name}", "rank=8", *short))
+    assert ok["status"] == "ok", ok.get("error")
+    rec = run(make_cfg(f"method={name}", "rank=9", *short))
+    assert rec["status"] == "error" and "\n" not in rec["error"] and "train" not in rec
+    assert "adds 9 virtual tokens, and the longest tokenised example has 16: 25 > the model's 24 positions" \
+        in rec["error"] and "budget.max_seq_len=15" in rec["error"]
+
+
 def _saved_adapter(make_cfg, tmp_path, name: str, seed: int):
     cfg, method, base, ctx = build(make_cfg, name)
     model = method.attach(base, cfg.method, ctx)
