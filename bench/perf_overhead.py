@@ -7,18 +7,19 @@
 
 Same model (fresh copy per way), same LoRA config, same tokenised rows, batch size, sequence cap, learning
 rate schedule, gradient clipping, precision and seed. All three draw the same batches in the same order (Trainer
-builds its own loader from the same rows and collator, given the suite's sampler); the count of padded tokens
-collated is printed per way to show it. steps/s = steps / wall time from the start of the
-first step to the end of the last, after a throwaway warm-up of the process; with --repeats the best
-(fastest) repeat of each way is kept and the order of the ways rotates between repeats, as timings on a
-shared machine drift. On CPU it also reports steps per second of this process's CPU time, which other
-processes on a shared machine do not inflate (with --threads 1 it is the work done). This is a benchmark
-script that prints figures, not a test.
+builds its own loader from the same rows and collator, given the suite loader's row order); the padded tokens
+of the batches each way trained on are printed to show it (Trainer's loader collates one batch ahead, which
+is not counted). steps/s = steps / wall time from the start of the first step to the end of the last, after a
+throwaway warm-up of the process; with --repeats the order of the ways rotates between repeats, as timings on
+a shared machine drift, and the fastest and the median repeat of each way are reported. On CPU it also
+reports steps per second of this process's CPU time, which other processes on a shared machine do not inflate
+(with --threads 1 it is the work done). This is a benchmark script that prints figures, not a test.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +28,6 @@ from typing import Any
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
-from torch.utils.data import RandomSampler
 
 from bench.data import make_loader, subset, tokenize
 from bench.models import load_model, load_tokenizer
@@ -50,12 +50,12 @@ class CountingCollator:
     last: CountingCollator | None = None
 
     def __init__(self, collate):
-        self.collate, self.padded_tokens = collate, 0
+        self.collate, self.per_batch = collate, []
         CountingCollator.last = self
 
     def __call__(self, rows):
         batch = self.collate(rows)
-        self.padded_tokens += batch["input_ids"].numel()
+        self.per_batch.append(batch["input_ids"].numel())
         return batch
 
 
@@ -82,9 +82,14 @@ class Setup:
         loader.collate_fn = CountingCollator(loader.collate_fn)
         return loader
 
-    def sampler(self):
-        """The shuffle every way uses: the suite's (a RandomSampler over a generator seeded with `seed`)."""
-        return RandomSampler(self.features, generator=torch.Generator().manual_seed(int(self.cfg.seed)))
+    def sampler(self) -> list[int]:
+        """The row order of the suite's loader, for Trainer: the suite's loader over row numbers instead of rows.
+        (A RandomSampler seeded alike is not the same order: the DataLoader first draws its base seed from
+        the generator.)"""
+        loader = make_loader(list(range(len(self.features))), self.tokenizer, int(self.cfg.budget.batch_size),
+                             shuffle=True, seed=int(self.cfg.seed))
+        loader.collate_fn = list
+        return [i for batch in loader for i in batch]
 
 
     def model(self):
@@ -172,7 +177,9 @@ def run_trainer(s: Setup, steps: int) -> tuple[float, float]:
             max_grad_norm=float(s.cfg.budget.max_grad_norm), logging_steps=int(s.cfg.budget.log_every_steps),
             save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
             seed=int(s.cfg.seed), bf16=s.precision == "bf16", fp16=s.precision == "fp16",
-            use_cpu=s.device.type == "cpu", optim="adamw_torch_fused" if s.device.type == "cuda" else "adamw_torch")
+            use_cpu=s.device.type == "cpu", optim="adamw_torch_fused" if s.device.type == "cuda" else "adamw_torch",
+            # accelerate would otherwise swap the sampler for its own seedable one: other batches than the suite's
+            accelerator_config={"use_seedable_sampler": False})
         trainer = SameOrderTrainer(model=model, args=args, train_dataset=s.features,
                                    data_collator=CountingCollator(DataCollatorWithPadding(s.tokenizer,
                                                                                           return_tensors="pt")),
@@ -219,7 +226,8 @@ def data_check(s: Setup, steps: int, step_s: float | None) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200, help="training steps per way (default 200)")
-    ap.add_argument("--repeats", type=int, default=1, help="repeat each way, keep its fastest (default 1)")
+    ap.add_argument("--repeats", type=int, default=1, help="repeat each way (order rotated), report the fastest "
+                                                          "and, from 3 repeats, the median (default 1)")
     ap.add_argument("--quick", action="store_true", help="tiny random-init model, 20 steps: a check that it runs")
     ap.add_argument("--ways", default="bare,suite,trainer")
     ap.add_argument("--data-only", action="store_true", help="only the tokenisation / data-loading check")
@@ -241,8 +249,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{cfg.budget.max_seq_len}, {steps} steps per way, device {s.device} ({s.precision}), "
           f"torch threads {torch.get_num_threads()}")
 
-    wall: dict[str, float] = {}
-    cpu: dict[str, float] = {}
+    wall: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     if not args.data_only:
         run_bare(s, min(5, steps))  # throwaway: first-use costs of the process land here, not in a timed way
         ways = args.ways.split(",")
@@ -251,15 +259,23 @@ def main(argv: list[str] | None = None) -> None:
                 t, c = WAYS[name](s, steps)
                 print(f"  repeat {r + 1}: {name:8s} {steps / t:7.3f} steps/s wall ({t:.1f} s), "
                       f"{steps / c:7.3f} steps/s of CPU time ({c:.1f} s), "
-                      f"{CountingCollator.last.padded_tokens} padded tokens collated", flush=True)
-                wall[name] = min(wall.get(name, float("inf")), t)
-                cpu[name] = min(cpu.get(name, float("inf")), c)
-        print(_table("wall clock", wall, steps))
+                      f"{sum(CountingCollator.last.per_batch[:steps])} padded tokens in the {steps} batches",
+                      flush=True)
+                wall.setdefault(name, []).append(t)
+                cpu.setdefault(name, []).append(c)
+        n = args.repeats
+        print(_table(f"wall clock, fastest of {n} repeat(s)", {k: min(v) for k, v in wall.items()}, steps))
+        if n > 2:
+            print(_table(f"wall clock, median of {n} repeats", {k: statistics.median(v) for k, v in wall.items()},
+                         steps))
         if s.device.type == "cpu":
-            print(_table("CPU time of this process (robust to other processes on a shared machine; "
-                         "meaningful with --threads 1)", cpu, steps))
-        print("(ratios are speed ratios: > 1 means faster than the reference)")
-    step_s = (wall.get("suite") or wall.get("bare") or 0) / steps or None
+            print(_table(f"CPU time of this process, fastest of {n} (robust to other processes on a shared "
+                         "machine; meaningful with --threads 1)", {k: min(v) for k, v in cpu.items()}, steps))
+        spread = {k: max(v) / min(v) - 1 for k, v in wall.items()}
+        print("(ratios are speed ratios: > 1 means faster than the reference; spread of each way's own repeats, "
+              "slowest/fastest - 1: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in spread.items()) + ")")
+    best = {k: min(v) for k, v in wall.items()}
+    step_s = (best.get("suite") or best.get("bare") or 0) / steps or None
     d = data_check(s, steps, step_s)
     print(f"\ndata: tokenised {d['rows']} rows in {d['tokenize_s']:.2f} s ({d['tokenize_rows_per_s']:.0f} rows/s); "
           f"loader {d['loader_ms_per_batch']:.2f} ms per batch (collate + pad)"

@@ -1,20 +1,24 @@
 """The benchmark scripts run end to end (figures are printed, not asserted: they are scripts, not timed tests)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from bench import perf_gpu, perf_overhead
 from tests.conftest import needs_glue
 
 
-@pytest.mark.slow
 @needs_glue
-def test_perf_overhead_quick_prints_all_three_ways(capsys):
+def test_perf_overhead_quick_trains_all_three_ways_on_the_same_batches(capsys):
     perf_overhead.main(["--quick", "--threads", "1"])
     out = capsys.readouterr().out
     for way in ("| bare |", "| suite |", "| trainer |"):
         assert way in out
     assert "loader" in out and "ratio" in out
+    tokens = {line.split(":")[1].split()[0]: int(re.search(r"(\d+) padded tokens in the 20 batches", line)[1])
+              for line in out.splitlines() if line.strip().startswith("repeat")}
+    assert set(tokens) == {"bare", "suite", "trainer"} and len(set(tokens.values())) == 1, tokens
 
 
 @pytest.mark.slow
