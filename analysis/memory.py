@@ -36,9 +36,15 @@ What is counted, in bytes (P = all parameters, T = trainable ones):
   keeps four f-wide tensors instead of two (beta doubled); no dropout masks (alpha -2). Embeddings: 12 s*b*h
   for full fine-tuning; -4 s*b*h for LoRA/QLoRA (frozen embeddings keep nothing, the first layer keeps less).
   Gradient checkpointing keeps only each layer's input (4 s*b*h) plus one layer's full activations.
-- peak = weights + master + optimiser + max(activations + autocast copies, gradients) + one layer's
-  activations as backward working memory: activations are freed and gradients created as the backward pass
-  walks down the layers (gradients are None during the forward pass: zero_grad(set_to_none=True)).
+- optimiser step working memory: fused AdamW (this suite on CUDA) and 8-bit AdamW update in place, 0; the
+  foreach implementation takes one fp32 temporary per trainable parameter (the square root of the second
+  moment, for all tensors at once), 4 T; the single-tensor one (PyTorch's choice on CPU) two temporaries of the
+  largest trainable tensor, 8 bytes per element of it (measured: `python -m bench.perf_memory`).
+- peak = weights + master + optimiser + the larger of
+  (a) max(activations + autocast copies, gradients) + one layer's activations as backward working memory:
+      activations are freed and gradients created as the backward pass walks down the layers (gradients are
+      None during the forward pass: zero_grad(set_to_none=True)), and
+  (b) gradients + the optimiser step's working memory.
 
 Not counted: the CUDA context (~0.3-0.6 GiB, outside PyTorch's allocator), cuBLAS workspaces, the caching
 allocator's fragmentation (measured as reserved - allocated), and the data batch. So compare with
@@ -58,6 +64,7 @@ REPO = Path(__file__).resolve().parent.parent
 METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("fp32", "amp", "bf16-mixed")
 OPTIMIZERS = {"adamw": 8.0, "adamw8bit": 2.0, "paged_adamw8bit": 2.0, "paged_adamw32bit": 8.0}
+OPTIMIZER_IMPLS = ("fused", "foreach", "single_tensor")  # torch AdamW implementations (fused: in place)
 GPUS_GIB = {"t4": 16, "l4": 24, "rtx4090": 24, "a10g": 24, "a100-40gb": 40, "a100-80gb": 80, "h100-80gb": 80,
             "h200": 141}
 # Llama-2 shapes (Touvron et al. 2023): hidden, layers, heads, kv heads, FFN width, vocabulary.
@@ -82,6 +89,7 @@ class Arch:
     dropout: bool
     causal_lm: bool
     head_params: int  # the task head (trains for every method; 0 for a causal LM)
+    largest_param: int = 0  # elements of the largest parameter tensor (usually the token embedding)
     linears: dict[str, tuple[int, int, bool]] = field(default_factory=dict, repr=False)
 
     @property
@@ -120,7 +128,8 @@ def arch_from_config(config: Any, name: str = "model") -> Arch:
                 vocab=int(config.vocab_size), swiglu=act == "silu",
                 dropout=float(getattr(config, "hidden_dropout_prob", getattr(config, "attention_dropout", 0.0))
                               or 0.0) > 0,
-                causal_lm=causal, head_params=head, linears=linears)
+                causal_lm=causal, head_params=head, linears=linears,
+                largest_param=max(p.numel() for p in model.parameters()))
 
 
 def llama_like(params: float | None = None, preset: str | None = None) -> Arch:
@@ -226,6 +235,25 @@ def activation_bytes_per_layer(arch: Arch, batch: int, seq: int, precision: str,
     return alpha * sb * arch.hidden + beta * sb * arch.ffn + gamma * arch.heads * seq * seq * batch
 
 
+def optimizer_working_bytes(arch: Arch, method: str, rank: int, targets: Iterable[str], trainable: float,
+                            optimizer: str, impl: str) -> float:
+    """Temporaries of one AdamW step (see the module docstring): 0 fused or 8-bit, 4 bytes per trainable
+    parameter foreach, 8 bytes per element of the largest trainable tensor single-tensor."""
+    if impl not in OPTIMIZER_IMPLS:
+        raise ValueError(f"optimizer implementation {impl}: choose one of {OPTIMIZER_IMPLS}")
+    if impl == "fused" or OPTIMIZERS[optimizer] < 8:
+        return 0.0
+    if impl == "foreach":
+        return 4.0 * trainable
+    if method == "full":
+        return 8.0 * arch.largest_param
+    targets = list(targets)
+    lora = [rank * max(i, o) for n, (i, o, _) in arch.linears.items()
+            if not _is_head(n) and any(n == t or n.endswith("." + t) for t in targets)]
+    head = [i * o for n, (i, o, _) in arch.linears.items() if _is_head(n)]
+    return 8.0 * max(lora + head + [0])
+
+
 @dataclass
 class Setting:
     method: str
@@ -235,6 +263,7 @@ class Setting:
     seq: int = 128
     precision: str = "amp"
     optimizer: str = "adamw"
+    optimizer_impl: str = "fused"
     fused_attention: bool = True
     grad_checkpointing: bool = False
     double_quant: bool = True
@@ -275,8 +304,11 @@ def estimate(arch: Arch, s: Setting) -> dict[str, float]:
     out["activations_bytes"] = layers_kept + outside
     out["autocast_weight_copies_bytes"] = copies
     out["backward_working_bytes"] = per_layer
+    out["optimizer_step_working_bytes"] = optimizer_working_bytes(arch, s.method, s.rank, s.targets, trainable,
+                                                                  s.optimizer, s.optimizer_impl)
     fixed = out["weights_bytes"] + out["master_weights_bytes"] + out["optimizer_bytes"]
-    out["peak_bytes"] = fixed + max(out["activations_bytes"] + copies, out["gradients_bytes"]) + per_layer
+    backward = max(out["activations_bytes"] + copies, out["gradients_bytes"]) + per_layer
+    out["peak_bytes"] = fixed + max(backward, out["gradients_bytes"] + out["optimizer_step_working_bytes"])
     out["sum_of_parts_bytes"] = fixed + out["gradients_bytes"] + out["activations_bytes"] + copies
     return out
 
@@ -285,7 +317,7 @@ def estimate(arch: Arch, s: Setting) -> dict[str, float]:
 
 ROWS = ("total_params", "trainable_params", "weights_bytes", "master_weights_bytes", "gradients_bytes",
         "optimizer_bytes", "autocast_weight_copies_bytes", "activations_bytes", "backward_working_bytes",
-        "peak_bytes", "sum_of_parts_bytes")
+        "optimizer_step_working_bytes", "peak_bytes", "sum_of_parts_bytes")
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
@@ -354,6 +386,8 @@ def compare_records(root: str, methods: Iterable[str] | None = None) -> list[dic
                      seq=int(rec["train"].get("max_batch_seq_len") or eff["budget"]["max_seq_len"]),
                      precision="fp32" if eff["precision"] == "fp32" else "amp",
                      fused_attention=eff["device_type"] == "cuda",
+                     # bench.train: fused AdamW on CUDA, torch's default (single-tensor) elsewhere
+                     optimizer_impl="fused" if eff["device_type"] == "cuda" else "single_tensor",
                      grad_checkpointing=bool(method_cfg.get("gradient_checkpointing", False)),
                      double_quant=bool(method_cfg.get("double_quant", True)))
         est = estimate(arch, st)
@@ -380,6 +414,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="amp: autocast over fp32 weights (this suite on CUDA); fp32 (this suite on CPU); "
                          "bf16-mixed: 16-bit weights + fp32 master copies")
     ap.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw")
+    ap.add_argument("--optimizer-impl", choices=OPTIMIZER_IMPLS, default="fused",
+                    help="torch AdamW implementation: fused (this suite on CUDA), foreach (torch's CUDA default), "
+                         "single_tensor (torch's CPU default, this suite on CPU)")
     ap.add_argument("--attention", choices=("fused", "materialised"), default=None,
                     help="fused (SDPA flash/memory-efficient, CUDA) or materialised scores (eager, CPU fp32); "
                          "default: materialised for fp32, fused otherwise")
@@ -414,7 +451,8 @@ def main(argv: list[str] | None = None) -> None:
         targets = ("query", "value")
     fused = args.attention == "fused" if args.attention else args.precision != "fp32"
     base = Setting(method="full", rank=args.rank, targets=targets, batch=args.batch_size, seq=args.seq_len,
-                   precision=args.precision, optimizer=args.optimizer, fused_attention=fused,
+                   precision=args.precision, optimizer=args.optimizer, optimizer_impl=args.optimizer_impl,
+                   fused_attention=fused,
                    grad_checkpointing=args.grad_checkpointing, double_quant=not args.no_double_quant)
     results = {m: estimate(arch, Setting(**{**base.__dict__, "method": m})) for m in args.method.split(",")}
     if args.json:

@@ -119,3 +119,50 @@ def test_cli_prints_a_table_and_plots(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     full = data["estimates"]["full"]
     assert full["weights_bytes"] + full["gradients_bytes"] + full["optimizer_bytes"] == 16 * full["total_params"]
+
+
+def test_adamw_step_temporaries_by_implementation():
+    arch = mem.resolve_arch("tiny-bert", None)
+    assert arch.largest_param == 30522 * 64  # the token embedding
+    full = mem.Setting(method="full", batch=1, seq=8, precision="fp32")
+    work = {impl: mem.estimate(arch, mem.Setting(**{**full.__dict__, "optimizer_impl": impl}))
+            for impl in mem.OPTIMIZER_IMPLS}
+    assert work["fused"]["optimizer_step_working_bytes"] == 0
+    assert work["foreach"]["optimizer_step_working_bytes"] == 4 * arch.params
+    assert work["single_tensor"]["optimizer_step_working_bytes"] == 8 * 30522 * 64
+    # With a tiny batch the optimiser step is the peak: weights + gradients + moments + its temporaries.
+    assert work["foreach"]["peak_bytes"] == (4 + 4 + 8 + 4) * arch.params
+    lora = mem.estimate(arch, mem.Setting(method="lora", rank=8, optimizer_impl="single_tensor"))
+    # largest trainable: a LoRA matrix, r x 64 (the BERT classifier is 64 x 2; its pooler is frozen)
+    assert lora["optimizer_step_working_bytes"] == 8 * (8 * 64)
+
+
+def test_tensor_bytes_counts_live_storages_once():
+    from bench.perf_memory import TensorBytes
+
+    model = torch.nn.Linear(10, 10)  # 110 fp32 parameters = 440 bytes
+    with TensorBytes(model) as tracker:
+        x = torch.empty(1000)
+        view = x.view(10, 100)  # same storage: not counted again
+        assert tracker.bytes == {"weights": 440, "gradients": 0, "optimizer": 0, "activations+temp": 4000}
+        del x, view
+        assert tracker.bytes["activations+temp"] == 0
+        model(torch.ones(3, 10)).sum().backward()
+        assert tracker.bytes["gradients"] == 440
+    tracker.close()
+    assert tracker.peak_bytes >= 440 + 4000
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_estimate_matches_the_tensor_memory_the_training_loop_holds(method):
+    """The estimator against a measurement of the suite's own loop (fp32 CPU; the autocast path needs a GPU)."""
+    from bench.perf_memory import compose_cfg, estimate_for, measure
+
+    cfg = compose_cfg(["model=tiny-bert", f"method={method}", "rank=8", "budget.batch_size=8",
+                       "budget.max_seq_len=32", "device=cpu"])
+    measured = measure(cfg, steps=2)
+    est = estimate_for(cfg, measured["precision"], fused_attention=False, device_type="cpu")
+    assert est["peak_bytes"] == pytest.approx(measured["peak_bytes"], rel=0.1)
+    trainable = est["trainable_params"]
+    assert measured["by_kind"]["weights"] == pytest.approx(4 * est["total_params"], rel=0.01)
+    assert measured["by_kind"]["optimizer"] >= 8 * trainable  # AdamW's two fp32 moments
