@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from bench import perf_gpu, perf_overhead
+from bench import perf_gpu, perf_memory, perf_overhead
 from tests.conftest import needs_glue
 
 
@@ -30,3 +30,11 @@ def test_perf_gpu_script_runs_and_skips_what_cannot_run_here(tmp_path, capsys):
     summary = (tmp_path / "summary.md").read_text()
     assert "| tiny-bert | full | ok |" in summary and "| tiny-bert | lora | ok |" in summary
     assert "qlora" in summary  # run on a GPU with bitsandbytes, or a note saying why it was skipped
+
+
+def test_perf_memory_quick_prints_estimate_vs_measured(capsys):
+    perf_memory.main(["--quick", "--threads", "1"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny-bert |")]
+    assert [r[2].strip() for r in rows] == ["full", "lora"]
+    for r in rows:
+        assert 0.9 < float(r[6]) < 1.1, r  # estimate / measured
