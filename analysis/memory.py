@@ -199,12 +199,17 @@ def resolve_arch(model: str | None, params: float | None) -> Arch:
 # ---------------------------------------------------------------- arithmetic
 
 
-def lora_trainable(arch: Arch, rank: int, targets: Iterable[str]) -> int:
-    """LoRA parameters: r*(in + out) for every linear layer whose name is a target or ends with '.target'
-    (peft's matching rule), the task head excluded."""
+def lora_targets(arch: Arch, targets: Iterable[str]) -> list[tuple[int, int]]:
+    """(in, out) of every linear layer LoRA adapts: its name is a target or ends with '.target' (peft's
+    matching rule), the task head excluded."""
     targets = list(targets)
-    return sum(rank * (i + o) for n, (i, o, _) in arch.linears.items()
-               if not _is_head(n) and any(n == t or n.endswith("." + t) for t in targets))
+    return [(i, o) for n, (i, o, _) in arch.linears.items()
+            if not _is_head(n) and any(n == t or n.endswith("." + t) for t in targets)]
+
+
+def lora_trainable(arch: Arch, rank: int, targets: Iterable[str]) -> int:
+    """LoRA parameters: r*(in + out) for every adapted linear layer."""
+    return sum(rank * (i + o) for i, o in lora_targets(arch, targets))
 
 
 def training_state_bytes(total_params: float, trainable_params: float, precision: str = "fp32",
@@ -247,9 +252,7 @@ def optimizer_working_bytes(arch: Arch, method: str, rank: int, targets: Iterabl
         return 4.0 * trainable
     if method == "full":
         return 8.0 * arch.largest_param
-    targets = list(targets)
-    lora = [rank * max(i, o) for n, (i, o, _) in arch.linears.items()
-            if not _is_head(n) and any(n == t or n.endswith("." + t) for t in targets)]
+    lora = [rank * max(i, o) for i, o in lora_targets(arch, targets)]
     head = [i * o for n, (i, o, _) in arch.linears.items() if _is_head(n)]
     return 8.0 * max(lora + head + [0])
 
