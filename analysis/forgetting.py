@@ -299,16 +299,9 @@ def make_probe(cfg: Any, model_cfg: Any, tokenizer, task: str | None = None) -> 
 
 def probe_config(name: str, **overrides: Any) -> DictConfig:
     """`conf/forgetting/<name>.yaml` composed through Hydra, with overrides (e.g. max_pairs=64)."""
-    from hydra import compose, initialize_config_dir
+    from bench.config import compose_config
 
-    from bench.record import REPO_ROOT
-
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            config_name="config",
-            overrides=[f"forgetting={name}", *(f"forgetting.{k}={v}" for k, v in overrides.items())],
-        )
-    return cfg.forgetting
+    return compose_config([f"forgetting={name}", *(f"forgetting.{k}={v}" for k, v in overrides.items())]).forgetting
 
 
 def probe_run(run_dir, probe: str = "sts", **overrides: Any) -> dict:

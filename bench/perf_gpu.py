@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from bench import BenchError
-from bench.perf_overhead import compose_cfg
+from bench.config import compose_config
 
 GIB = 2**30
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
                          *(tok if model != "minilm" else []), *args.overrides]
             print(f"== {model} / {method}", flush=True)
             try:
-                records.append(run(compose_cfg(overrides)))
+                records.append(run(compose_config(overrides)))
             except BenchError as exc:
                 notes.append(f"{model}/{method}: {exc}")
                 print(f"skipped: {exc}")

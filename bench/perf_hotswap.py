@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 
+from bench.config import compose_config
 from bench.measure import latency_batch, sync
 from bench.models import load_model
-from bench.record import REPO_ROOT
 from methods import AttachContext, get_method
 from methods.base import is_head_param
 from methods.hotswap import load_adapters, switch
@@ -66,9 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     device = torch.device(args.device)
 
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config",
-                      overrides=[f"model={args.model}", f"method={args.method}", f"rank={args.rank}"])
+    cfg = compose_config([f"model={args.model}", f"method={args.method}", f"rank={args.rank}"])
     with tempfile.TemporaryDirectory() as tmp:
         if args.adapter_dir:
             dirs = {f"adapter{i}": Path(d) for i, d in enumerate(args.adapter_dir)}

@@ -22,29 +22,22 @@ import argparse
 import os
 import time
 import weakref
-from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from analysis.memory import GIB, Setting, arch_from_model_conf, estimate
+from bench.config import compose_config
 from bench.measure import latency_batch
 from bench.models import load_model
 from bench.runner import resolve_device, resolve_precision, seed_everything
 from bench.train import train
 from methods import AttachContext, get_method
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
 KINDS = ("weights", "gradients", "optimizer", "activations+temp")
-
-
-def compose_cfg(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
 
 
 class TensorBytes(TorchDispatchMode):
@@ -180,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for model_name in args.models.split(","):
         for method in args.methods.split(","):
-            cfg = compose_cfg([f"model={model_name}", f"method={method}", f"rank={args.rank}",
+            cfg = compose_config([f"model={model_name}", f"method={method}", f"rank={args.rank}",
                                f"budget.batch_size={args.batch_size}", f"budget.max_seq_len={args.seq_len}",
                                "budget.grad_accum_steps=1", *args.overrides])
             meas = measure(cfg, args.steps)

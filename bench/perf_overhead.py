@@ -22,26 +22,18 @@ import os
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from bench.config import compose_config
 from bench.data import make_loader, subset, tokenize
 from bench.models import load_model, load_tokenizer
 from bench.runner import resolve_device, resolve_precision, seed_everything
 from bench.tasks import get_task, load_task
 from bench.train import autocast_dtype, train
 from methods import AttachContext, get_method
-
-CONF = Path(__file__).resolve().parent.parent / "conf"
-
-
-def compose_cfg(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
 
 
 class CountingCollator:
@@ -243,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = ["method=lora", "task=sst2", f"budget.max_steps={steps}",
                  f"budget.train_samples={max(steps * 32, 2000)}", *(["model=tiny-bert"] if args.quick else []),
                  *args.overrides]
-    cfg = compose_cfg(overrides)
+    cfg = compose_config(overrides)
     s = Setup(cfg, steps)
     print(f"model {cfg.model.name}, LoRA r={cfg.rank}, batch {cfg.budget.batch_size}, max_seq_len "
           f"{cfg.budget.max_seq_len}, {steps} steps per way, device {s.device} ({s.precision}), "

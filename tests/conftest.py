@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+
+from bench.config import compose_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
@@ -34,8 +35,7 @@ TINY = ["model=tiny-bert", "budget=smoke", "measure.latency_iters=3", "measure.l
 def compose_cfg(*overrides: str, results_dir: Path | None = None, tiny: bool = True) -> DictConfig:
     """The real `conf/config.yaml` composed with overrides (tiny test defaults first)."""
     extra = [f"results_dir={results_dir}"] if results_dir is not None else []
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=[*(TINY if tiny else []), *extra, *overrides])
+    return compose_config([*(TINY if tiny else []), *extra, *overrides])
 
 
 @pytest.fixture

@@ -258,17 +258,10 @@ def test_claims_say_which_way_the_figures_point():
 
 def test_report_cpu_sweep_preset_composes():
     """The preset's per-method rank grid resolves, and its sweeper params reach Hydra from the +sweep file."""
-    from hydra import compose, initialize_config_dir
+    from bench.config import compose_config
 
-    from tests.conftest import CONF
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        lora = compose(
-            config_name="config",
-            overrides=["+sweep=report_cpu", "method=lora", "rank_i=2"],
-            return_hydra_config=True,
-        )
-        full = compose(config_name="config", overrides=["+sweep=report_cpu", "method=full", "rank_i=3"])
+    lora = compose_config(["+sweep=report_cpu", "method=lora", "rank_i=2"], hydra=True)
+    full = compose_config(["+sweep=report_cpu", "method=full", "rank_i=3"])
     assert lora.rank == 16 and full.rank == 8
     assert lora.forgetting.probe == "sts" and lora.model.name == "minilm"
     params = lora.hydra.sweeper.params

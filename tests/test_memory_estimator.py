@@ -156,9 +156,10 @@ def test_tensor_bytes_counts_live_storages_once():
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_estimate_matches_the_tensor_memory_the_training_loop_holds(method):
     """The estimator against a measurement of the suite's own loop (fp32 CPU; the autocast path needs a GPU)."""
-    from bench.perf_memory import compose_cfg, estimate_for, measure
+    from bench.config import compose_config
+    from bench.perf_memory import estimate_for, measure
 
-    cfg = compose_cfg(["model=tiny-bert", f"method={method}", "rank=8", "budget.batch_size=8",
+    cfg = compose_config(["model=tiny-bert", f"method={method}", "rank=8", "budget.batch_size=8",
                        "budget.max_seq_len=32", "device=cpu"])
     measured = measure(cfg, steps=2)
     est = estimate_for(cfg, measured["precision"], fused_attention=False, device_type="cpu")

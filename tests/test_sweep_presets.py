@@ -3,9 +3,9 @@ and expand to the number of runs their header promises; the Slurm launcher confi
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from bench.config import compose_config
 from bench.sweep import count_jobs
 from tests.conftest import CONF
 
@@ -13,8 +13,7 @@ PRESETS = {"smoke": 4, "glue_table": 11 * 7 * 3, "rank_study": 5 * 7 * 3}
 
 
 def compose_hydra(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    return compose_config(overrides, hydra=True)
 
 
 @pytest.mark.parametrize("name, runs", PRESETS.items())
