@@ -32,10 +32,10 @@ from torch.utils._pytree import tree_flatten
 from analysis.memory import GIB, Setting, arch_from_model_conf, estimate
 from bench.config import compose_config
 from bench.measure import latency_batch
-from bench.models import load_model
-from bench.runner import resolve_device, resolve_precision, seed_everything
+from bench.perf_overhead import fresh_model
+from bench.runner import resolve_device, resolve_precision
 from bench.train import train
-from methods import AttachContext, get_method
+from methods import get_method
 
 KINDS = ("weights", "gradients", "optimizer", "activations+temp")
 
@@ -101,11 +101,7 @@ def measure(cfg: DictConfig, steps: int) -> dict:
     device = resolve_device(str(cfg.device))
     precision = resolve_precision(str(cfg.precision), device)
     batch_size, seq = int(cfg.budget.batch_size), int(cfg.budget.max_seq_len)
-    seed_everything(int(cfg.seed))
-    model, _ = load_model(cfg.model, 2)
-    method = get_method(cfg.method.name)
-    ctx = AttachContext(rank=int(cfg.rank), model_cfg=cfg.model, num_labels=2, total_steps=steps)
-    model = method.attach(model.to(device), cfg.method, ctx).to(device)
+    model, method = fresh_model(cfg, 2, steps, device), get_method(cfg.method.name)
     batch = latency_batch(model.config.vocab_size, batch_size, seq, device)
     batch["labels"] = torch.arange(batch_size, device=device) % 2
     tracker = TensorBytes(model)

@@ -36,6 +36,15 @@ from bench.train import autocast_dtype, train
 from methods import AttachContext, get_method
 
 
+def fresh_model(cfg: DictConfig, num_labels: int, total_steps: int, device: torch.device):
+    """The base model with the configured method attached, seeded with `seed` as a run is: what each way of a
+    benchmark starts from."""
+    seed_everything(int(cfg.seed))
+    model, _ = load_model(cfg.model, num_labels)
+    ctx = AttachContext(rank=int(cfg.rank), model_cfg=cfg.model, num_labels=num_labels, total_steps=total_steps)
+    return get_method(cfg.method.name).attach(model.to(device), cfg.method, ctx).to(device)
+
+
 class CountingCollator:
     """Wraps a collator and counts the padded tokens it produced: each way must see the same data."""
 
@@ -85,12 +94,7 @@ class Setup:
 
 
     def model(self):
-        seed_everything(int(self.cfg.seed))
-        model, _ = load_model(self.cfg.model, self.task.num_labels)
-        model.to(self.device)
-        ctx = AttachContext(rank=int(self.cfg.rank), model_cfg=self.cfg.model, num_labels=self.task.num_labels,
-                            total_steps=self.steps)
-        return self.method.attach(model, self.cfg.method, ctx).to(self.device)
+        return fresh_model(self.cfg, self.task.num_labels, self.steps, self.device)
 
 
 def _sync(device: torch.device) -> None:
@@ -169,9 +173,7 @@ def run_trainer(s: Setup, steps: int) -> tuple[float, float]:
             max_grad_norm=float(s.cfg.budget.max_grad_norm), logging_steps=int(s.cfg.budget.log_every_steps),
             save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
             seed=int(s.cfg.seed), bf16=s.precision == "bf16", fp16=s.precision == "fp16",
-            use_cpu=s.device.type == "cpu", optim="adamw_torch_fused" if s.device.type == "cuda" else "adamw_torch",
-            # accelerate would otherwise swap the sampler for its own seedable one: other batches than the suite's
-            accelerator_config={"use_seedable_sampler": False})
+            use_cpu=s.device.type == "cpu", optim="adamw_torch_fused" if s.device.type == "cuda" else "adamw_torch")
         trainer = SameOrderTrainer(model=model, args=args, train_dataset=s.features,
                                    data_collator=CountingCollator(DataCollatorWithPadding(s.tokenizer,
                                                                                           return_tensors="pt")),
