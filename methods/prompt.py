@@ -7,12 +7,23 @@ arXiv:2101.00190; P-Tuning v2 for NLU) via peft. `rank` = number of virtual toke
 Neither is identity at init and neither merges. Both lengthen the sequence: with a model of 512
 positions, the longest tokenised example + rank must stay <= 512 (BERT also shifts positions past a prefix):
 the runner checks this on the data before training (`virtual_tokens`).
+
+Prefix tuning and the transformers cache rename: peft (0.21) hands the prefix to the backbone as
+`past_key_values`, and only when that name is in the backbone's `forward` signature. transformers 5.24 renamed
+the argument to `cache` in BERT/RoBERTa (the old name still works, with a deprecation), so peft's check fails
+with "Model does not support past key values". Where the backbone takes `cache` and not `past_key_values`,
+`_accept_past_key_values` gives that one module instance a `forward` that takes the old name and passes it on as
+`cache`; nothing else changes, and with older transformers it does nothing.
 """
 from __future__ import annotations
 
+import inspect
+import types
+from pathlib import Path
 from typing import Any
 
-from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType
+from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType
+from torch import nn
 
 from bench import BenchError
 from bench.models import resolve_source
@@ -69,3 +80,23 @@ class PrefixTuning(PeftMethod):
             kwargs["encoder_hidden_size"] = int(cfg.encoder_hidden_size)
         return PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=int(eff["num_virtual_tokens"]),
                                   prefix_projection=bool(eff["prefix_projection"]), **kwargs)
+
+    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
+        return _accept_past_key_values(super().attach(model, cfg, ctx))
+
+    def load(self, base_model: nn.Module, cfg: Any, ctx: AttachContext, out_dir: Path) -> nn.Module:
+        return _accept_past_key_values(super().load(base_model, cfg, ctx, out_dir))
+
+
+def _forward_with_past_key_values(self: nn.Module, *args: Any, past_key_values: Any = None, **kwargs: Any) -> Any:
+    return type(self).forward(self, *args, cache=past_key_values, **kwargs)
+
+
+def _accept_past_key_values(model: PeftModel) -> PeftModel:
+    """Let peft pass the prefix as `past_key_values` to a backbone whose forward calls it `cache` (module docstring).
+    Bound with MethodType, so a deep copy of the model binds the copy's own backbone."""
+    backbone = model.base_model.get_submodule(model.transformer_backbone_name)
+    params = inspect.signature(backbone.forward).parameters
+    if "past_key_values" not in params and "cache" in params:
+        backbone.forward = types.MethodType(_forward_with_past_key_values, backbone)
+    return model
