@@ -21,8 +21,10 @@ one sample. Per config group:
   unless `--allow-missing`; a missing config says which effective-config keys changed when a config with
   the same task/model/method/rank exists on the other side.
 
-Prints a Markdown table (config, check, baseline, current, delta, verdict) and exits 1 on a regression,
-0 otherwise (2 when an input has no records).
+Above the table it lists what differs between the two sides' environments and inputs: package versions, the
+lock file's hash, and the content fingerprints of data and model files (records from before fingerprints
+were recorded show them as missing). Then it prints a Markdown table (config, check, baseline, current, delta,
+verdict) and exits 1 on a regression, 0 otherwise (2 when an input has no records).
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ MEMORY_COLUMNS = ("memory.train.peak_allocated_bytes", "memory.train.peak_rss_by
 LATENCY_COLUMNS = ("latency.unmerged.p50_ms", "latency.merged.p50_ms")
 THROUGHPUT_COLUMN = "train_samples_per_s"
 LABEL_COLUMNS = ("task", "model", "method", "rank", "lr", "budget")
+PROVENANCE_PREFIXES = ("provenance.versions.", "provenance.lock_sha256", "fingerprints.")
 
 
 def load_side(source: str | Path) -> tuple[pd.DataFrame, dict[str, dict]]:
@@ -272,6 +275,31 @@ def _describe(df: pd.DataFrame, name: str, source: str) -> str:
             f"device {', '.join(devices) or '?'}; torch {', '.join(torch_v) or '?'}")
 
 
+def _values(df: pd.DataFrame, col: str) -> list[str]:
+    if col not in df.columns:
+        return ["missing"]
+    values = df[col].map(lambda v: "missing" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+    return sorted(set(values))
+
+
+def environment_diff(base: pd.DataFrame, cur: pd.DataFrame) -> list[str]:
+    """One line per package version, lock hash or content fingerprint whose values differ between the sides."""
+    columns = sorted({c for df in (base, cur) for c in df.columns if c.startswith(PROVENANCE_PREFIXES)
+                      and not c.endswith("_files")})  # the file lists come with their hash
+
+    def show(values: list[str]) -> str:
+        short = [v[:12] if len(v) == 64 else v for v in values]  # sha256s: a prefix is enough to tell them apart
+        return ", ".join(short[:3]) + (f" (+{len(short) - 3} more)" if len(short) > 3 else "")
+
+    lines = []
+    for col in columns:
+        b, c = _values(base, col), _values(cur, col)
+        if b != c:
+            name = col.removeprefix("provenance.versions.").removeprefix("provenance.")
+            lines.append(f"- {name}: {show(b)} -> {show(c)}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -305,8 +333,12 @@ def main(argv: list[str] | None = None) -> int:
                     time_factor=args.time_factor, ignore_device=args.ignore_device,
                     allow_missing=args.allow_missing, base_configs=base_configs, cur_configs=cur_configs)
     n_reg = int((table["verdict"] == "REGRESSION").sum())
+    differences = environment_diff(base, cur)
     report = "\n".join([
         _describe(base, "baseline", args.baseline), "", _describe(cur, "current", args.current), "",
+        "Environment and inputs that differ (baseline -> current):" if differences else
+        "Environment and inputs: the same package versions, lock and fingerprints on both sides.",
+        *differences, "",
         to_markdown(table), "",
         f"{n_reg} regression(s) in {table['config'].nunique()} configs" if n_reg else
         f"no regression in {table['config'].nunique()} configs",

@@ -1,0 +1,118 @@
+"""Content fingerprints that make data and weights part of a run's identity, and the environment's lock state.
+
+- `rows_sha256`: sha256 of the rows a run trains or evaluates on (after subsetting): text_a, text_b and label of
+  every row, in order, as canonical JSON. An edited or truncated data file under the same name is another run.
+- `model_fingerprint`: sha256 of the files the model is loaded from (weights and config) and, apart, of its
+  tokenizer's files. Another checkpoint under the same model name is another run. A random-init model has no
+  weight files (its weights follow from its config and the seed, both already in the identity); its tokenizer
+  files are still hashed.
+- `lock_state`: sha256 of requirements.lock and the installed packages whose versions differ from it
+  (provenance, not identity: a run on other versions is the same experiment, and `analysis.compare` shows the
+  versions that differ).
+
+File hashes are cached per process by (path, size, mtime), so a sweep hashes each file once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench import BenchError
+from bench.models import resolve_source
+from bench.record import REPO_ROOT
+
+LOCK_FILE = REPO_ROOT / "requirements.lock"
+TOKENIZER_FILES = frozenset({
+    "tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
+})
+_NOT_MODEL = re.compile(r"(^|/)(readme[^/]*|[^/]*\.md|license[^/]*|\.gitattributes|\.[^/]*)$", re.IGNORECASE)
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.gguf"]
+_file_cache: dict[tuple[str, int, int], str] = {}
+
+
+def rows_sha256(df: pd.DataFrame) -> str:
+    """sha256 of the rows (text_a, text_b, label), in order; the same rows give the same hash on any pandas."""
+    rows = list(zip(df["text_a"].tolist(), df["text_b"].tolist(), df["label"].tolist()))
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _file_cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        _file_cache[key] = h.hexdigest()
+    return _file_cache[key]
+
+
+def files_sha256(folder: Path, tokenizer: bool) -> tuple[str | None, list[str]]:
+    """(sha256 over the names and contents, names) of the model's files in `folder`: the tokenizer's files when
+    `tokenizer`, else every other file (weights, config); docs and dotfiles are left out. None when there are none."""
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()
+                   and not _NOT_MODEL.search(str(p.relative_to(folder))) and "__pycache__" not in p.parts)
+    names = [n for n in names if (Path(n).name in TOKENIZER_FILES) == tokenizer]
+    if not names:
+        return None, []
+    h = hashlib.sha256()
+    for name in names:
+        h.update(f"{name}\0{file_sha256(folder / name)}\n".encode())
+    return h.hexdigest(), names
+
+
+def _local_folder(source_cfg: Any) -> Path:
+    path, _ = resolve_source(source_cfg)
+    if os.path.isdir(path):
+        return Path(path)
+    try:  # a Hub id: the cached snapshot (downloaded first when online, as from_pretrained would)
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(path, allow_patterns=_HUB_PATTERNS))
+    except Exception as exc:  # noqa: BLE001 - offline without a cache, unknown id, ...: one line
+        raise BenchError(f"model '{source_cfg.get('name')}': cannot find the files of {path} to fingerprint and "
+                         f"load them (offline? use an offline model such as model=minilm): "
+                         f"{type(exc).__name__}") from exc
+
+
+def model_fingerprint(model_cfg: Any) -> dict[str, Any]:
+    """`model_files_sha256` (None for a random-init model) and `tokenizer_files_sha256`, with the file names."""
+    out: dict[str, Any] = {"model_files_sha256": None, "model_files": []}
+    if not model_cfg.get("random_init"):
+        out["model_files_sha256"], out["model_files"] = files_sha256(_local_folder(model_cfg), tokenizer=False)
+    tok_folder = _local_folder(model_cfg.get("tokenizer_from") or model_cfg)
+    out["tokenizer_files_sha256"], out["tokenizer_files"] = files_sha256(tok_folder, tokenizer=True)
+    return out
+
+
+def read_lock(path: Path = LOCK_FILE) -> dict[str, str]:
+    """{normalised package name: pinned version} from a pip constraints file."""
+    pins = {}
+    for line in path.read_text().splitlines():
+        name, sep, version = line.split("#")[0].strip().partition("==")
+        if sep:
+            pins[_normalise(name)] = version.strip()
+    return pins
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def lock_state(path: Path = LOCK_FILE) -> dict[str, Any]:
+    """sha256 of the lock file and the installed packages that differ from it (name: installed vs locked)."""
+    if not path.is_file():
+        return {"lock_sha256": None, "lock_mismatches": None}
+    installed = {_normalise(d.metadata["Name"]): d.version for d in metadata.distributions() if d.metadata["Name"]}
+    mismatches = {name: f"{installed[name]} (lock {version})" for name, version in sorted(read_lock(path).items())
+                  if name in installed and installed[name] != version}
+    return {"lock_sha256": file_sha256(path), "lock_mismatches": mismatches}
