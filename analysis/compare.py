@@ -8,9 +8,13 @@ carry it as `config_group`, older ones get it from `effective_config`), so the s
 one sample. Per config group:
 
 - metric (`main_metric_value`, higher is better; `--metric` adds columns, and a name containing `loss`
-  is lower-is-better): REGRESSION when the current mean is worse by at least `--min-effect` and, with
-  >= 2 seeds on both sides, Welch's t-test (one-sided) gives p < `--alpha`; with fewer seeds, when it
-  is worse by more than `--tolerance`. Identical seeds on both sides (zero variance) count as significant.
+  is lower-is-better): REGRESSION when the current mean is worse by at least `--min-effect` and
+  - both sides ran the same seeds: paired by seed. Identical runs compare exactly (no difference: ok); with
+    >= 2 seeds a one-sided paired t-test gives p < `--alpha` (equal differences on every seed count as
+    significant); with one seed, the drop exceeds `--tolerance`;
+  - the seeds differ and both sides have >= 2: Welch's t-test (one-sided) gives p < `--alpha`;
+  - the seeds differ and a side has one: no verdict, "inconclusive: different seeds, n=1" (a seed change moves
+    a small run by more than any fixed tolerance; run the same seeds, or more of them).
 - memory (peak during training: CUDA peak allocated, CPU peak RSS; median over seeds): REGRESSION when
   current > baseline x (1 + `--memory-tol`).
 - speed (inference latency p50 unmerged, and merged where present; training samples/s): REGRESSION when
@@ -133,21 +137,66 @@ def _fmt(values: np.ndarray, unit: str = "") -> str:
     return f"{mean:.4g} ± {values.std(ddof=1) / scale:.2g}{suffix} (n={len(values)})"
 
 
+def _one_sided_p(worse: float, p_worse: float, p_better: float, deterministic: bool) -> tuple[float, float]:
+    if deterministic:  # no spread: any difference is real
+        return (0.0, 1.0) if worse > 0 else ((1.0, 0.0) if worse < 0 else (1.0, 1.0))
+    return p_worse, p_better
+
+
+def paired_check(base: pd.Series, cur: pd.Series, higher_is_better: bool, *, alpha: float, min_effect: float,
+                 tolerance: float) -> tuple[str, str]:
+    """(delta text, verdict) for a metric over the same seeds on both sides (Series indexed by seed)."""
+    diff = (cur - base.reindex(cur.index)).to_numpy(float)
+    delta = float(diff.mean())
+    worse = -delta if higher_is_better else delta
+    if np.all(diff == 0):
+        return f"{delta:+.4g} (paired, {len(diff)} seed(s): identical)", "ok"
+    if len(diff) == 1:
+        text = f"{delta:+.4g} (paired, 1 seed: tolerance {max(tolerance, min_effect):g})"
+        if worse > max(tolerance, min_effect):
+            return text, "REGRESSION"
+        return text, "improved" if -worse > max(tolerance, min_effect) else "ok"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        tail, other = ("less", "greater") if higher_is_better else ("greater", "less")
+        p_worse, p_better = _one_sided_p(worse, float(stats.ttest_1samp(diff, 0.0, alternative=tail).pvalue),
+                                         float(stats.ttest_1samp(diff, 0.0, alternative=other).pvalue),
+                                         deterministic=np.ptp(diff) == 0)
+    text = f"{delta:+.4g} (paired, {len(diff)} seeds, p={p_worse:.2g})"
+    if worse >= min_effect and p_worse < alpha:
+        return text, "REGRESSION"
+    if -worse >= min_effect and p_better < alpha:
+        return text, "improved"
+    return text, "ok"
+
+
+def seed_check(base: pd.Series, cur: pd.Series, higher_is_better: bool, *, alpha: float, min_effect: float,
+               tolerance: float) -> tuple[str, str]:
+    """(delta text, verdict) for a metric over seeds (Series indexed by seed): paired when both sides ran the same
+    seeds, Welch's test when both have >= 2 different ones, else inconclusive."""
+    base, cur = base.groupby(level=0).mean(), cur.groupby(level=0).mean()
+    kwargs = {"alpha": alpha, "min_effect": min_effect, "tolerance": tolerance}
+    if set(base.index) == set(cur.index):
+        return paired_check(base, cur, higher_is_better, **kwargs)
+    if len(base) >= 2 and len(cur) >= 2:
+        return metric_check(base.to_numpy(float), cur.to_numpy(float), higher_is_better, **kwargs)
+    n = min(len(base), len(cur))
+    return f"{float(cur.mean() - base.mean()):+.4g}", f"inconclusive: different seeds, n={n}"
+
+
 def metric_check(base: np.ndarray, cur: np.ndarray, higher_is_better: bool, *, alpha: float,
                  min_effect: float, tolerance: float) -> tuple[str, str]:
-    """(delta text, verdict) for a metric over seeds."""
+    """(delta text, verdict) for a metric over seeds, unpaired (Welch's test with >= 2 seeds a side)."""
     delta = float(cur.mean() - base.mean())
     worse = -delta if higher_is_better else delta  # > 0: current is worse
     if len(base) >= 2 and len(cur) >= 2:
-        if np.ptp(base) == 0 and np.ptp(cur) == 0:  # deterministic runs: any difference is real
-            p_worse, p_better = (0.0, 1.0) if worse > 0 else ((1.0, 0.0) if worse < 0 else (1.0, 1.0))
-        else:
-            tail = "less" if higher_is_better else "greater"
-            other = "greater" if higher_is_better else "less"
-            with warnings.catch_warnings():  # one side with identical seeds: scipy warns, the test holds
-                warnings.simplefilter("ignore", RuntimeWarning)
-                p_worse = float(stats.ttest_ind(cur, base, equal_var=False, alternative=tail).pvalue)
-                p_better = float(stats.ttest_ind(cur, base, equal_var=False, alternative=other).pvalue)
+        tail, other = ("less", "greater") if higher_is_better else ("greater", "less")
+        with warnings.catch_warnings():  # one side with identical seeds: scipy warns, the test holds
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p_worse, p_better = _one_sided_p(
+                worse, float(stats.ttest_ind(cur, base, equal_var=False, alternative=tail).pvalue),
+                float(stats.ttest_ind(cur, base, equal_var=False, alternative=other).pvalue),
+                deterministic=np.ptp(base) == 0 and np.ptp(cur) == 0)
         text = f"{delta:+.4g} (p={p_worse:.2g})"
         if worse >= min_effect and p_worse < alpha:
             return text, "REGRESSION"
@@ -158,6 +207,14 @@ def metric_check(base: np.ndarray, cur: np.ndarray, higher_is_better: bool, *, a
     if worse > max(tolerance, min_effect):
         return text, "REGRESSION"
     return text, "improved" if -worse > max(tolerance, min_effect) else "ok"
+
+
+def _by_seed(runs: pd.DataFrame, column: str) -> pd.Series:
+    """The column's values indexed by seed (runs without a seed get distinct negative ones: never paired)."""
+    seeds = runs["seed"] if "seed" in runs.columns else pd.Series(np.nan, index=runs.index)
+    seeds = [int(s) if pd.notna(s) else -1 - i for i, s in enumerate(seeds)]
+    values = pd.Series(pd.to_numeric(runs[column], errors="coerce").to_numpy(float), index=seeds)
+    return values.dropna()
 
 
 def ratio_check(base: np.ndarray, cur: np.ndarray, limit: float, higher_is_worse: bool) -> tuple[str, str]:
@@ -208,14 +265,13 @@ def compare(base: pd.DataFrame, cur: pd.DataFrame, *, metrics: list[str], alpha:
         for metric in metrics:
             if metric not in b.columns or metric not in c.columns:
                 continue
-            bv = pd.to_numeric(b[metric], errors="coerce").dropna().to_numpy(float)
-            cv = pd.to_numeric(c[metric], errors="coerce").dropna().to_numpy(float)
-            if len(bv) == 0 or len(cv) == 0:
+            bs, cs = _by_seed(b, metric), _by_seed(c, metric)
+            if bs.empty or cs.empty:
                 continue
-            delta, verdict = metric_check(bv, cv, "loss" not in metric, alpha=alpha, min_effect=min_effect,
-                                          tolerance=tolerance)
-            rows.append({"config": label, "check": metric, "baseline": _fmt(bv), "current": _fmt(cv),
-                         "delta": delta, "verdict": verdict})
+            delta, verdict = seed_check(bs, cs, "loss" not in metric, alpha=alpha, min_effect=min_effect,
+                                        tolerance=tolerance)
+            rows.append({"config": label, "check": metric, "baseline": _fmt(bs.to_numpy(float)),
+                         "current": _fmt(cs.to_numpy(float)), "delta": delta, "verdict": verdict})
 
         same = _same_device(b, c)
         perf = [("peak memory (train)", "_memory", 1 + memory_tol, True, "bytes")]

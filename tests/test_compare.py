@@ -129,3 +129,30 @@ def _arr(values):
     import numpy as np
 
     return np.asarray(values, dtype=float)
+
+
+def test_same_seeds_are_paired_so_a_consistent_drop_under_seed_noise_is_found(tmp_path):
+    # Seeds spread 0.70..0.90 (Welch's test sees nothing), but every seed dropped by 1.5-2 points.
+    base = [record(1, 0.70), record(2, 0.80), record(3, 0.90)]
+    code, report = run_compare(tmp_path, base, [record(1, 0.68), record(2, 0.785), record(3, 0.882)])
+    assert code == 1 and verdicts(report)["main_metric_value"] == "REGRESSION" and "paired, 3 seeds" in report
+    identical = run_compare(tmp_path / "again", base, [record(1, 0.70), record(2, 0.80), record(3, 0.90)])
+    assert identical[0] == 0 and "paired, 3 seed(s): identical" in identical[1]
+
+
+def test_different_single_seeds_are_inconclusive_not_a_regression(tmp_path):
+    """The committed smoke baseline's seed-1 runs as baseline and its seed-2 runs as current (same code, same
+    machine): a seed change is not a regression."""
+    import shutil
+
+    from tests.conftest import REPO
+
+    for seed, side in ((1, "base"), (2, "cur")):
+        for folder in (REPO / "results" / "baselines" / "cpu-smoke").glob(f"*-s{seed}-*"):
+            shutil.copytree(folder, tmp_path / side / folder.name)
+    code = main(["--baseline", str(tmp_path / "base"), "--current", str(tmp_path / "cur"),
+                 "--out", str(tmp_path / "report.md")])
+    report = (tmp_path / "report.md").read_text()
+    # seed groups differ by config_group only in the seed, so the two sides pair up by config
+    assert code == 0 and "REGRESSION" not in report, report
+    assert report.count("inconclusive: different seeds, n=1") == 2, report
