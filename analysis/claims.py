@@ -9,9 +9,12 @@ Rules (also printed with each verdict):
   x 100) or better. Supported when the best LoRA rank matches on every task; partly when on some.
 - "LoRA does not forget": LoRA's forgetting (probe before − after, x 100) at every rank is at most 1 point.
   Also says whether LoRA forgets less than full fine-tuning.
-- "merged LoRA adds no latency": the median over LoRA runs of merged p50 / base p50 is at most
+- "merged LoRA adds no latency": the median over LoRA runs of merged / base latency is at most
   1 + max(5%, the base model's own p95/p50 spread); not enough data when that spread exceeds 25%.
-  Unmerged / base is shown beside it.
+  The ratio of a run is the median over its interleaved rounds of merged / base (paired by round, so a slow
+  spell of a shared machine cancels out; records from before it existed: the p50 ratio). Runs whose rounds
+  disagree by more than 2 x `measure.latency_noise_tol` (`latency.merged_over_base_too_noisy`) are left out;
+  when no run is left, the verdict is "too noisy to tell". Unmerged / base is shown beside it.
 - "intruders grow as rank falls": over LoRA runs analysed at three or more ranks, Spearman's ρ between rank
   and intruder count is negative and the lowest rank has more intruders than the highest.
 """
@@ -36,7 +39,7 @@ MAX_NOISE = 0.25  # base p95/p50 above 1.25: too noisy to judge a few-percent cl
 @dataclass
 class Claim:
     claim: str
-    verdict: str  # supported | partly supported | not supported | not enough data
+    verdict: str  # supported | partly supported | not supported | not enough data | too noisy to tell
     lines: list[str] = field(default_factory=list)
     rule: str = ""
 
@@ -153,18 +156,40 @@ def lora_does_not_forget(df: pd.DataFrame) -> Claim:
     return Claim(claim, "supported" if worst <= FORGET_POINTS else "not supported", lines, rule)
 
 
+def _flag(df: pd.DataFrame, column: str) -> pd.Series:
+    """A boolean column that older records lack (False there)."""
+    if column not in df:
+        return pd.Series(False, index=df.index)
+    return df[column].map(lambda v: v is True or v == 1.0).astype(bool)
+
+
+def _ratio(df: pd.DataFrame, variant: str) -> pd.Series:
+    """Per run: `variant` / base latency paired by round where recorded, else the ratio of p50s."""
+    p50 = df[f"latency.{variant}.p50_ms"] / df["latency.base.p50_ms"]
+    column = f"latency.{variant}_over_base_ratio"
+    return pd.to_numeric(df[column], errors="coerce").fillna(p50) if column in df else p50
+
+
 def merged_lora_no_latency(df: pd.DataFrame) -> Claim:
     claim = "merged LoRA adds no latency"
     rule = (
-        f"median over LoRA runs of merged p50 / base p50 ≤ 1 + max({LATENCY_TOL:.0%}, the base model's "
-        f"median p95/p50 − 1)"
+        f"median over LoRA runs of merged / base (paired by round) ≤ 1 + max({LATENCY_TOL:.0%}, the base "
+        f"model's median p95/p50 − 1); runs flagged too noisy (rounds disagree) left out"
     )
     need = ["latency.base.p50_ms", "latency.merged.p50_ms"]
     lora = df[df["method"] == "lora"]
     if lora.empty or any(c not in lora.columns for c in need) or lora[need].isna().any(axis=1).all():
         return Claim(claim, "not enough data", ["no LoRA run with base and merged latency"], rule)
     lora = lora.dropna(subset=need)
-    merged = lora["latency.merged.p50_ms"] / lora["latency.base.p50_ms"]
+    noisy = _flag(lora, "latency.merged_over_base_too_noisy")
+    if noisy.all():
+        return Claim(claim, "too noisy to tell", [
+            f"the interleaved latency rounds of all {len(lora)} LoRA runs disagree by more than twice "
+            f"measure.latency_noise_tol (their merged / base medians: {_ratio(lora, 'merged').round(3).tolist()}); "
+            "re-measure on a quiet machine (cpu_threads=1, more measure.latency_rounds)"], rule)
+    left_out = int(noisy.sum())
+    lora = lora[~noisy]
+    merged = _ratio(lora, "merged")
     noise = (
         float((lora["latency.base.p95_ms"] / lora["latency.base.p50_ms"] - 1).median())
         if "latency.base.p95_ms" in lora
@@ -187,14 +212,14 @@ def merged_lora_no_latency(df: pd.DataFrame) -> Claim:
         )
     lines = [
         (
-            f"merged / base p50: median {merged.median():.3f} (range {merged.min():.3f}–{merged.max():.3f}) "
-            f"over {len(lora)} LoRA runs"
+            f"merged / base: median {merged.median():.3f} (range {merged.min():.3f}–{merged.max():.3f}) "
+            f"over {len(lora)} LoRA runs" + (f" ({left_out} too noisy to use, left out)" if left_out else "")
         )
     ]
     if "latency.unmerged.p50_ms" in lora:
-        unmerged = lora["latency.unmerged.p50_ms"] / lora["latency.base.p50_ms"]
+        unmerged = _ratio(lora, "unmerged")
         lines.append(
-            f"unmerged / base p50: median {unmerged.median():.3f} (range {unmerged.min():.3f}–"
+            f"unmerged / base: median {unmerged.median():.3f} (range {unmerged.min():.3f}–"
             f"{unmerged.max():.3f})"
         )
     lines.append(

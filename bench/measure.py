@@ -224,11 +224,39 @@ def latency_interleaved(models: dict[str, nn.Module], batch: dict[str, torch.Ten
     rounds = max(1, min(rounds, iters))
     per_round = [iters // rounds + (1 if r < iters % rounds else 0) for r in range(rounds)]
     times: dict[str, list[float]] = {n: [] for n in names}
+    round_p50: dict[str, list[float]] = {n: [] for n in names}
     with _inference(device, autocast_dtype):
         for r, n_iters in enumerate(per_round):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                times[name] += [_timed_forward_ms(models[name], batch, device) for _ in range(n_iters)]
-    return {name: {**latency_stats(times[name]), **info[name], "rounds": rounds} for name in names}
+                block = [_timed_forward_ms(models[name], batch, device) for _ in range(n_iters)]
+                times[name] += block
+                round_p50[name].append(float(np.median(block)))
+    return {name: {**latency_stats(times[name]), **info[name], "rounds": rounds, "round_p50_ms": round_p50[name]}
+            for name in names}
+
+
+def latency_ratios(latency: dict[str, dict[str, Any]], base: str = "base", noise_tol: float = 0.05
+                   ) -> dict[str, Any]:
+    """Each model's latency relative to `base`, robust to a shared machine. The models are timed in interleaved
+    rounds, so a slow spell hits all of them in the same round: `<name>_over_base_ratio` is the median over rounds
+    of the round's median pass time / base's in that round, with the rounds' smallest and largest ratio
+    (`..._ratio_min` / `..._ratio_max`) and the ratio of the fastest passes (`..._min_ms_ratio`, what the hardware
+    can do). `<name>_over_base_too_noisy` is true when the rounds disagree by more than 2 x `noise_tol`
+    (max - min): the ratio then cannot tell a few-percent overhead from noise. `..._p50_ratio` is the plain
+    ratio of p50s, kept for older readers."""
+    out: dict[str, Any] = {}
+    ref = latency[base]
+    for name, stats in latency.items():
+        if name == base:
+            continue
+        out[f"{name}_over_base_p50_ratio"] = stats["p50_ms"] / ref["p50_ms"]
+        out[f"{name}_over_base_min_ms_ratio"] = stats["min_ms"] / ref["min_ms"]
+        rounds = np.asarray(stats["round_p50_ms"], float) / np.asarray(ref["round_p50_ms"], float)
+        out[f"{name}_over_base_ratio"] = float(np.median(rounds))
+        out[f"{name}_over_base_ratio_min"] = float(rounds.min())
+        out[f"{name}_over_base_ratio_max"] = float(rounds.max())
+        out[f"{name}_over_base_too_noisy"] = bool(rounds.max() - rounds.min() > 2 * noise_tol)
+    return out
 
 
 def latency_batch(vocab_size: int, batch_size: int, seq_len: int, device: torch.device) -> dict[str, torch.Tensor]:

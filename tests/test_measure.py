@@ -191,3 +191,27 @@ def test_param_count_unpacks_4bit_parameters():
 
     packed = Params4bit(torch.zeros(50, dtype=torch.uint8), requires_grad=False)
     assert param_count(packed) == 100 and param_count(nn.Parameter(torch.zeros(3, 4))) == 12
+
+
+def test_latency_ratio_pairs_rounds_so_a_slow_spell_is_not_an_overhead():
+    """The issue's case: on a busy machine merged/base p50 read 1.16 while the fastest passes were equal. Paired by
+    round, the slow spell (round 2 for base, round 3 for merged) cancels out or is flagged, never a verdict."""
+    def stats(p50, mn, rounds):
+        return {"p50_ms": p50, "min_ms": mn, "round_p50_ms": rounds}
+
+    lat = {"base": stats(542.0, 540.0, [541.0, 702.0, 545.0, 543.0]),
+           "merged": stats(629.0, 539.0, [540.0, 700.0, 546.0, 541.0]),
+           "unmerged": stats(560.0, 554.0, [556.0, 722.0, 900.0, 555.0])}
+    r = M.latency_ratios(lat)
+    assert r["merged_over_base_p50_ratio"] > 1.15  # the misleading figure
+    assert 0.99 < r["merged_over_base_ratio"] < 1.01 and not r["merged_over_base_too_noisy"]
+    assert abs(r["merged_over_base_min_ms_ratio"] - 539 / 540) < 1e-12
+    assert r["unmerged_over_base_too_noisy"]  # one round 1.65x: the rounds disagree, no verdict
+    assert r["unmerged_over_base_ratio_max"] > 1.6 and r["unmerged_over_base_ratio_min"] < 1.03
+
+
+def test_interleaved_latency_keeps_each_rounds_median():
+    out = M.latency_interleaved({"a": nn.Identity(), "b": nn.Identity()}, {"input": torch.zeros(1)},
+                                warmup_iters=0, iters=8, device=torch.device("cpu"), rounds=4)
+    assert [len(out[n]["round_p50_ms"]) for n in ("a", "b")] == [4, 4]
+    assert set(M.latency_ratios(out, base="a")) >= {"b_over_base_ratio", "b_over_base_too_noisy"}
