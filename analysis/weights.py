@@ -89,12 +89,10 @@ def base_model(record: dict, cfg: DictConfig) -> nn.Module:
 
 
 def attach_context(record: dict, cfg: DictConfig):
-    from methods import AttachContext
+    from bench.models import attach_context as context
 
     steps = int((record.get("train") or {}).get("steps") or cfg.budget.get("max_steps") or 1)
-    return AttachContext(
-        rank=record.get("rank"), model_cfg=cfg.model, num_labels=task_num_labels(record), total_steps=steps
-    )
+    return context(cfg.model, record.get("rank"), task_num_labels(record), steps)
 
 
 def tuned_model(run_dir: str | Path, base: nn.Module | None = None, merge: bool = True) -> nn.Module:

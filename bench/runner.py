@@ -44,11 +44,11 @@ from bench.measure import (
     peak_memory_summary,
     release_memory,
 )
-from bench.models import load_model, load_tokenizer
+from bench.models import attach_context, load_model, load_tokenizer
 from bench.record import SCHEMA_VERSION, config_group, config_hash, provenance, read_record, write_json_atomic
 from bench.tasks import Task, get_task, load_task
 from bench.train import NonFiniteLoss, autocast_dtype, predict, to_predictions, total_steps, train
-from methods import AttachContext, Method, get_method
+from methods import Method, get_method
 from methods.base import count_params, tensor_bytes
 
 RECORD = "record.json"
@@ -371,7 +371,7 @@ def _execute(p: Plan) -> dict:
 
     probe = None
     if cfg.get("forgetting"):  # analysis/forgetting.py: the same probe before attaching and after training
-        from analysis.forgetting import make_probe
+        from bench.probes import make_probe
         probe = make_probe(cfg.forgetting, cfg.model, tokenizer, p.task.name)
 
     load_kwargs = p.method.load_kwargs(cfg.method, cfg.model, p.device)  # e.g. QLoRA's 4-bit quantisation
@@ -389,7 +389,7 @@ def _execute(p: Plan) -> dict:
     amp = autocast_dtype(p.precision)
 
     steps = total_steps(len(train_loader), budget)
-    ctx = AttachContext(rank=p.rank, model_cfg=cfg.model, num_labels=p.task.num_labels, total_steps=steps)
+    ctx = attach_context(cfg.model, p.rank, p.task.num_labels, steps)
     model = p.method.attach(model, cfg.method, ctx)
     model.to(p.device)
     out.update(count_params(model, head))

@@ -30,6 +30,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from bench import BenchError
 from bench.measure import sync
+from bench.precision import autocast, autocast_dtype
 from methods.base import Method, is_head_param
 
 
@@ -59,10 +60,6 @@ def total_steps(n_batches: int, budget: Any) -> int:
     if budget.max_steps:
         return int(budget.max_steps)
     return int(math.ceil(n_batches / budget.grad_accum_steps) * budget.epochs)
-
-
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -138,7 +135,7 @@ def train(model: nn.Module, method: Method, loader, *, lr: float, weight_decay: 
             n_tokens = int(batch["attention_mask"].sum()) if timed else 0
             res.max_batch_seq_len = max(res.max_batch_seq_len, int(seq_len))
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with autocast(device, amp_dtype):
                 loss = model(**batch).loss / accum
             if fault == "nan" and res.steps == 2:
                 loss = loss * float("nan")
@@ -224,7 +221,7 @@ def predict(model: nn.Module, loader, device: torch.device, precision: str) -> t
     logits, labels, loss_sum, n = [], [], 0.0, 0
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             out = model(**batch)
         bs = batch["labels"].shape[0]
         loss_sum += float(out.loss) * bs

@@ -23,8 +23,8 @@ from peft import AdaLoraConfig, PeftModel, TaskType
 from peft.tuners.adalora import AdaLoraModel
 from torch import nn
 
-from bench import BenchError
 from methods.base import AttachContext, register
+from methods.errors import BenchError
 from methods.peft_common import PeftMethod
 
 

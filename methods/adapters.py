@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from bench import BenchError
 from methods.base import AttachContext, Method, freeze_all_but_head, is_head_param, register
+from methods.errors import BenchError
 
 
 class Bottleneck(nn.Module):

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bench import BenchError
+from methods.errors import BenchError
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class AttachContext:
     model_cfg: Any  # conf/model/*.yaml: module names per family
     num_labels: int
     total_steps: int  # optimiser steps the loop will take (AdaLoRA's schedule needs it)
+    tokenizer_path: str | None = None  # where the model's tokenizer loads from (prompt tuning's text init)
 
 
 class Method:

@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import nn
 
-from bench import BenchError
 from methods.base import AttachContext, Method, freeze_all_but_head, register
+from methods.errors import BenchError
 
 
 def bias_names(model: nn.Module, head: str, include_layer_norm_bias: bool) -> list[str]:

@@ -11,8 +11,8 @@ from typing import Any
 from peft import PeftConfig, PeftModel, get_peft_model
 from torch import nn
 
-from bench import BenchError
 from methods.base import AttachContext, Method
+from methods.errors import BenchError
 
 
 class PeftMethod(Method):

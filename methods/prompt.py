@@ -14,9 +14,8 @@ from typing import Any
 
 from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType
 
-from bench import BenchError
-from bench.models import resolve_source
 from methods.base import AttachContext, register
+from methods.errors import BenchError
 from methods.peft_common import PeftMethod
 
 _INITS = {"random": PromptTuningInit.RANDOM, "sample_vocab": PromptTuningInit.SAMPLE_VOCAB,
@@ -43,8 +42,9 @@ class PromptTuning(PeftMethod):
         kwargs: dict[str, Any] = {}
         if eff["init"] == "text":
             # peft tokenises the text and repeats/truncates it to num_virtual_tokens tokens.
-            kwargs = {"prompt_tuning_init_text": str(cfg.init_text),
-                      "tokenizer_name_or_path": resolve_source(ctx.model_cfg.get("tokenizer_from") or ctx.model_cfg)[0]}
+            if not ctx.tokenizer_path:
+                raise BenchError("prompt_tuning: init=text needs the tokenizer's path in the attach context")
+            kwargs = {"prompt_tuning_init_text": str(cfg.init_text), "tokenizer_name_or_path": ctx.tokenizer_path}
         return PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=int(eff["num_virtual_tokens"]),
                                   prompt_tuning_init=_INITS[eff["init"]], **kwargs)
 

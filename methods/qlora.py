@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench import BenchError
 from methods.base import AttachContext, register
+from methods.errors import BenchError
 from methods.lora import Lora
 
 

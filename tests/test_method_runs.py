@@ -99,7 +99,7 @@ def test_hot_swap_refuses_non_peft_folders(make_cfg, tmp_path):
 
 
 def test_hot_swap_benchmark_script_runs(capsys):
-    from bench.perf_hotswap import main
+    from bench.perf.hotswap import main
 
     main(["--iters", "5", "--n-adapters", "2", "--seq-len", "16", "--batch-size", "2", "--device", "cpu"])
     out = capsys.readouterr().out

@@ -1,9 +1,9 @@
 """Overhead benchmark: the suite's training loop vs a minimal hand-written PEFT loop vs transformers' Trainer.
 
-    python -m bench.perf_overhead                 # 200 LoRA steps of MiniLM on SST-2, each way
-    python -m bench.perf_overhead --steps 100 --repeats 2
-    python -m bench.perf_overhead --quick         # tiny random-init model, 20 steps: checks the script runs
-    python -m bench.perf_overhead --data-only     # tokenisation and loader time vs step time
+    python -m bench.perf.overhead                 # 200 LoRA steps of MiniLM on SST-2, each way
+    python -m bench.perf.overhead --steps 100 --repeats 2
+    python -m bench.perf.overhead --quick         # tiny random-init model, 20 steps: checks the script runs
+    python -m bench.perf.overhead --data-only     # tokenisation and loader time vs step time
 
 Same model (fresh copy per way), same LoRA config, same tokenised rows, batch size, sequence cap, learning
 rate schedule, gradient clipping, precision and seed. All three draw the same batches in the same order (Trainer
@@ -29,11 +29,12 @@ from omegaconf import DictConfig
 
 from bench.config import compose_config
 from bench.data import make_loader, subset, tokenize
-from bench.models import load_model, load_tokenizer
+from bench.models import attach_context, load_model, load_tokenizer
+from bench.precision import autocast, autocast_dtype
 from bench.runner import resolve_device, resolve_precision, seed_everything
 from bench.tasks import get_task, load_task
-from bench.train import autocast_dtype, train
-from methods import AttachContext, get_method
+from bench.train import train
+from methods import get_method
 
 
 def fresh_model(cfg: DictConfig, num_labels: int, total_steps: int, device: torch.device):
@@ -41,7 +42,7 @@ def fresh_model(cfg: DictConfig, num_labels: int, total_steps: int, device: torc
     benchmark starts from."""
     seed_everything(int(cfg.seed))
     model, _ = load_model(cfg.model, num_labels)
-    ctx = AttachContext(rank=int(cfg.rank), model_cfg=cfg.model, num_labels=num_labels, total_steps=total_steps)
+    ctx = attach_context(cfg.model, int(cfg.rank), num_labels, total_steps)
     return get_method(cfg.method.name).attach(model.to(device), cfg.method, ctx).to(device)
 
 
@@ -129,7 +130,7 @@ def run_bare(s: Setup, steps: int) -> tuple[float, float]:
     start, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         batch = {k: v.to(s.device, non_blocking=True) for k, v in next(batches).items()}
-        with torch.autocast(s.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with autocast(s.device, amp):
             loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, float(s.cfg.budget.max_grad_norm))

@@ -1,8 +1,8 @@
 """Memory estimator vs the tensor memory the suite's training loop really holds, on any device (CPU included).
 
-    python -m bench.perf_memory                      # minilm and bert-base-random, full and lora r=8, 32 x 128, fp32
-    python -m bench.perf_memory --models minilm,bert-large-random --methods lora --batch-size 8 --seq-len 256
-    python -m bench.perf_memory --quick              # tiny-bert, a check that the script runs
+    python -m bench.perf.memory                      # minilm and bert-base-random, full and lora r=8, 32 x 128, fp32
+    python -m bench.perf.memory --models minilm,bert-large-random --methods lora --batch-size 8 --seq-len 256
+    python -m bench.perf.memory --quick              # tiny-bert, a check that the script runs
 
 For each model and method it builds the model through the suite (conf/model + methods registry), runs
 `bench.train.train` (the one loop every run uses: AdamW, clipping, scheduler) for a few optimiser steps on a
@@ -13,7 +13,7 @@ no Python or library memory). It then prints the estimate of `analysis.memory` f
 ratio, and both split by kind (weights, gradients, optimiser states, activations + temporaries) at the peak.
 
 On CPU the suite trains in fp32, so this checks the fp32 arithmetic (weights, gradients, AdamW moments,
-activation coefficients); the autocast (`amp`) path needs a GPU: `python -m bench.perf_gpu`. A benchmark script
+activation coefficients); the autocast (`amp`) path needs a GPU: `python -m bench.perf.gpu`. A benchmark script
 that prints figures, not a test.
 """
 from __future__ import annotations
@@ -29,10 +29,10 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from analysis.memory import GIB, Setting, arch_from_model_conf, estimate
 from bench.config import compose_config
 from bench.measure import latency_batch
-from bench.perf_overhead import fresh_model
+from bench.memory_estimate import GIB, Setting, arch_from_model_conf, estimate
+from bench.perf.overhead import fresh_model
 from bench.runner import resolve_device, resolve_precision
 from bench.train import train
 from methods import get_method
