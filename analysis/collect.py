@@ -109,11 +109,9 @@ def _first_present(df: pd.DataFrame, columns: list[str]) -> tuple[pd.Series, pd.
 
 
 # Peak training memory: CUDA peak allocated when measured, else the CPU process's peak RSS.
-MEMORY_COLUMNS = ["memory.train.peak_allocated_bytes", "memory.train.peak_rss_bytes",
-                  "memory.train.lifetime_peak_rss_bytes"]
+MEMORY_COLUMNS = ["memory.train.peak_allocated_bytes", "memory.train.peak_rss_bytes"]
 MEMORY_KIND = {"memory.train.peak_allocated_bytes": "CUDA peak allocated",
-               "memory.train.peak_rss_bytes": "CPU peak RSS of the process",
-               "memory.train.lifetime_peak_rss_bytes": "CPU lifetime peak RSS of the process"}
+               "memory.train.peak_rss_bytes": "CPU peak RSS of the process"}
 
 
 def add_derived(df: pd.DataFrame) -> pd.DataFrame:

@@ -10,7 +10,7 @@ from peft import LoraConfig, TaskType, get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, RobertaConfig
 
 from analysis import memory as mem
-from bench.record import write_json_atomic
+from bench.record import RECORD_FILE, write_json_atomic
 from bench.runner import plan
 
 
@@ -104,7 +104,7 @@ def test_estimate_vs_measured_from_a_record(make_cfg, tmp_path):
            "effective_config": {**p.effective, "device_type": "cuda", "precision": "bf16"},
            "train": {"max_batch_seq_len": 24},
            "memory": {"train": {"kind": "cuda", "peak_allocated_bytes": int(est["peak_bytes"] / 1.1)}}}
-    write_json_atomic(tmp_path / "runs" / p.run_id / "record.json", json.loads(json.dumps(rec, default=str)))
+    write_json_atomic(tmp_path / "runs" / p.run_id / RECORD_FILE, json.loads(json.dumps(rec, default=str)))
     rows = mem.compare_records(str(tmp_path / "runs"))
     assert len(rows) == 1 and rows[0]["estimate_over_measured_ratio"] == pytest.approx(1.1, rel=1e-6)
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bench import BenchError
+from bench.record import RECORD_FILE
 from bench.runner import run
 from methods.hotswap import load_adapters, switch
 from tests.conftest import needs_glue
@@ -120,4 +121,4 @@ def test_multirun_cli_runs_rankless_methods_once(tmp_path):
         check=False, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("skip ") == 2
-    assert len(list((tmp_path / "runs").glob("*/record.json"))) == 4
+    assert len(list((tmp_path / "runs").glob(f"*/{RECORD_FILE}"))) == 4
