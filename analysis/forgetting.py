@@ -39,11 +39,12 @@ import copy
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from bench import BenchError
 from bench.probes import PROBES, make_probe, probe_config
+from methods import get_method
 
 __all__ = ["PROBES", "make_probe", "probe_config", "probe_run", "sequential", "main"]
 
@@ -73,88 +74,44 @@ def sequential(run_dir, task_b: str, max_steps: int | None = None, train_samples
     loop and the run's budget (optionally fewer steps/samples); then A's head goes back and A is evaluated
     again. Methods that do not merge (adapters, prompt tuning) are not supported: their trained modules
     would have to be stacked, which is a different experiment."""
-    from analysis.weights import PLAIN_AFTER_LOAD, read_run, tuned_model
-    from bench import metrics as glue_metrics
-    from bench.data import make_loader, subset, tokenize
-    from bench.models import attach_context, load_tokenizer
-    from bench.runner import seed_everything
-    from bench.tasks import get_task, load_task
-    from bench.train import predict, to_predictions, total_steps, train
-    from methods import get_method
+    from analysis.weights import read_run, tuned_model
+    from bench import steps
+    from bench.plan import plan
 
     record, cfg = read_run(run_dir)
     method = get_method(record["method"])
-    if not (method.merges or method.name in PLAIN_AFTER_LOAD):
+    if not (method.merges or method.edits_in_place):
         raise BenchError(f"sequential forgetting supports methods that merge (and full); not '{method.name}'")
-    task_a, task_b_obj = get_task(record["task"]), get_task(task_b)
-    device, head = torch.device("cpu"), str(cfg.model.head)
-    budget = OmegaConf.to_container(cfg.budget, resolve=True)
-    budget.update(
-        {k: v for k, v in (("max_steps", max_steps), ("train_samples", train_samples)) if v is not None}
-    )
-    budget = OmegaConf.create(budget)
-    tokenizer = load_tokenizer(cfg.model)
+    budget = {k: v for k, v in (("max_steps", max_steps), ("train_samples", train_samples)) if v is not None}
+    # Task A as the run had it (older records: completed from conf/task), task B from conf/task; both on CPU.
+    p_a = plan(_on_cpu(cfg, OmegaConf.merge(_task_conf(record["task"]), cfg.task), budget))
+    p_b = plan(_on_cpu(cfg, _task_conf(task_b), budget))
+    data_a = steps.load_data(p_a.task, p_a.cfg)
+    data_b = steps.load_data(p_b.task, p_b.cfg, tokenizer=data_a.tokenizer)
+    head = str(cfg.model.head)
 
-    def loaders(task, train_rows: bool):
-        tr, dev, _ = load_task(task)
-        dev_loader = make_loader(
-            tokenize(subset(dev, budget.eval_samples), tokenizer, budget.max_seq_len),
-            tokenizer,
-            int(cfg.measure.eval_batch_size),
-            shuffle=False,
-            seed=0,
-        )
-        if not train_rows:
-            return None, dev_loader
-        return make_loader(
-            tokenize(subset(tr, budget.train_samples), tokenizer, budget.max_seq_len),
-            tokenizer,
-            budget.batch_size,
-            shuffle=True,
-            seed=int(record["seed"]),
-        ), dev_loader
-
-    def evaluate(model, task, loader) -> float:
-        logits, labels, _ = predict(model, loader, device, "fp32")
-        return glue_metrics.compute([task.main_metric], to_predictions(logits, task.is_regression), labels)[
-            task.main_metric
-        ]
+    def main_metric(model, p, data) -> float:
+        return steps.evaluate(model, data.dev_loader, p.task, p.device, p.precision)[0][p.task.main_metric]
 
     def set_head(model, module, task):
         setattr(model, head, module)
         model.num_labels = model.config.num_labels = task.num_labels
         model.config.problem_type = "regression" if task.is_regression else "single_label_classification"
 
-    _, dev_a = loaders(task_a, False)
-    train_b, dev_b = loaders(task_b_obj, True)
     model = tuned_model(run_dir, merge=True)
-    before = evaluate(model, task_a, dev_a)
+    before = main_metric(model, p_a, data_a)
     head_a = copy.deepcopy(getattr(model, head))
-    seed_everything(int(record["seed"]))
-    set_head(model, _fresh_head(getattr(model, head), task_b_obj.num_labels), task_b_obj)
-    steps = total_steps(len(train_b), budget)
-    ctx = attach_context(cfg.model, record.get("rank"), task_b_obj.num_labels, steps)
-    model = method.attach(model, cfg.method, ctx)
-    train(
-        model,
-        method,
-        train_b,
-        lr=float(record["lr"]),
-        weight_decay=float(cfg.method.weight_decay),
-        warmup_ratio=float(cfg.method.warmup_ratio),
-        budget=budget,
-        steps=steps,
-        device=device,
-        precision="fp32",
-        head=head,
-        run_id=f"{record['run_id']}-then-{task_b}",
-        timing_warmup_steps=0,
-    )
-    metric_b = evaluate(model, task_b_obj, dev_b)
-    if method.merges and method.name not in PLAIN_AFTER_LOAD:
+    steps.seed_everything(int(record["seed"]))
+    set_head(model, _fresh_head(getattr(model, head), p_b.task.num_labels), p_b.task)
+    n_steps = steps.total_steps(len(data_b.train_loader), p_b.cfg.budget)
+    model, _ = steps.attach(p_b, model, n_steps)
+    steps.train_model(p_b, model, data_b.train_loader, n_steps)
+    metric_b = main_metric(model, p_b, data_b)
+    if method.merges and not method.edits_in_place:
         model = method.merged(model)
-    set_head(model, head_a, task_a)
-    after = evaluate(model, task_a, dev_a)
+    set_head(model, head_a, p_a.task)
+    after = main_metric(model, p_a, data_a)
+    task_a = p_a.task
     return {
         "run_id": record["run_id"],
         "probe": "sequential",
@@ -162,12 +119,27 @@ def sequential(run_dir, task_b: str, max_steps: int | None = None, train_samples
         "higher_is_better": True,
         "task_a": task_a.name,
         "task_b": task_b,
-        "steps_b": steps,
-        f"task_b_{task_b_obj.main_metric}": metric_b,
+        "steps_b": n_steps,
+        f"task_b_{p_b.task.main_metric}": metric_b,
         "before": before,
         "after": after,
         "forgetting": before - after,
     }
+
+
+def _task_conf(name: str) -> DictConfig:
+    from bench.config import compose_config
+
+    return compose_config([f"task={name}"]).task
+
+
+def _on_cpu(cfg: DictConfig, task: DictConfig, budget: dict) -> DictConfig:
+    """The run's config with `task`, the budget overrides, on CPU in fp32."""
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    out.task = task
+    out.budget = OmegaConf.merge(out.budget, budget)
+    out.device, out.precision = "cpu", "fp32"
+    return out
 
 
 def _fresh_head(old: nn.Module, num_labels: int) -> nn.Module:

@@ -59,8 +59,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import BenchError
+from bench.config import compose_config
 from bench.models import package_model_dir
-from bench.tasks import get_task
+from bench.tasks import record_num_labels
 
 GIB = 2**30
 REPO = Path(__file__).resolve().parent.parent
@@ -189,9 +190,8 @@ def resolve_arch(model: str | None, params: float | None) -> Arch:
         model = "minilm"
     if model.lower() in PRESETS:
         return llama_like(preset=model.lower())
-    conf = REPO / "conf" / "model" / f"{model}.yaml"
-    if conf.is_file():
-        return arch_from_model_conf(OmegaConf.to_container(OmegaConf.load(conf), resolve=True))
+    if (REPO / "conf" / "model" / f"{model}.yaml").is_file():  # composed: family module names included
+        return arch_from_model_conf(OmegaConf.to_container(compose_config([f"model={model}"]).model, resolve=True))
     return arch_from_config(_offline_config(model), model)
 
 
@@ -315,19 +315,13 @@ def estimate(arch: Arch, s: Setting) -> dict[str, float]:
     return out
 
 
-def record_num_labels(effective: dict) -> int:
-    """The task's label count from a record's effective config (older records: from the task registry)."""
-    task = effective.get("task") or {}
-    return int(task["num_labels"]) if "num_labels" in task else get_task(task["name"]).num_labels
-
-
 def record_estimate(rec: dict) -> dict[str, Any]:
     """Estimate vs measured training peak for one ok record of a full/lora/qlora run (measured:
     memory.train.peak_allocated_bytes, on CUDA only)."""
     mem = (rec.get("memory") or {}).get("train") or {}
     eff = rec["effective_config"]
     method_cfg = eff["method"]
-    arch = arch_from_model_conf(eff["model"], num_labels=record_num_labels(eff))
+    arch = arch_from_model_conf(eff["model"], num_labels=record_num_labels(rec))
     st = Setting(method=rec["method"], rank=rec.get("rank") or 8,
                  targets=tuple(method_cfg.get("target_modules") or ()), batch=int(eff["budget"]["batch_size"]),
                  seq=int(rec["train"].get("max_batch_seq_len") or eff["budget"]["max_seq_len"]),

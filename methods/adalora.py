@@ -51,6 +51,10 @@ def _module_name(param_key: str) -> str:
 @register
 class AdaLora(PeftMethod):
     name = "adalora"
+    label = "AdaLoRA"
+    display_order = 5
+    rank_meaning = "target rank"
+    rank_format = "target r={}"
     merges = True
 
     def effective_config(self, cfg: dict, rank: int | None) -> dict:

@@ -33,7 +33,10 @@ def bias_names(model: nn.Module, head: str, include_layer_norm_bias: bool) -> li
 @register
 class BitFit(Method):
     name = "bitfit"
-    uses_rank = False
+    label = "BitFit"
+    display_order = 1
+    rank_meaning = None
+    edits_in_place = True
 
     def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
         head = str(ctx.model_cfg.head)

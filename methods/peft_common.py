@@ -16,6 +16,8 @@ from methods.errors import BenchError
 
 
 class PeftMethod(Method):
+    saved_format = "peft adapter (adapter_model.safetensors + adapter_config.json)"
+
     def peft_config(self, cfg: Any, ctx: AttachContext) -> PeftConfig:
         raise NotImplementedError
 

@@ -22,15 +22,30 @@ _INITS = {"random": PromptTuningInit.RANDOM, "sample_vocab": PromptTuningInit.SA
           "text": PromptTuningInit.TEXT}
 
 
-@register
-class PromptTuning(PeftMethod):
-    name = "prompt_tuning"
+class VirtualTokens(PeftMethod):
+    """Prompt and prefix tuning: `rank` virtual tokens in front of every sequence; W unchanged; not identity."""
+
+    rank_meaning = "virtual tokens"
+    rank_format = "{} tokens"
+    changes_base_weights = False
+    identity_at_init = False
 
     def virtual_tokens(self, rank: int | None) -> int:
         return int(rank or 0)
 
     def effective_config(self, cfg: dict, rank: int | None) -> dict:
-        out = {**cfg, "num_virtual_tokens": rank}
+        return {**cfg, "num_virtual_tokens": rank}
+
+
+@register
+class PromptTuning(VirtualTokens):
+    name = "prompt_tuning"
+    label = "Prompt tuning"
+    display_order = 10
+    unchanged_reason = "prompt tuning learns input tokens; the pre-trained W are unchanged"
+
+    def effective_config(self, cfg: dict, rank: int | None) -> dict:
+        out = super().effective_config(cfg, rank)
         if out["init"] not in _INITS:
             raise BenchError(f"prompt_tuning: init={out['init']}; choose one of {', '.join(_INITS)}")
         if out["init"] != "text":
@@ -50,14 +65,14 @@ class PromptTuning(PeftMethod):
 
 
 @register
-class PrefixTuning(PeftMethod):
+class PrefixTuning(VirtualTokens):
     name = "prefix_tuning"
-
-    def virtual_tokens(self, rank: int | None) -> int:
-        return int(rank or 0)
+    label = "Prefix tuning"
+    display_order = 11
+    unchanged_reason = "prefix tuning learns key/value prefixes; the pre-trained W are unchanged"
 
     def effective_config(self, cfg: dict, rank: int | None) -> dict:
-        out = {**cfg, "num_virtual_tokens": rank}
+        out = super().effective_config(cfg, rank)
         if not out["prefix_projection"]:
             out.pop("encoder_hidden_size", None)  # only used by the reparametrisation MLP
         return out

@@ -21,6 +21,8 @@ from methods.lora import Lora
 @register
 class QLora(Lora):
     name = "qlora"
+    label = "QLoRA"
+    display_order = 6
     merges = True
 
     def validate(self, device: torch.device) -> None:

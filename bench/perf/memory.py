@@ -19,6 +19,7 @@ that prints figures, not a test.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 import weakref
@@ -32,10 +33,9 @@ from torch.utils._pytree import tree_flatten
 from bench.config import compose_config
 from bench.measure import latency_batch
 from bench.memory_estimate import GIB, Setting, arch_from_model_conf, estimate
-from bench.perf.overhead import fresh_model
-from bench.runner import resolve_device, resolve_precision
+from bench.plan import plan, resolve_device
+from bench.steps import fresh_model, train_settings
 from bench.train import train
-from methods import get_method
 
 KINDS = ("weights", "gradients", "optimizer", "activations+temp")
 
@@ -98,19 +98,17 @@ class TensorBytes(TorchDispatchMode):
 
 def measure(cfg: DictConfig, steps: int) -> dict:
     """Peak live tensor bytes over `steps` optimiser steps of the suite's loop, and the breakdown then."""
-    device = resolve_device(str(cfg.device))
-    precision = resolve_precision(str(cfg.precision), device)
+    p = plan(cfg)
+    device, precision = p.device, p.precision
     batch_size, seq = int(cfg.budget.batch_size), int(cfg.budget.max_seq_len)
-    model, method = fresh_model(cfg, 2, steps, device), get_method(cfg.method.name)
+    model = fresh_model(p, steps)
     batch = latency_batch(model.config.vocab_size, batch_size, seq, device)
     batch["labels"] = torch.arange(batch_size, device=device) % 2
     tracker = TensorBytes(model)
     start = time.perf_counter()
     try:
         with tracker:
-            train(model, method, [batch], lr=float(cfg.method.lr), weight_decay=float(cfg.method.weight_decay),
-                  warmup_ratio=0.0, budget=cfg.budget, steps=steps, device=device, precision=precision,
-                  head=str(cfg.model.head), run_id="perf-memory", timing_warmup_steps=0)
+            train(model, p.method, [batch], dataclasses.replace(train_settings(p, steps), warmup_ratio=0.0))
     finally:
         tracker.close()
     return {"peak_bytes": tracker.peak_bytes, "by_kind": tracker.at_peak, "precision": precision,
