@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from analysis import intruders, spectrum
 from bench import BenchError
-from bench.record import write_json_atomic
+from bench.record import find_records, read_record, write_json_atomic
 
 ANALYSIS_FILE = "analysis.json"
 ANALYSIS_VERSION = 1
@@ -91,10 +91,9 @@ def analyse_run(
 def run_dirs(results: str | Path) -> list[Path]:
     """Folders of ok runs that saved weights."""
     dirs = []
-    for path in sorted(Path(results).rglob("record.json")):
-        try:
-            rec = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+    for path in find_records(results):
+        rec = read_record(path)
+        if rec is None:
             continue
         if rec.get("status") == "ok" and rec.get("weights_dir") and "config" in rec:
             dirs.append(path.parent)

@@ -21,40 +21,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench import record
 from bench.record import config_group
 
-RECORD_NAME = "record.json"
 ANALYSIS_NAME = "analysis.json"
 BUDGET_DESC_FIELDS = ("max_steps", "epochs", "batch_size", "train_samples", "eval_samples", "max_seq_len")
-KNOWN_SCHEMAS = {1}
-
-
-def find_records(root: str | Path) -> list[Path]:
-    root = Path(root)
-    if root.is_file():
-        return [root]
-    return sorted(root.rglob(RECORD_NAME))
 
 
 def load_records(root: str | Path) -> tuple[list[dict], list[str]]:
-    """Return (records, problems). Each record gets `record_path`."""
-    records, problems = [], []
-    for path in find_records(root):
-        try:
-            rec = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            problems.append(f"{path}: unreadable ({type(exc).__name__})")
-            continue
-        schema = rec.get("schema_version")
-        if schema not in KNOWN_SCHEMAS:
-            problems.append(f"{path}: schema_version {schema} is not one this version reads "
-                            f"{sorted(KNOWN_SCHEMAS)}")
-            continue
-        rec["record_path"] = str(path)
-        summary = analysis_summary(path.parent / ANALYSIS_NAME)
+    """Return (records, problems), read through bench.record. Each record gets `record_path` and, when its run
+    folder holds analysis.json, its summary as `analysis`."""
+    records, problems = record.load_records(root)
+    for rec in records:
+        summary = analysis_summary(Path(rec["record_path"]).parent / ANALYSIS_NAME)
         if summary:
             rec["analysis"] = summary
-        records.append(rec)
     return records, problems
 
 
@@ -128,11 +109,9 @@ def _first_present(df: pd.DataFrame, columns: list[str]) -> tuple[pd.Series, pd.
 
 
 # Peak training memory: CUDA peak allocated when measured, else the CPU process's peak RSS.
-MEMORY_COLUMNS = ["memory.train.peak_allocated_bytes", "memory.train.peak_rss_bytes",
-                  "memory.train.lifetime_peak_rss_bytes"]
+MEMORY_COLUMNS = ["memory.train.peak_allocated_bytes", "memory.train.peak_rss_bytes"]
 MEMORY_KIND = {"memory.train.peak_allocated_bytes": "CUDA peak allocated",
-               "memory.train.peak_rss_bytes": "CPU peak RSS of the process",
-               "memory.train.lifetime_peak_rss_bytes": "CPU lifetime peak RSS of the process"}
+               "memory.train.peak_rss_bytes": "CPU peak RSS of the process"}
 
 
 def add_derived(df: pd.DataFrame) -> pd.DataFrame:

@@ -45,8 +45,7 @@ from scipy import stats
 
 from analysis.collect import config_group_of, load_records, to_frame
 
-MEMORY_COLUMNS = ("memory.train.peak_allocated_bytes", "memory.train.peak_rss_bytes",
-                  "memory.train.lifetime_peak_rss_bytes")
+MEMORY_COLUMNS = ("memory.train.peak_allocated_bytes", "memory.train.peak_rss_bytes")
 LATENCY_COLUMNS = ("latency.unmerged.p50_ms", "latency.merged.p50_ms")
 THROUGHPUT_COLUMN = "train_samples_per_s"
 LABEL_COLUMNS = ("task", "model", "method", "rank", "lr", "budget")

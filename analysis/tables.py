@@ -25,46 +25,14 @@ import numpy as np
 import pandas as pd
 
 from analysis.collect import add_derived, collect
+from bench.tasks import TASKS
+from methods import REGISTRY, in_display_order
 
-METHOD_ORDER = [
-    "full",
-    "bitfit",
-    "lora",
-    "rslora",
-    "dora",
-    "adalora",
-    "qlora",
-    "ia3",
-    "houlsby",
-    "pfeiffer",
-    "prompt_tuning",
-    "prefix_tuning",
-]
-METHOD_LABEL = {
-    "full": "Full FT",
-    "bitfit": "BitFit",
-    "lora": "LoRA",
-    "rslora": "rsLoRA",
-    "dora": "DoRA",
-    "adalora": "AdaLoRA",
-    "qlora": "QLoRA",
-    "ia3": "IA3",
-    "houlsby": "Houlsby adapter",
-    "pfeiffer": "Pfeiffer adapter",
-    "prompt_tuning": "Prompt tuning",
-    "prefix_tuning": "Prefix tuning",
-}
-TASK_ORDER = ["mnli", "sst2", "mrpc", "cola", "qnli", "qqp", "rte", "stsb"]  # the LoRA paper's column order
-TASK_LABEL = {
-    "mnli": "MNLI",
-    "sst2": "SST-2",
-    "mrpc": "MRPC",
-    "cola": "CoLA",
-    "qnli": "QNLI",
-    "qqp": "QQP",
-    "rte": "RTE",
-    "stsb": "STS-B",
-}
+# Display facts come from their owners: each method's class attributes (methods/), each task's yaml (conf/task/).
+METHOD_ORDER = in_display_order()
+METHOD_LABEL = {name: REGISTRY[name].display_label for name in METHOD_ORDER}
+TASK_ORDER = sorted(TASKS, key=lambda name: TASKS[name].display_order)  # the LoRA paper's column order
+TASK_LABEL = {name: task.label or name for name, task in TASKS.items()}
 METRIC_ABBR = {
     "accuracy": "Acc",
     "matthews_correlation": "Mcc",
@@ -167,15 +135,11 @@ def fmt_mean_std(values: pd.Series, digits: int = 1) -> str:
     return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
 
 
-# What the `rank` knob means per method (DESIGN.md's method table), for labels.
-RANK_FORMAT = {"adalora": "target r={}", "houlsby": "width {}", "pfeiffer": "width {}",
-               "prompt_tuning": "{} tokens", "prefix_tuning": "{} tokens"}
-
-
 def method_label(method: str, rank: float, lr: float | None = None) -> str:
     label = METHOD_LABEL.get(method, method)
     if rank is not None and np.isfinite(rank):
-        label += " (" + RANK_FORMAT.get(method, "r={}").format(int(rank)) + ")"
+        rank_format = REGISTRY[method].rank_format if method in REGISTRY else "r={}"
+        label += " (" + rank_format.format(int(rank)) + ")"
     if lr is not None:
         label += f", lr={lr:g}"
     return label

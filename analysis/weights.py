@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,18 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from bench import BenchError
+from bench.record import WEIGHTS_DIR, read_record, record_path
 
-RECORD = "record.json"
-
-# Methods by registry name that never change a pre-trained weight matrix W (see DESIGN.md's method table).
-W_UNCHANGED: dict[str, str] = {
-    "houlsby": "bottleneck adapters add new modules; the pre-trained W are unchanged",
-    "pfeiffer": "bottleneck adapters add new modules; the pre-trained W are unchanged",
-    "prompt_tuning": "prompt tuning learns input tokens; the pre-trained W are unchanged",
-    "prefix_tuning": "prefix tuning learns key/value prefixes; the pre-trained W are unchanged",
-}
-# Methods whose rebuilt model is already a plain model with the tuned weights in place (nothing to merge).
-PLAIN_AFTER_LOAD = ("full", "bitfit")
+# What a method does to W is its own fact (methods/base.py: changes_base_weights, merges, edits_in_place).
 EXCLUDED_PARTS = ("embeddings", "embed_tokens", "pooler", "lm_head")
 
 
@@ -59,12 +49,10 @@ class WeightPairs:
 
 def read_run(run_dir: str | Path) -> tuple[dict, DictConfig]:
     """(record, resolved config) of a finished run; BenchError when it is not an ok run with saved weights."""
-    run_dir = Path(run_dir)
-    path = run_dir / RECORD if run_dir.is_dir() else run_dir
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BenchError(f"{path}: no readable run record ({type(exc).__name__}); pass a run folder") from exc
+    path = record_path(run_dir)
+    record = read_record(path)
+    if record is None:
+        raise BenchError(f"{path}: no readable run record; pass a run folder")
     if record.get("status") != "ok":
         raise BenchError(f"{record.get('run_id', path)}: status is {record.get('status')!r}, not ok")
     if "config" not in record:
@@ -73,15 +61,15 @@ def read_run(run_dir: str | Path) -> tuple[dict, DictConfig]:
 
 
 def task_num_labels(record: dict) -> int:
-    from bench.tasks import get_task
+    from bench.tasks import record_num_labels
 
-    return get_task(record["task"]).num_labels
+    return record_num_labels(record)
 
 
 def base_model(record: dict, cfg: DictConfig) -> nn.Module:
     """The pre-trained model the run started from (same seed, so random-init test models match too)."""
     from bench.models import load_model
-    from bench.runner import seed_everything
+    from bench.steps import seed_everything
 
     seed_everything(int(record["seed"]))
     model, _ = load_model(cfg.model, task_num_labels(record))
@@ -89,12 +77,10 @@ def base_model(record: dict, cfg: DictConfig) -> nn.Module:
 
 
 def attach_context(record: dict, cfg: DictConfig):
-    from methods import AttachContext
+    from bench.models import attach_context as context
 
     steps = int((record.get("train") or {}).get("steps") or cfg.budget.get("max_steps") or 1)
-    return AttachContext(
-        rank=record.get("rank"), model_cfg=cfg.model, num_labels=task_num_labels(record), total_steps=steps
-    )
+    return context(cfg.model, record.get("rank"), task_num_labels(record), steps)
 
 
 def tuned_model(run_dir: str | Path, base: nn.Module | None = None, merge: bool = True) -> nn.Module:
@@ -104,7 +90,7 @@ def tuned_model(run_dir: str | Path, base: nn.Module | None = None, merge: bool 
 
     run_dir = Path(run_dir)
     record, cfg = read_run(run_dir)
-    weights_dir = run_dir / str(record.get("weights_dir") or "weights")
+    weights_dir = run_dir / str(record.get("weights_dir") or WEIGHTS_DIR)
     if not weights_dir.is_dir():
         raise BenchError(
             f"{record['run_id']}: no saved weights in {weights_dir} (run with save_weights=adapter)"
@@ -112,7 +98,7 @@ def tuned_model(run_dir: str | Path, base: nn.Module | None = None, merge: bool 
     method = get_method(record["method"])
     start = copy.deepcopy(base) if base is not None else base_model(record, cfg)
     model = method.load(start, cfg.method, attach_context(record, cfg), weights_dir)
-    if merge and method.merges and method.name not in PLAIN_AFTER_LOAD:
+    if merge and method.merges and not method.edits_in_place:
         model = method.merged(model)
     return model.eval()
 
@@ -140,11 +126,11 @@ def weight_pairs(run_dir: str | Path) -> WeightPairs:
 
     record, cfg = read_run(run_dir)
     name = record["method"]
-    if name in W_UNCHANGED:
-        return WeightPairs(record["run_id"], name, False, W_UNCHANGED[name])
-    start = time.perf_counter()
     method = get_method(name)
-    if not method.merges and name not in PLAIN_AFTER_LOAD:
+    if not method.changes_base_weights:
+        return WeightPairs(record["run_id"], name, False, method.unchanged_reason)
+    start = time.perf_counter()
+    if not (method.merges or method.edits_in_place):
         return WeightPairs(
             record["run_id"], name, False, f"method '{name}' does not merge into the pre-trained weights"
         )

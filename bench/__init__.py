@@ -1,5 +1,4 @@
-"""peft-bench runner: one run = build -> train -> evaluate -> measure -> record."""
+"""peft-bench runner: one run = plan -> run the steps -> record (see README, "Architecture")."""
+from methods.errors import BenchError
 
-
-class BenchError(Exception):
-    """A user-facing error: its message is one line that says what to do. Printed without a traceback."""
+__all__ = ["BenchError"]

@@ -26,7 +26,8 @@ def _is_multirun() -> bool:
 def app(cfg: DictConfig) -> dict:
     """Returns (in multirun) the job's outcome for the sweep progress callback (bench/sweep.py):
     run_id, status, skipped, record path."""
-    from bench.runner import RECORD, run  # imported here so `--help` and config errors stay fast
+    from bench.record import RECORD_FILE
+    from bench.runner import run  # imported here so `--help` and config errors stay fast
 
     try:
         record = run(cfg)
@@ -42,7 +43,7 @@ def app(cfg: DictConfig) -> dict:
         return {"status": "error", "error": f"{type(exc).__name__}: {exc}", "skipped": False}
     if record["status"] != "ok" and not _is_multirun():
         sys.exit(1)
-    path = Path(str(cfg.results_dir)) / record["run_id"] / RECORD
+    path = Path(str(cfg.results_dir)) / record["run_id"] / RECORD_FILE
     return {"run_id": record["run_id"], "status": record["status"], "skipped": bool(record.get("skipped")),
             "record": str(path) if path.is_file() else None, "error": record.get("error")}
 

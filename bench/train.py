@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +29,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from bench import BenchError
 from bench.measure import sync
+from bench.precision import autocast, autocast_dtype
 from methods.base import Method, is_head_param
 
 
@@ -61,10 +61,6 @@ def total_steps(n_batches: int, budget: Any) -> int:
     return int(math.ceil(n_batches / budget.grad_accum_steps) * budget.epochs)
 
 
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -85,33 +81,45 @@ def _check_adapter_gradients(model: nn.Module, head: str, method_name: str) -> N
                      f"head got a gradient; check method.target_modules against the model's module names")
 
 
-def _injected_fault(run_id: str) -> str | None:
-    """Test aid: BENCH_INJECT_FAULT='<substring of run_id>:<error|nan|kill|oom>[,...]' makes matching runs
-    fail on purpose at step 2, so sweep fault tolerance can be tested. Not part of the config.
-    `oom` raises an out-of-memory error only without gradient accumulation, like a real OOM that a
-    smaller micro-batch cures (see the runner's `oom_retries`)."""
-    spec = os.environ.get("BENCH_INJECT_FAULT", "")
-    for item in filter(None, spec.split(",")):
-        pattern, _, kind = item.rpartition(":")
-        if pattern and pattern in run_id:
-            return kind
-    return None
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything the loop needs besides the model, the method and the data."""
+
+    steps: int  # optimiser steps
+    lr: float
+    weight_decay: float
+    warmup_ratio: float
+    budget: Any  # grad_accum_steps, max_grad_norm, log_every_steps, eval_every_steps, keep_best
+    device: torch.device
+    precision: str = "fp32"
+    head: str = "classifier"
+    timing_warmup_steps: int = 0
+    main_metric: str | None = None  # what keep_best compares
 
 
-def train(model: nn.Module, method: Method, loader, *, lr: float, weight_decay: float, warmup_ratio: float,
-          budget: Any, steps: int, device: torch.device, precision: str, head: str, run_id: str,
-          timing_warmup_steps: int, evaluate_fn: Callable[[], dict] | None = None,
-          main_metric: str | None = None) -> TrainResult:
+class StepHook:
+    """Called by the loop: `on_loss` may replace each micro-batch's loss before backward; `after_step` runs after
+    each optimiser step. The loop knows nothing else about a hook (tests use one to inject faults)."""
+
+    def on_loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        return loss
+
+    def after_step(self, step: int, accum: int) -> None:
+        """`step`: optimiser steps done so far."""
+
+
+def train(model: nn.Module, method: Method, loader, s: TrainSettings,
+          evaluate_fn: Callable[[], dict] | None = None, hooks: Sequence[StepHook] = ()) -> TrainResult:
+    device, budget, steps = s.device, s.budget, s.steps
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise BenchError(f"method '{method.name}' left no trainable parameters")
-    optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr,
+    optimizer = torch.optim.AdamW(_param_groups(model, s.weight_decay), lr=s.lr,
                                   fused=device.type == "cuda")
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(round(warmup_ratio * steps)), steps)
-    amp_dtype = autocast_dtype(precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(round(s.warmup_ratio * steps)), steps)
+    amp_dtype = autocast_dtype(s.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=s.precision == "fp16")
     accum = int(budget.grad_accum_steps)
-    fault = _injected_fault(run_id)
 
     res = TrainResult(0, 0, 0.0, 0, 0.0, 0, 0, 0.0, 0.0)
     best_value, best_state = -math.inf, None
@@ -125,7 +133,7 @@ def train(model: nn.Module, method: Method, loader, *, lr: float, weight_decay: 
     timed_start: float | None = None
     eval_in_window_s = 0.0
     while res.steps < steps:
-        timed = res.steps >= timing_warmup_steps
+        timed = res.steps >= s.timing_warmup_steps
         if timed and timed_start is None:
             sync(device)
             timed_start = time.perf_counter()
@@ -138,10 +146,10 @@ def train(model: nn.Module, method: Method, loader, *, lr: float, weight_decay: 
             n_tokens = int(batch["attention_mask"].sum()) if timed else 0
             res.max_batch_seq_len = max(res.max_batch_seq_len, int(seq_len))
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with autocast(device, amp_dtype):
                 loss = model(**batch).loss / accum
-            if fault == "nan" and res.steps == 2:
-                loss = loss * float("nan")
+            for hook in hooks:
+                loss = hook.on_loss(loss, res.steps)
             scaler.scale(loss).backward()
             log_loss += loss.detach()
             res.samples += n_rows
@@ -149,7 +157,7 @@ def train(model: nn.Module, method: Method, loader, *, lr: float, weight_decay: 
                 res.timed_samples += n_rows
                 res.timed_tokens += n_tokens
         if res.steps == 0:
-            _check_adapter_gradients(model, head, method.name)
+            _check_adapter_gradients(model, s.head, method.name)
         if budget.max_grad_norm:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, float(budget.max_grad_norm))
@@ -163,12 +171,8 @@ def train(model: nn.Module, method: Method, loader, *, lr: float, weight_decay: 
         if timed:
             res.timed_steps += 1
             res.data_s += t1 - t0
-        if fault == "error" and res.steps == 2:
-            raise RuntimeError("injected fault (BENCH_INJECT_FAULT)")
-        if fault == "oom" and res.steps == 2 and accum == 1:
-            raise torch.OutOfMemoryError("injected out of memory (BENCH_INJECT_FAULT)")
-        if fault == "kill" and res.steps == 2:
-            os.kill(os.getpid(), signal.SIGKILL)
+        for hook in hooks:
+            hook.after_step(res.steps, accum)
 
         if res.steps % budget.log_every_steps == 0 or res.steps == steps:
             mean_loss = float(log_loss) / log_count
@@ -188,8 +192,8 @@ def train(model: nn.Module, method: Method, loader, *, lr: float, weight_decay: 
             metrics = evaluate_fn()
             model.train()
             res.evals.append({"step": res.steps, **metrics})
-            if budget.keep_best and metrics[main_metric] > best_value:
-                best_value, res.best_step = metrics[main_metric], res.steps
+            if budget.keep_best and metrics[s.main_metric] > best_value:
+                best_value, res.best_step = metrics[s.main_metric], res.steps
                 best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
             sync(device)
             if timed_start is not None:
@@ -204,7 +208,7 @@ def train(model: nn.Module, method: Method, loader, *, lr: float, weight_decay: 
     if best_state is not None and evaluate_fn is not None:
         final = evaluate_fn()
         res.evals.append({"step": res.steps, **final})
-        if final[main_metric] < best_value:  # restore the best evaluated weights
+        if final[s.main_metric] < best_value:  # restore the best evaluated weights
             model.load_state_dict(best_state, strict=False)
         else:
             res.best_step = res.steps
@@ -224,7 +228,7 @@ def predict(model: nn.Module, loader, device: torch.device, precision: str) -> t
     logits, labels, loss_sum, n = [], [], 0.0, 0
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             out = model(**batch)
         bs = batch["labels"].shape[0]
         loss_sum += float(out.loss) * bs

@@ -23,8 +23,8 @@ from peft import AdaLoraConfig, PeftModel, TaskType
 from peft.tuners.adalora import AdaLoraModel
 from torch import nn
 
-from bench import BenchError
 from methods.base import AttachContext, register
+from methods.errors import BenchError
 from methods.peft_common import PeftMethod
 
 
@@ -51,6 +51,10 @@ def _module_name(param_key: str) -> str:
 @register
 class AdaLora(PeftMethod):
     name = "adalora"
+    label = "AdaLoRA"
+    display_order = 5
+    rank_meaning = "target rank"
+    rank_format = "target r={}"
     merges = True
 
     def effective_config(self, cfg: dict, rank: int | None) -> dict:

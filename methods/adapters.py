@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from bench import BenchError
 from methods.base import AttachContext, Method, freeze_all_but_head, is_head_param, register
+from methods.errors import BenchError
 
 
 class Bottleneck(nn.Module):
@@ -73,6 +73,11 @@ def _layers(model: nn.Module, model_cfg: Any) -> nn.ModuleList:
 class BottleneckAdapter(Method):
     """Houlsby and Pfeiffer differ only in their config: `placement` and `train_layer_norm`."""
 
+    rank_meaning = "bottleneck width"
+    rank_format = "width {}"
+    changes_base_weights = False
+    unchanged_reason = "bottleneck adapters add new modules; the pre-trained W are unchanged"
+
     def effective_config(self, cfg: dict, rank: int | None) -> dict:
         return {**cfg, "bottleneck": rank}
 
@@ -106,8 +111,12 @@ class BottleneckAdapter(Method):
 @register
 class Houlsby(BottleneckAdapter):
     name = "houlsby"
+    label = "Houlsby adapter"
+    display_order = 8
 
 
 @register
 class Pfeiffer(BottleneckAdapter):
     name = "pfeiffer"
+    label = "Pfeiffer adapter"
+    display_order = 9

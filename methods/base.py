@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bench import BenchError
+from methods.errors import BenchError
 
 
 @dataclass(frozen=True)
@@ -24,12 +24,36 @@ class AttachContext:
     model_cfg: Any  # conf/model/*.yaml: module names per family
     num_labels: int
     total_steps: int  # optimiser steps the loop will take (AdaLoRA's schedule needs it)
+    tokenizer_path: str | None = None  # where the model's tokenizer loads from (prompt tuning's text init)
 
 
 class Method:
-    name: ClassVar[str]
-    uses_rank: ClassVar[bool] = True  # False: the `rank` knob is ignored and left out of the config hash
+    """A method's facts (class attributes; tables, plots, weight analysis and tests derive from them) and how
+    it attaches to a model."""
+
+    name: ClassVar[str]  # registry name = conf/method/<name>.yaml
+    label: ClassVar[str] = ""  # display name in tables and plots ("LoRA", "Full FT"); empty: the name
+    display_order: ClassVar[int] = 100  # position in tables and plots (then by name)
+    rank_meaning: ClassVar[str | None] = "r"  # what the `rank` knob means; None: ignored, left out of the hash
+    rank_format: ClassVar[str] = "r={}"  # how a table labels the rank
     merges: ClassVar[bool] = False  # True: can be folded into the base weights for zero-overhead inference
+    # True: the pre-trained parameters (W or biases) differ after training (after merging where it merges);
+    # False: the method only adds modules or inputs, and `unchanged_reason` says how.
+    changes_base_weights: ClassVar[bool] = True
+    unchanged_reason: ClassVar[str] = ""
+    edits_in_place: ClassVar[bool] = False  # trains pre-trained parameters in place: nothing added, nothing to merge
+    trains_all_weights: ClassVar[bool] = False  # every weight trains (no "attached nothing" check)
+    identity_at_init: ClassVar[bool] = True  # the attached model computes what the base model does, before training
+    saved_format: ClassVar[str] = "trainable tensors (trainable.safetensors)"  # what `save` writes
+
+    @property
+    def uses_rank(self) -> bool:
+        """False: the `rank` knob is ignored and left out of the config hash."""
+        return self.rank_meaning is not None
+
+    @property
+    def display_label(self) -> str:
+        return self.label or self.name
 
     def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
         raise NotImplementedError

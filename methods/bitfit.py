@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import nn
 
-from bench import BenchError
 from methods.base import AttachContext, Method, freeze_all_but_head, register
+from methods.errors import BenchError
 
 
 def bias_names(model: nn.Module, head: str, include_layer_norm_bias: bool) -> list[str]:
@@ -33,7 +33,10 @@ def bias_names(model: nn.Module, head: str, include_layer_norm_bias: bool) -> li
 @register
 class BitFit(Method):
     name = "bitfit"
-    uses_rank = False
+    label = "BitFit"
+    display_order = 1
+    rank_meaning = None
+    edits_in_place = True
 
     def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
         head = str(ctx.model_cfg.head)

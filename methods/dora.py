@@ -10,4 +10,6 @@ from methods.lora import Lora
 @register
 class Dora(Lora):
     name = "dora"
+    label = "DoRA"
+    display_order = 4
     use_dora = True

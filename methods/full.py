@@ -13,7 +13,12 @@ from methods.base import AttachContext, Method, register
 @register
 class Full(Method):
     name = "full"
-    uses_rank = False
+    label = "Full FT"
+    display_order = 0
+    rank_meaning = None
+    edits_in_place = True
+    trains_all_weights = True
+    saved_format = "every tensor of the model (model.safetensors)"
 
     def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
         for param in model.parameters():

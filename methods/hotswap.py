@@ -16,7 +16,7 @@ from pathlib import Path
 from peft import PeftModel
 from torch import nn
 
-from bench import BenchError
+from methods.errors import BenchError
 
 
 def load_adapters(base_model: nn.Module, adapter_dirs: Mapping[str, str | Path]) -> PeftModel:

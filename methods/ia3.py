@@ -26,7 +26,9 @@ def layer_regex(layers: str, names: list[str]) -> str:
 @register
 class IA3(PeftMethod):
     name = "ia3"
-    uses_rank = False
+    label = "IA3"
+    display_order = 7
+    rank_meaning = None
     merges = True
 
     def peft_config(self, cfg: Any, ctx: AttachContext) -> IA3Config:

@@ -14,6 +14,8 @@ from methods.peft_common import PeftMethod
 @register
 class Lora(PeftMethod):
     name = "lora"
+    label = "LoRA"
+    display_order = 2
     merges = True
     use_rslora = False
     use_dora = False

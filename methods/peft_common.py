@@ -11,11 +11,13 @@ from typing import Any
 from peft import PeftConfig, PeftModel, get_peft_model
 from torch import nn
 
-from bench import BenchError
 from methods.base import AttachContext, Method
+from methods.errors import BenchError
 
 
 class PeftMethod(Method):
+    saved_format = "peft adapter (adapter_model.safetensors + adapter_config.json)"
+
     def peft_config(self, cfg: Any, ctx: AttachContext) -> PeftConfig:
         raise NotImplementedError
 

@@ -25,24 +25,38 @@ from typing import Any
 from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType
 from torch import nn
 
-from bench import BenchError
-from bench.models import resolve_source
 from methods.base import AttachContext, register
+from methods.errors import BenchError
 from methods.peft_common import PeftMethod
 
 _INITS = {"random": PromptTuningInit.RANDOM, "sample_vocab": PromptTuningInit.SAMPLE_VOCAB,
           "text": PromptTuningInit.TEXT}
 
 
-@register
-class PromptTuning(PeftMethod):
-    name = "prompt_tuning"
+class VirtualTokens(PeftMethod):
+    """Prompt and prefix tuning: `rank` virtual tokens in front of every sequence; W unchanged; not identity."""
+
+    rank_meaning = "virtual tokens"
+    rank_format = "{} tokens"
+    changes_base_weights = False
+    identity_at_init = False
 
     def virtual_tokens(self, rank: int | None) -> int:
         return int(rank or 0)
 
     def effective_config(self, cfg: dict, rank: int | None) -> dict:
-        out = {**cfg, "num_virtual_tokens": rank}
+        return {**cfg, "num_virtual_tokens": rank}
+
+
+@register
+class PromptTuning(VirtualTokens):
+    name = "prompt_tuning"
+    label = "Prompt tuning"
+    display_order = 10
+    unchanged_reason = "prompt tuning learns input tokens; the pre-trained W are unchanged"
+
+    def effective_config(self, cfg: dict, rank: int | None) -> dict:
+        out = super().effective_config(cfg, rank)
         if out["init"] not in _INITS:
             raise BenchError(f"prompt_tuning: init={out['init']}; choose one of {', '.join(_INITS)}")
         if out["init"] != "text":
@@ -54,21 +68,22 @@ class PromptTuning(PeftMethod):
         kwargs: dict[str, Any] = {}
         if eff["init"] == "text":
             # peft tokenises the text and repeats/truncates it to num_virtual_tokens tokens.
-            kwargs = {"prompt_tuning_init_text": str(cfg.init_text),
-                      "tokenizer_name_or_path": resolve_source(ctx.model_cfg.get("tokenizer_from") or ctx.model_cfg)[0]}
+            if not ctx.tokenizer_path:
+                raise BenchError("prompt_tuning: init=text needs the tokenizer's path in the attach context")
+            kwargs = {"prompt_tuning_init_text": str(cfg.init_text), "tokenizer_name_or_path": ctx.tokenizer_path}
         return PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=int(eff["num_virtual_tokens"]),
                                   prompt_tuning_init=_INITS[eff["init"]], **kwargs)
 
 
 @register
-class PrefixTuning(PeftMethod):
+class PrefixTuning(VirtualTokens):
     name = "prefix_tuning"
-
-    def virtual_tokens(self, rank: int | None) -> int:
-        return int(rank or 0)
+    label = "Prefix tuning"
+    display_order = 11
+    unchanged_reason = "prefix tuning learns key/value prefixes; the pre-trained W are unchanged"
 
     def effective_config(self, cfg: dict, rank: int | None) -> dict:
-        out = {**cfg, "num_virtual_tokens": rank}
+        out = super().effective_config(cfg, rank)
         if not out["prefix_projection"]:
             out.pop("encoder_hidden_size", None)  # only used by the reparametrisation MLP
         return out

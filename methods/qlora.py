@@ -13,14 +13,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench import BenchError
 from methods.base import AttachContext, register
+from methods.errors import BenchError
 from methods.lora import Lora
 
 
 @register
 class QLora(Lora):
     name = "qlora"
+    label = "QLoRA"
+    display_order = 6
     merges = True
 
     def validate(self, device: torch.device) -> None:

@@ -10,4 +10,6 @@ from methods.lora import Lora
 @register
 class RsLora(Lora):
     name = "rslora"
+    label = "rsLoRA"
+    display_order = 3
     use_rslora = True

@@ -6,18 +6,29 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from bench import BenchError
 from bench.models import load_model
-from bench.runner import plan
-from bench.train import train
-from methods import AttachContext, Method
+from bench.plan import plan
+from bench.train import TrainSettings, train
+from methods import REGISTRY, AttachContext, Method, in_display_order
 from methods.base import is_head_param
 
 NUM_LABELS = 2
-ALL_METHODS = ["full", "bitfit", "lora", "rslora", "dora", "adalora", "houlsby", "pfeiffer",
-               "prompt_tuning", "prefix_tuning", "ia3"]
-MERGING = {"lora", "rslora", "dora", "adalora", "ia3"}
+
+
+def _runs_on_cpu(method: Method) -> bool:
+    try:
+        method.validate(torch.device("cpu"))
+    except BenchError:
+        return False
+    return True
+
+
+# Derived from the registry: every method that runs here (qlora needs CUDA), and what each declares.
+ALL_METHODS = [name for name in in_display_order() if _runs_on_cpu(REGISTRY[name])]
+MERGING = {name for name in ALL_METHODS if REGISTRY[name].merges}
 # Methods whose model equals the base model before training (full and bitfit trivially: nothing added).
-IDENTITY_AT_INIT = {"full", "bitfit", "lora", "rslora", "dora", "adalora", "houlsby", "pfeiffer", "ia3"}
+IDENTITY_AT_INIT = {name for name in ALL_METHODS if REGISTRY[name].identity_at_init}
 
 
 def fresh_base(cfg: DictConfig) -> nn.Module:
@@ -58,9 +69,9 @@ def logits(model: nn.Module, b: dict[str, torch.Tensor] | None = None) -> torch.
 
 def train_steps(model: nn.Module, method: Method, cfg: DictConfig, steps: int, lr: float = 1e-2) -> None:
     """`steps` optimiser steps of the shared loop (on_step hooks included) on synthetic batches."""
-    train(model, method, [batch(i) for i in range(steps)], lr=lr, weight_decay=0.0, warmup_ratio=0.0,
-          budget=cfg.budget, steps=steps, device=torch.device("cpu"), precision="fp32",
-          head=str(cfg.model.head), run_id="test", timing_warmup_steps=0)
+    settings = TrainSettings(steps=steps, lr=lr, weight_decay=0.0, warmup_ratio=0.0, budget=cfg.budget,
+                             device=torch.device("cpu"), precision="fp32", head=str(cfg.model.head))
+    train(model, method, [batch(i) for i in range(steps)], settings)
 
 
 @torch.no_grad()

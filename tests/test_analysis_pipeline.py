@@ -19,6 +19,7 @@ from analysis.collect import collect
 from analysis.tables import method_task_tables, ok_frame, rank_tables
 from analysis.weights import read_run, tuned_model, weight_pairs
 from bench import BenchError
+from bench.record import RECORD_FILE
 from bench.runner import run
 from tests.conftest import GLUE_DIR, compose_cfg
 
@@ -42,7 +43,7 @@ def runs(tmp_path_factory) -> Path:
 def _run_dir(results: Path, method: str, rank: int | None = None) -> Path:
     pattern = f"*-{method}-r{rank}-*" if rank else f"*-{method}-s*"
     return next(
-        p for p in results.glob(pattern) if json.loads((p / "record.json").read_text())["status"] == "ok"
+        p for p in results.glob(pattern) if json.loads((p / RECORD_FILE).read_text())["status"] == "ok"
     )
 
 
@@ -87,9 +88,9 @@ def test_weight_pairs_cover_the_encoder_linears_only(runs):
 def test_methods_that_keep_w_are_not_applicable_without_loading(runs, tmp_path):
     fake = tmp_path / "houlsby-run"
     shutil.copytree(_run_dir(runs, "lora", 2), fake)
-    rec = json.loads((fake / "record.json").read_text())
+    rec = json.loads((fake / RECORD_FILE).read_text())
     rec["method"] = "houlsby"
-    (fake / "record.json").write_text(json.dumps(rec))
+    (fake / RECORD_FILE).write_text(json.dumps(rec))
     wp = weight_pairs(fake)
     assert not wp.applicable and "adapters" in wp.reason
     (fake / ANALYSIS_FILE).unlink(missing_ok=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.record import RECORD_FILE
 from tests.conftest import REPO, TINY, needs_glue
 
 
@@ -33,7 +34,7 @@ def test_missing_data_fails_with_the_fix(tmp_path):
     assert "Traceback" not in out.stderr + out.stdout
     failed = [line for line in out.stdout.splitlines() if line.startswith("FAILED")]
     assert len(failed) == 1 and "GLUE_DIR" in failed[0] and "nyu-mll/glue" in failed[0]
-    (record,) = tmp_path.glob("*/record.json")
+    (record,) = tmp_path.glob(f"*/{RECORD_FILE}")
     assert json.loads(record.read_text())["status"] == "error"
 
 
@@ -42,7 +43,7 @@ def test_multirun_2x2_records_a_failure_and_goes_on(tmp_path):
     out = bench("--multirun", *TINY, "method=full,lora", "seed=1,2", "measure.latency=false",
                 "save_weights=none", f"results_dir={tmp_path}", env={"BENCH_INJECT_FAULT": "-lora-r8-s2-:error"})
     assert out.returncode == 0, out.stderr[-2000:]
-    records = {p.parent.name: json.loads(p.read_text()) for p in Path(tmp_path).glob("*/record.json")}
+    records = {p.parent.name: json.loads(p.read_text()) for p in Path(tmp_path).glob(f"*/{RECORD_FILE}")}
     assert len(records) == 4
     statuses = sorted(r["status"] for r in records.values())
     assert statuses == ["error", "ok", "ok", "ok"]

@@ -6,7 +6,7 @@ import pytest
 
 from analysis.collect import collect
 from analysis.compare import main, metric_check
-from bench.record import write_json_atomic
+from bench.record import RECORD_FILE, write_json_atomic
 
 CPU = "cpu: Test CPU (2 cores)"
 
@@ -29,7 +29,7 @@ def record(seed: int, accuracy: float, *, memory_bytes: float = 500e6, latency_m
 
 def write(folder, recs) -> str:
     for rec in recs:
-        write_json_atomic(folder / rec["run_id"] / "record.json", rec)
+        write_json_atomic(folder / rec["run_id"] / RECORD_FILE, rec)
     return str(folder)
 
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+from bench.record import RECORD_FILE
 from tests.conftest import REPO, needs_glue
 
 TINY_SWEEP = ["--multirun", "model=tiny-bert", "budget=smoke", "measure.latency=false", "save_weights=none"]
@@ -19,7 +20,7 @@ def bench(*args: str) -> subprocess.CompletedProcess:
 
 
 def records(folder) -> list[dict]:
-    return [json.loads(p.read_text()) for p in folder.glob("*/record.json")]
+    return [json.loads(p.read_text()) for p in folder.glob(f"*/{RECORD_FILE}")]
 
 
 @needs_glue

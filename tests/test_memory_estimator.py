@@ -10,7 +10,7 @@ from peft import LoraConfig, TaskType, get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, RobertaConfig
 
 from analysis import memory as mem
-from bench.record import write_json_atomic
+from bench.record import RECORD_FILE, write_json_atomic
 from bench.runner import plan
 
 
@@ -104,7 +104,7 @@ def test_estimate_vs_measured_from_a_record(make_cfg, tmp_path):
            "effective_config": {**p.effective, "device_type": "cuda", "precision": "bf16"},
            "train": {"max_batch_seq_len": 24},
            "memory": {"train": {"kind": "cuda", "peak_allocated_bytes": int(est["peak_bytes"] / 1.1)}}}
-    write_json_atomic(tmp_path / "runs" / p.run_id / "record.json", json.loads(json.dumps(rec, default=str)))
+    write_json_atomic(tmp_path / "runs" / p.run_id / RECORD_FILE, json.loads(json.dumps(rec, default=str)))
     rows = mem.compare_records(str(tmp_path / "runs"))
     assert len(rows) == 1 and rows[0]["estimate_over_measured_ratio"] == pytest.approx(1.1, rel=1e-6)
 
@@ -138,7 +138,7 @@ def test_adamw_step_temporaries_by_implementation():
 
 
 def test_tensor_bytes_counts_live_storages_once():
-    from bench.perf_memory import TensorBytes
+    from bench.perf.memory import TensorBytes
 
     model = torch.nn.Linear(10, 10)  # 110 fp32 parameters = 440 bytes
     with TensorBytes(model) as tracker:
@@ -157,7 +157,7 @@ def test_tensor_bytes_counts_live_storages_once():
 def test_estimate_matches_the_tensor_memory_the_training_loop_holds(method):
     """The estimator against a measurement of the suite's own loop (fp32 CPU; the autocast path needs a GPU)."""
     from bench.config import compose_config
-    from bench.perf_memory import estimate_for, measure
+    from bench.perf.memory import estimate_for, measure
 
     cfg = compose_config(["model=tiny-bert", f"method={method}", "rank=8", "budget.batch_size=8",
                        "budget.max_seq_len=32", "device=cpu"])

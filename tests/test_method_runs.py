@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bench import BenchError
+from bench.record import RECORD_FILE
 from bench.runner import run
 from methods.hotswap import load_adapters, switch
 from tests.conftest import needs_glue
@@ -99,7 +100,7 @@ def test_hot_swap_refuses_non_peft_folders(make_cfg, tmp_path):
 
 
 def test_hot_swap_benchmark_script_runs(capsys):
-    from bench.perf_hotswap import main
+    from bench.perf.hotswap import main
 
     main(["--iters", "5", "--n-adapters", "2", "--seq-len", "16", "--batch-size", "2", "--device", "cpu"])
     out = capsys.readouterr().out
@@ -120,4 +121,4 @@ def test_multirun_cli_runs_rankless_methods_once(tmp_path):
         check=False, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("skip ") == 2
-    assert len(list((tmp_path / "runs").glob("*/record.json"))) == 4
+    assert len(list((tmp_path / "runs").glob(f"*/{RECORD_FILE}"))) == 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bench.record import RECORD_FILE
 from bench.runner import run
 from tests.conftest import needs_glue
 
@@ -12,7 +13,7 @@ from tests.conftest import needs_glue
 def test_smoke_run_writes_complete_record(make_cfg):
     rec = run(make_cfg("method=lora", "rank=4"))
     assert rec["status"] == "ok", rec.get("error")
-    on_disk = json.loads((Path(make_cfg().results_dir) / rec["run_id"] / "record.json").read_text())
+    on_disk = json.loads((Path(make_cfg().results_dir) / rec["run_id"] / RECORD_FILE).read_text())
     assert on_disk["config_hash"] == rec["config_hash"] and on_disk["status"] == "ok"
     for key in ("accuracy", "eval_loss"):
         assert isinstance(on_disk["metrics"][key], float)

@@ -10,8 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench import runner
-from bench.record import read_record
+from bench import lock as run_lock
+from bench import oom, runner
+from bench.record import RECORD_FILE, read_record
 from bench.runner import run
 from tests.conftest import REPO, needs_glue
 
@@ -27,7 +28,7 @@ def bench(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def records(results: Path) -> dict[int, dict]:
-    return {r["seed"]: r for r in (json.loads(p.read_text()) for p in results.glob("*/record.json"))}
+    return {r["seed"]: r for r in (json.loads(p.read_text()) for p in results.glob(f"*/{RECORD_FILE}"))}
 
 
 @needs_glue
@@ -45,12 +46,12 @@ def test_six_run_sweep_with_raise_nan_kill_then_resume(tmp_path):
     assert (results / recs[4]["run_id"] / "traceback.txt").is_file()
     for path in results.rglob("*"):  # no half-written or temporary file anywhere
         assert not path.name.endswith(".tmp"), path
-        if path.name == "record.json":
+        if path.name == RECORD_FILE:
             assert read_record(path) is not None, path
     (killed_dir,) = [d for d in results.iterdir() if "-s6-" in d.name]
-    assert not (killed_dir / "record.json").exists() and (killed_dir / ".lock").exists()  # a stale lock
+    assert not (killed_dir / RECORD_FILE).exists() and (killed_dir / ".lock").exists()  # a stale lock
     assert "[sweep] 5/6 finished: 3 ran ok, 0 skipped (ok record exists), 2 failed, 1 left" in first.stdout
-    ok_before = {s: ((results / recs[s]["run_id"] / "record.json").stat().st_mtime_ns, recs[s]["started_at"])
+    ok_before = {s: ((results / recs[s]["run_id"] / RECORD_FILE).stat().st_mtime_ns, recs[s]["started_at"])
                  for s in (1, 2, 3)}
 
     second = bench(*args, f"hydra.sweep.dir={tmp_path / 'sweep2'}")
@@ -58,7 +59,7 @@ def test_six_run_sweep_with_raise_nan_kill_then_resume(tmp_path):
     after = records(results)
     assert sorted(after) == [1, 2, 3, 4, 5, 6] and all(r["status"] == "ok" for r in after.values())
     for seed, (mtime, started) in ok_before.items():  # the ok runs were not redone
-        assert (results / after[seed]["run_id"] / "record.json").stat().st_mtime_ns == mtime
+        assert (results / after[seed]["run_id"] / RECORD_FILE).stat().st_mtime_ns == mtime
         assert after[seed]["started_at"] == started and after[seed]["attempt"] == 1
         assert f"skip {after[seed]['run_id']}: an ok record exists" in second.stdout
     for seed in (4, 5):  # failed runs are tried again by default (skip_failed=false)
@@ -102,35 +103,35 @@ def test_oom_retry_splits_the_micro_batch_and_keeps_the_effective_batch(make_cfg
 
 def test_smaller_micro_batch_uses_the_smallest_factor(make_cfg):
     p = runner.plan(make_cfg("budget.batch_size=15", "budget.grad_accum_steps=2"))
-    smaller = runner._smaller_micro_batch(p)
+    smaller = oom.smaller_micro_batch(p)
     assert (smaller.cfg.budget.batch_size, smaller.cfg.budget.grad_accum_steps) == (5, 6)
     assert p.cfg.budget.batch_size == 15 and smaller.config_hash == p.config_hash  # original untouched
     one = runner.plan(make_cfg("budget.batch_size=1"))
-    assert runner._smaller_micro_batch(one) is None
+    assert oom.smaller_micro_batch(one) is None
 
 
 def test_locks_live_stale_and_foreign(tmp_path):
-    lock = runner._Lock(tmp_path)
-    assert lock.acquire() and not runner._Lock(tmp_path).acquire()  # held by a live process (this one)
+    lock = run_lock.RunLock(tmp_path)
+    assert lock.acquire() and not run_lock.RunLock(tmp_path).acquire()  # held by a live process (this one)
     lock.release()
     assert not (tmp_path / ".lock").exists()
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True)
     (tmp_path / ".lock").write_text(f"{socket.gethostname()}:{dead.stdout.strip()}")  # holder died here
-    assert runner._Lock(tmp_path).acquire()
+    assert run_lock.RunLock(tmp_path).acquire()
     (tmp_path / ".lock").write_text("some-other-node:123")  # a holder on another host, still fresh
-    assert not runner._Lock(tmp_path).acquire()
-    old = time.time() - runner.LOCK_STALE_S - 5  # ... that stopped refreshing its lock: taken over
+    assert not run_lock.RunLock(tmp_path).acquire()
+    old = time.time() - run_lock.LOCK_STALE_S - 5  # ... that stopped refreshing its lock: taken over
     os.utime(tmp_path / ".lock", (old, old))
-    assert runner._Lock(tmp_path).acquire()
+    assert run_lock.RunLock(tmp_path).acquire()
 
 
 def test_records_are_readable_by_the_team(tmp_path):
     from bench.record import write_json_atomic
 
-    write_json_atomic(tmp_path / "record.json", {"a": 1})
-    mode = (tmp_path / "record.json").stat().st_mode & 0o777
+    write_json_atomic(tmp_path / RECORD_FILE, {"a": 1})
+    mode = (tmp_path / RECORD_FILE).stat().st_mode & 0o777
     assert mode & 0o044 == 0o044 & ~_umask(), oct(mode)  # not mkstemp's 0600
 
 
@@ -163,7 +164,7 @@ def test_gpu_claims_are_exclusive_per_process(tmp_path):
 def test_summary_is_one_screen_for_long_sweeps():
     from bench.sweep import SUMMARY_MAX_ROWS, summary_table
 
-    recs = sorted((REPO / "results" / "baselines" / "cpu-smoke").glob("*/record.json"))
+    recs = sorted((REPO / "results" / "baselines" / "cpu-smoke").glob(f"*/{RECORD_FILE}"))
     jobs = [{"status": "ok", "record": str(p), "skipped": False} for p in recs]
     jobs.append({"status": "error", "error": "BenchError: bad config", "skipped": False})
     short = summary_table(jobs)

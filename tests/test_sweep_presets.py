@@ -27,7 +27,7 @@ def test_preset_composes_and_expands(name, runs):
         for value in str(params.get(group, cfg[group].name)).split(","):
             assert (CONF / group / f"{value}.yaml").is_file(), f"{name}: {group}={value} has no config"
     missing = [m for m in str(params.method).split(",") if not (CONF / "method" / f"{m}.yaml").is_file()]
-    if missing:  # this branch alone has full and lora; the methods of DESIGN.md land with the methods work
+    if missing:  # this branch alone has full and lora; the other methods land with the methods work
         pytest.skip(f"{name}: methods not in conf/method yet: {missing}")
 
 

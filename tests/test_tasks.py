@@ -37,3 +37,15 @@ def test_missing_data_names_both_sources(tmp_path):
 def test_unknown_task_lists_choices():
     with pytest.raises(BenchError, match="sst2, cola"):
         get_task("imagenet")
+
+
+def test_a_task_yaml_without_its_facts_is_one_clear_error():
+    from bench.tasks import task_from_config
+
+    with pytest.raises(BenchError, match=r"conf/task/toy.yaml lacks folder, text_fields"):
+        task_from_config({"name": "toy", "metrics": ["accuracy"]})
+
+
+def test_every_task_yaml_builds_its_task_with_display_facts():
+    for name, task in TASKS.items():
+        assert task.name == name and task.label and task.main_metric == task.metrics[0]

@@ -1,9 +1,9 @@
 """Overhead benchmark: the suite's training loop vs a minimal hand-written PEFT loop vs transformers' Trainer.
 
-    python -m bench.perf_overhead                 # 200 LoRA steps of MiniLM on SST-2, each way
-    python -m bench.perf_overhead --steps 100 --repeats 2
-    python -m bench.perf_overhead --quick         # tiny random-init model, 20 steps: checks the script runs
-    python -m bench.perf_overhead --data-only     # tokenisation and loader time vs step time
+    python -m bench.perf.overhead                 # 200 LoRA steps of MiniLM on SST-2, each way
+    python -m bench.perf.overhead --steps 100 --repeats 2
+    python -m bench.perf.overhead --quick         # tiny random-init model, 20 steps: checks the script runs
+    python -m bench.perf.overhead --data-only     # tokenisation and loader time vs step time
 
 Same model (fresh copy per way), same LoRA config, same tokenised rows, batch size, sequence cap, learning
 rate schedule, gradient clipping, precision and seed. All three draw the same batches in the same order (Trainer
@@ -28,21 +28,10 @@ import torch
 from omegaconf import DictConfig
 
 from bench.config import compose_config
-from bench.data import make_loader, subset, tokenize
-from bench.models import load_model, load_tokenizer
-from bench.runner import resolve_device, resolve_precision, seed_everything
-from bench.tasks import get_task, load_task
-from bench.train import autocast_dtype, train
-from methods import AttachContext, get_method
-
-
-def fresh_model(cfg: DictConfig, num_labels: int, total_steps: int, device: torch.device):
-    """The base model with the configured method attached, seeded with `seed` as a run is: what each way of a
-    benchmark starts from."""
-    seed_everything(int(cfg.seed))
-    model, _ = load_model(cfg.model, num_labels)
-    ctx = AttachContext(rank=int(cfg.rank), model_cfg=cfg.model, num_labels=num_labels, total_steps=total_steps)
-    return get_method(cfg.method.name).attach(model.to(device), cfg.method, ctx).to(device)
+from bench.data import make_loader
+from bench.plan import plan
+from bench.precision import autocast, autocast_dtype
+from bench.steps import fresh_model, load_data, train_loader, train_model
 
 
 class CountingCollator:
@@ -65,21 +54,14 @@ class Setup:
 
     def __init__(self, cfg: DictConfig, steps: int):
         self.cfg, self.steps = cfg, steps
-        self.task = get_task(cfg.task.name)
-        self.device = resolve_device(str(cfg.device))
-        self.precision = resolve_precision(str(cfg.precision), self.device)
-        self.method = get_method(cfg.method.name)
-        self.lr = float(cfg.lr if cfg.lr is not None else cfg.method.lr)
-        train_df, _, _ = load_task(self.task)
-        self.train_df = subset(train_df, int(cfg.budget.train_samples))
-        self.tokenizer = load_tokenizer(cfg.model)
-        start = time.perf_counter()
-        self.features = tokenize(self.train_df, self.tokenizer, int(cfg.budget.max_seq_len))
-        self.tokenize_s = time.perf_counter() - start
+        self.plan = plan(cfg)  # the run's own planning and data step: same rows, settings and order as a run
+        self.device, self.precision, self.method, self.lr = (self.plan.device, self.plan.precision,
+                                                             self.plan.method, self.plan.lr)
+        data = load_data(self.plan.task, cfg)
+        self.tokenizer, self.features, self.tokenize_s = data.tokenizer, data.train_features, data.tokenize_s
 
     def loader(self):
-        loader = make_loader(self.features, self.tokenizer, int(self.cfg.budget.batch_size), shuffle=True,
-                             seed=int(self.cfg.seed))
+        loader = train_loader(self.features, self.tokenizer, self.cfg)
         loader.collate_fn = CountingCollator(loader.collate_fn)
         return loader
 
@@ -94,7 +76,7 @@ class Setup:
 
 
     def model(self):
-        return fresh_model(self.cfg, self.task.num_labels, self.steps, self.device)
+        return fresh_model(self.plan, self.steps)
 
 
 def _sync(device: torch.device) -> None:
@@ -103,13 +85,11 @@ def _sync(device: torch.device) -> None:
 
 
 def run_suite(s: Setup, steps: int) -> tuple[float, float]:
-    """bench.train.train, exactly as a run calls it (no evaluation). Returns (wall s, CPU s)."""
+    """The run's training step (bench.steps.train_model), exactly as a run calls it (no evaluation).
+    Returns (wall s, CPU s)."""
     model = s.model()
     cpu0 = time.process_time()
-    res = train(model, s.method, s.loader(), lr=s.lr, weight_decay=float(s.cfg.method.weight_decay),
-                warmup_ratio=float(s.cfg.method.warmup_ratio), budget=s.cfg.budget, steps=steps, device=s.device,
-                precision=s.precision, head=str(s.cfg.model.head), run_id="perf-overhead",
-                timing_warmup_steps=min(5, steps // 2))
+    res = train_model(s.plan, model, s.loader(), steps, timing_warmup_steps=min(5, steps // 2))
     return res.wall_s, time.process_time() - cpu0
 
 
@@ -129,7 +109,7 @@ def run_bare(s: Setup, steps: int) -> tuple[float, float]:
     start, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         batch = {k: v.to(s.device, non_blocking=True) for k, v in next(batches).items()}
-        with torch.autocast(s.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with autocast(s.device, amp):
             loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, float(s.cfg.budget.max_grad_norm))

@@ -1,8 +1,8 @@
 """Memory estimator vs the tensor memory the suite's training loop really holds, on any device (CPU included).
 
-    python -m bench.perf_memory                      # minilm and bert-base-random, full and lora r=8, 32 x 128, fp32
-    python -m bench.perf_memory --models minilm,bert-large-random --methods lora --batch-size 8 --seq-len 256
-    python -m bench.perf_memory --quick              # tiny-bert, a check that the script runs
+    python -m bench.perf.memory                      # minilm and bert-base-random, full and lora r=8, 32 x 128, fp32
+    python -m bench.perf.memory --models minilm,bert-large-random --methods lora --batch-size 8 --seq-len 256
+    python -m bench.perf.memory --quick              # tiny-bert, a check that the script runs
 
 For each model and method it builds the model through the suite (conf/model + methods registry), runs
 `bench.train.train` (the one loop every run uses: AdamW, clipping, scheduler) for a few optimiser steps on a
@@ -13,12 +13,13 @@ no Python or library memory). It then prints the estimate of `analysis.memory` f
 ratio, and both split by kind (weights, gradients, optimiser states, activations + temporaries) at the peak.
 
 On CPU the suite trains in fp32, so this checks the fp32 arithmetic (weights, gradients, AdamW moments,
-activation coefficients); the autocast (`amp`) path needs a GPU: `python -m bench.perf_gpu`. A benchmark script
+activation coefficients); the autocast (`amp`) path needs a GPU: `python -m bench.perf.gpu`. A benchmark script
 that prints figures, not a test.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 import weakref
@@ -29,13 +30,12 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from analysis.memory import GIB, Setting, arch_from_model_conf, estimate
 from bench.config import compose_config
 from bench.measure import latency_batch
-from bench.perf_overhead import fresh_model
-from bench.runner import resolve_device, resolve_precision
+from bench.memory_estimate import GIB, Setting, arch_from_model_conf, estimate
+from bench.plan import plan, resolve_device
+from bench.steps import fresh_model, train_settings
 from bench.train import train
-from methods import get_method
 
 KINDS = ("weights", "gradients", "optimizer", "activations+temp")
 
@@ -98,19 +98,17 @@ class TensorBytes(TorchDispatchMode):
 
 def measure(cfg: DictConfig, steps: int) -> dict:
     """Peak live tensor bytes over `steps` optimiser steps of the suite's loop, and the breakdown then."""
-    device = resolve_device(str(cfg.device))
-    precision = resolve_precision(str(cfg.precision), device)
+    p = plan(cfg)
+    device, precision = p.device, p.precision
     batch_size, seq = int(cfg.budget.batch_size), int(cfg.budget.max_seq_len)
-    model, method = fresh_model(cfg, 2, steps, device), get_method(cfg.method.name)
+    model = fresh_model(p, steps)
     batch = latency_batch(model.config.vocab_size, batch_size, seq, device)
     batch["labels"] = torch.arange(batch_size, device=device) % 2
     tracker = TensorBytes(model)
     start = time.perf_counter()
     try:
         with tracker:
-            train(model, method, [batch], lr=float(cfg.method.lr), weight_decay=float(cfg.method.weight_decay),
-                  warmup_ratio=0.0, budget=cfg.budget, steps=steps, device=device, precision=precision,
-                  head=str(cfg.model.head), run_id="perf-memory", timing_warmup_steps=0)
+            train(model, p.method, [batch], dataclasses.replace(train_settings(p, steps), warmup_ratio=0.0))
     finally:
         tracker.close()
     return {"peak_bytes": tracker.peak_bytes, "by_kind": tracker.at_peak, "precision": precision,

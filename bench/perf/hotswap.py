@@ -1,8 +1,8 @@
 """Hot-swap latency benchmark (a script, not a test): several adapters on one base model, switched by name.
 
-    python -m bench.perf_hotswap                                  # 3 LoRA adapters on tiny-bert
-    python -m bench.perf_hotswap --model minilm --method dora --rank 16
-    python -m bench.perf_hotswap --model minilm --adapter-dir runs/A/weights --adapter-dir runs/B/weights
+    python -m bench.perf.hotswap                                  # 3 LoRA adapters on tiny-bert
+    python -m bench.perf.hotswap --model minilm --method dora --rank 16
+    python -m bench.perf.hotswap --model minilm --adapter-dir runs/A/weights --adapter-dir runs/B/weights
 
 Without --adapter-dir it makes --n-adapters adapters of --method (random non-zero weights: latency does
 not depend on the values) and saves them to a temporary folder. It prints the time to load each adapter,
@@ -21,8 +21,8 @@ import torch
 
 from bench.config import compose_config
 from bench.measure import latency_batch, sync
-from bench.models import load_model
-from methods import AttachContext, get_method
+from bench.models import attach_context, load_model
+from methods import get_method
 from methods.base import is_head_param
 from methods.hotswap import load_adapters, switch
 
@@ -34,7 +34,7 @@ def _pct(times_ms: list[float]) -> str:
 
 def make_adapters(cfg, n: int, out: Path, num_labels: int) -> dict[str, Path]:
     method = get_method(str(cfg.method.name))
-    ctx = AttachContext(rank=int(cfg.rank), model_cfg=cfg.model, num_labels=num_labels, total_steps=100)
+    ctx = attach_context(cfg.model, int(cfg.rank), num_labels, 100)
     dirs = {}
     for i in range(n):
         torch.manual_seed(0)  # same base model every time

@@ -1,8 +1,8 @@
 """GPU measurement in one command: full, LoRA, DoRA and QLoRA at several model sizes, then a table of peak
 memory, throughput and latency, and the memory estimator's figure next to each measured peak.
 
-    GLUE_DIR=... HF_HUB_OFFLINE=1 python -m bench.perf_gpu --out perf_gpu
-    python -m bench.perf_gpu --tokenizer path/to/minilm-tokenizer --models minilm-random,bert-large-random
+    GLUE_DIR=... HF_HUB_OFFLINE=1 python -m bench.perf.gpu --out perf_gpu
+    python -m bench.perf.gpu --tokenizer path/to/minilm-tokenizer --models minilm-random,bert-large-random
 
 Every run goes through the real runner (bench.runner.run) in this one process, so the GPU start check
 (`gpu_start` in each record) also shows whether one run leaves memory behind for the next. Models: MiniLM
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("BENCH_PROGRESS", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from analysis.memory import compare_records
+    from bench.memory_estimate import METHODS, record_estimate
     from bench.runner import run
     from methods import REGISTRY
 
@@ -107,8 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     starts = [(r["run_id"], (r.get("gpu_start") or {}).get("start_allocated_bytes")) for r in records]
     lines += ["GPU at run start (bytes of this process's tensors already allocated; should be 0 for every run):",
               *[f"- {rid}: {b}" for rid, b in starts], *[f"- FLAG {f}" for f in flags], ""]
-    rows = [r for r in compare_records(str(runs)) if "measured_bytes" in r]
-    lines += ["## Memory estimate vs measured training peak (python -m analysis.memory)", "",
+    rows = [row for r in records if r.get("status") == "ok" and r.get("method") in METHODS
+            if "measured_bytes" in (row := record_estimate(r))]
+    lines += ["## Memory estimate vs measured training peak (bench/memory_estimate.py)", "",
               "| run | params | batch x seq | estimate GiB | measured GiB (peak allocated) | estimate / measured |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {r['run_id']} | {r['params']:,} | {r['batch']} x {r['seq']} | {r['estimate_bytes'] / GIB:.3f} | "

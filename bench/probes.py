@@ -1,0 +1,276 @@
+"""In-run forgetting probes: how much of what the base model could do is lost by fine-tuning.
+
+A probe is measured on the pre-trained model (before) and on the fine-tuned model (after), on the same data.
+`forgetting` is the loss of ability, positive when the model got worse on the probe:
+before - after for scores where higher is better (Spearman, accuracy), after - before for losses.
+The probes themselves (`sts`, `mlm`, `ppl`, settings in `conf/forgetting/<probe>.yaml`) are described in
+analysis/forgetting.py, which also runs them offline on saved runs and holds the two-training `sequential`
+experiment. A new probe is a `Probe` subclass here, listed in PROBE_CLASSES, plus its yaml.
+
+Probes run under `torch.random.fork_rng`, so turning forgetting on does not change the run's training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from scipy.stats import spearmanr
+from torch import nn
+
+from bench import BenchError
+from bench.config import compose_config
+from bench.data import subset
+from bench.models import resolve_source
+from bench.precision import autocast
+from bench.tasks import get_task, load_task
+
+PROBES = ("sts", "mlm", "ppl", "sequential")
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The encoder/decoder stack of a (possibly peft-wrapped) transformers model, with its changes."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    return getattr(model, "base_model", model)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _probe_sentences(max_rows: int | None) -> tuple[list[str], list[str], np.ndarray]:
+    _, dev, _ = load_task(get_task("stsb"))
+    dev = subset(dev, max_rows)
+    return dev["text_a"].tolist(), dev["text_b"].tolist(), dev["label"].to_numpy(dtype=float)
+
+
+class Probe:
+    name: ClassVar[str]
+    metric: ClassVar[str]
+    higher_is_better: ClassVar[bool]
+
+    def __init__(self, cfg: Any, model_cfg: Any, tokenizer, task: str | None = None):
+        self.cfg, self.model_cfg, self.tokenizer, self.task = cfg, model_cfg, tokenizer, task
+
+    def measure(self, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None = None) -> float:
+        raise NotImplementedError
+
+    def result(self, before: float, after: float) -> dict:
+        lost = before - after if self.higher_is_better else after - before
+        out = {
+            "probe": self.name,
+            "metric": self.metric,
+            "higher_is_better": self.higher_is_better,
+            "before": before,
+            "after": after,
+            "forgetting": lost,
+        }
+        if self.name == "sts" and self.task == "stsb":
+            out["note"] = "the run's task is STS-B: this probe measures learning, not forgetting"
+        return out
+
+
+class StsProbe(Probe):
+    name = "sts"
+    metric = "stsb_spearman_zero_shot"
+    higher_is_better = True
+
+    def __init__(self, cfg: Any, model_cfg: Any, tokenizer, task: str | None = None):
+        super().__init__(cfg, model_cfg, tokenizer, task)
+        self.text_a, self.text_b, self.gold = _probe_sentences(cfg.get("max_pairs"))
+
+    def embed(
+        self, encoder: nn.Module, texts: list[str], device: torch.device, amp_dtype: torch.dtype | None
+    ) -> torch.Tensor:
+        order = np.argsort([len(t) for t in texts])  # similar lengths per batch: less padding
+        out = torch.empty(len(texts), encoder.config.hidden_size)
+        bs = int(self.cfg.batch_size)
+        for i in range(0, len(texts), bs):
+            idx = order[i : i + bs]
+            enc = self.tokenizer(
+                [texts[j] for j in idx],
+                padding=True,
+                truncation=True,
+                max_length=int(self.cfg.max_seq_len),
+                return_tensors="pt",
+            ).to(device)
+            with autocast(device, amp_dtype):
+                hidden = encoder(
+                    input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]
+                ).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            out[torch.as_tensor(idx)] = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float().cpu()
+        return out
+
+    def measure(self, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None = None) -> float:
+        encoder = backbone(model)
+        with _eval_mode(model):
+            a = self.embed(encoder, self.text_a, device, amp_dtype)
+            b = self.embed(encoder, self.text_b, device, amp_dtype)
+        cos = torch.nn.functional.cosine_similarity(a, b).numpy()
+        return float(spearmanr(cos, self.gold).statistic)
+
+
+class _HeadProbe(Probe):
+    """Probes that put the checkpoint's own pre-trained LM head on top of the (fine-tuned) backbone."""
+
+    auto_class: ClassVar[str]
+    head_kind: ClassVar[str]
+
+    def __init__(self, cfg: Any, model_cfg: Any, tokenizer, task: str | None = None):
+        super().__init__(cfg, model_cfg, tokenizer, task)
+        import transformers
+
+        if model_cfg.get("random_init"):
+            raise BenchError(
+                f"forgetting={self.name}: model '{model_cfg.name}' is a random-init test model with "
+                f"no pre-trained {self.head_kind} head; use forgetting=sts"
+            )
+        path, _ = resolve_source(model_cfg)
+        try:
+            self.lm, info = getattr(transformers, self.auto_class).from_pretrained(
+                path, output_loading_info=True
+            )
+        except (OSError, ValueError) as exc:
+            raise BenchError(
+                f"forgetting={self.name}: model '{model_cfg.name}' cannot load as "
+                f"{self.auto_class}: {str(exc).splitlines()[0][:160]}"
+            ) from exc
+        prefix = self.lm.base_model_prefix
+        missing_head = [k for k in info["missing_keys"] if not k.startswith(prefix + ".")]
+        if missing_head:
+            raise BenchError(
+                f"forgetting={self.name}: model '{model_cfg.name}' has no pre-trained "
+                f"{self.head_kind} head (missing {missing_head[0]}); use forgetting=sts"
+            )
+        self.lm.eval()
+        sentences, _, _ = _probe_sentences(cfg.get("max_sentences"))
+        self.batches = [
+            tokenizer(
+                sentences[i : i + int(cfg.batch_size)],
+                padding=True,
+                truncation=True,
+                max_length=int(cfg.max_seq_len),
+                return_tensors="pt",
+            )
+            for i in range(0, len(sentences), int(cfg.batch_size))
+        ]
+
+    @contextlib.contextmanager
+    def _with_backbone(self, model: nn.Module, device: torch.device):
+        prefix = self.lm.base_model_prefix
+        own = getattr(self.lm, prefix)
+        setattr(self.lm, prefix, backbone(model))
+        self.lm.to(device)
+        try:
+            yield self.lm
+        finally:
+            setattr(self.lm, prefix, own)
+
+
+class MlmProbe(_HeadProbe):
+    name = "mlm"
+    metric = "mlm_loss_nats_per_token"
+    higher_is_better = False
+    auto_class = "AutoModelForMaskedLM"
+    head_kind = "masked-LM"
+
+    def measure(self, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None = None) -> float:
+        tok = self.tokenizer
+        gen = torch.Generator().manual_seed(0)
+        total, n = 0.0, 0
+        with _eval_mode(model), self._with_backbone(model, device) as lm:
+            for enc in self.batches:
+                ids = enc["input_ids"].clone()
+                special = torch.tensor(
+                    [
+                        tok.get_special_tokens_mask(row, already_has_special_tokens=True)
+                        for row in ids.tolist()
+                    ],
+                    dtype=torch.bool,
+                )
+                pick = (
+                    (torch.rand(ids.shape, generator=gen) < float(self.cfg.mask_fraction))
+                    & ~special
+                    & enc["attention_mask"].bool()
+                )
+                labels = torch.where(pick, ids, torch.full_like(ids, -100))
+                ids[pick] = tok.mask_token_id
+                with autocast(device, amp_dtype):
+                    out = lm(
+                        input_ids=ids.to(device),
+                        attention_mask=enc["attention_mask"].to(device),
+                        labels=labels.to(device),
+                    )
+                k = int(pick.sum())
+                total += float(out.loss) * k
+                n += k
+        return total / max(n, 1)
+
+
+class PplProbe(_HeadProbe):
+    name = "ppl"
+    metric = "perplexity"
+    higher_is_better = False
+    auto_class = "AutoModelForCausalLM"
+    head_kind = "causal-LM"
+
+    def __init__(self, cfg: Any, model_cfg: Any, tokenizer, task: str | None = None):
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        super().__init__(cfg, model_cfg, tokenizer, task)
+        if not getattr(self.lm.config, "is_decoder", False) and self.lm.config.model_type in (
+            "bert",
+            "roberta",
+        ):
+            raise BenchError(
+                f"forgetting=ppl: model '{model_cfg.name}' is an encoder, not a causal LM; "
+                f"use forgetting=sts or mlm"
+            )
+
+    def measure(self, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None = None) -> float:
+        total, n = 0.0, 0
+        with _eval_mode(model), self._with_backbone(model, device) as lm:
+            for enc in self.batches:
+                labels = enc["input_ids"].masked_fill(~enc["attention_mask"].bool(), -100)
+                with autocast(device, amp_dtype):
+                    out = lm(**{k: v.to(device) for k, v in enc.items()}, labels=labels.to(device))
+                k = int((labels[:, 1:] != -100).sum())
+                total += float(out.loss) * k
+                n += k
+        return float(np.exp(total / max(n, 1)))
+
+
+PROBE_CLASSES: dict[str, type[Probe]] = {"sts": StsProbe, "mlm": MlmProbe, "ppl": PplProbe}
+
+
+def make_probe(cfg: Any, model_cfg: Any, tokenizer, task: str | None = None) -> Probe:
+    """The probe that `conf/forgetting/<name>.yaml` asks for (BenchError when unknown or unusable)."""
+    name = str(cfg.probe)
+    if name == "sequential":
+        raise BenchError(
+            "forgetting=sequential needs two trainings and is not an in-run probe; run "
+            "`python -m analysis.forgetting sequential <run dir of task A> --task-b <task>`"
+        )
+    if name not in PROBE_CLASSES:
+        raise BenchError(f"unknown forgetting probe '{name}'; choose one of: {', '.join(PROBES)}")
+    with torch.random.fork_rng(devices=[]):  # loading a head model must not move the run's random state
+        return PROBE_CLASSES[name](cfg, model_cfg, tokenizer, task)
+
+
+def probe_config(name: str, **overrides: Any) -> DictConfig:
+    """`conf/forgetting/<name>.yaml` composed through Hydra, with overrides (e.g. max_pairs=64)."""
+    return compose_config([f"forgetting={name}", *(f"forgetting.{k}={v}" for k, v in overrides.items())]).forgetting

@@ -1,0 +1,195 @@
+"""The steps of a run, each a function: load data, build the model, attach the method, train, evaluate, time
+the latency, save. bench/runner.py calls them in order; the sequential-forgetting experiment
+(analysis/forgetting.py) and the overhead benchmark (bench/perf/overhead.py) call the same ones."""
+from __future__ import annotations
+
+import csv
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from bench import BenchError
+from bench import metrics as glue_metrics
+from bench.data import make_loader, subset, tokenize
+from bench.measure import MemoryMeter, latency_batch, latency_interleaved
+from bench.models import attach_context, load_model, load_tokenizer
+from bench.plan import Plan
+from bench.precision import autocast_dtype
+from bench.record import CURVE_FILE, WEIGHTS_DIR
+from bench.tasks import Task, load_task
+from bench.train import TrainResult, TrainSettings, predict, to_predictions, total_steps, train
+from methods import Method
+from methods.base import count_params
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+@dataclass
+class Data:
+    tokenizer: Any
+    train_features: list[dict]
+    dev_features: list[dict]
+    train_loader: Any
+    dev_loader: Any
+    info: dict  # for the record: source, rows, note
+    tokenize_s: float  # time to tokenise the train rows
+
+
+def load_data(task: Task, cfg: DictConfig, tokenizer=None) -> Data:
+    """The task's train and dev rows (capped by the budget), tokenised, and their loaders: train shuffled by
+    `cfg.seed`, dev in order."""
+    budget = cfg.budget
+    train_df, dev_df, source = load_task(task)
+    train_df, dev_df = subset(train_df, budget.train_samples), subset(dev_df, budget.eval_samples)
+    tokenizer = tokenizer or load_tokenizer(cfg.model)
+    start = time.perf_counter()
+    train_features = tokenize(train_df, tokenizer, budget.max_seq_len)
+    tokenize_s = time.perf_counter() - start
+    dev_features = tokenize(dev_df, tokenizer, budget.max_seq_len)
+    info = {"source": source, "train_rows": len(train_df), "dev_rows": len(dev_df),
+            "note": task.offline_note if source.startswith("glue_dir") else ""}
+    return Data(tokenizer, train_features, dev_features, train_loader(train_features, tokenizer, cfg),
+                make_loader(dev_features, tokenizer, cfg.measure.eval_batch_size, shuffle=False, seed=0),
+                info, tokenize_s)
+
+
+def train_loader(features: list, tokenizer, cfg: DictConfig):
+    """A fresh training loader (micro-batches of the budget, shuffled by `cfg.seed`: the same order each time)."""
+    return make_loader(features, tokenizer, cfg.budget.batch_size, shuffle=True, seed=int(cfg.seed))
+
+
+def fresh_model(p: Plan, steps: int) -> nn.Module:
+    """Seeded as a run is, the base model with the method attached: what each way of a benchmark starts from."""
+    seed_everything(int(p.cfg.seed))
+    return attach(p, build_model(p)[0], steps)[0]
+
+
+def build_model(p: Plan) -> tuple[nn.Module, str]:
+    """(the pre-trained model on the run's device, its source), loaded as the method asks (e.g. 4-bit)."""
+    load_kwargs = p.method.load_kwargs(p.cfg.method, p.cfg.model, p.device)
+    model, source = load_model(p.cfg.model, p.task.num_labels, **load_kwargs)
+    return model.to(p.device), source
+
+
+def check_positions(config: Any, p: Plan, features: list[dict]) -> None:
+    """Prompt/prefix tuning lengthen every sequence by their virtual tokens; fail before training, with the fix,
+    when the longest example would then run past the model's position embeddings."""
+    extra = p.method.virtual_tokens(p.rank)
+    positions = getattr(config, "max_position_embeddings", None)
+    if not extra or not positions:
+        return
+    if config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        positions -= int(config.pad_token_id) + 1  # RoBERTa's positions start after the padding index
+    longest = max(len(f["input_ids"]) for f in features)
+    if longest + extra > positions:
+        raise BenchError(f"method '{p.method.name}' adds {extra} virtual tokens, and the longest tokenised example "
+                         f"has {longest}: {longest + extra} > the model's {positions} positions; set "
+                         f"budget.max_seq_len={positions - extra} (for every method you compare) or a smaller rank")
+
+
+def attach(p: Plan, model: nn.Module, steps: int) -> tuple[nn.Module, dict[str, int]]:
+    """(the model with the method attached, on the run's device; its parameter counts). BenchError when the
+    method trains nothing outside the task head."""
+    ctx = attach_context(p.cfg.model, p.rank, p.task.num_labels, steps)
+    model = p.method.attach(model, p.cfg.method, ctx).to(p.device)
+    counts = count_params(model, str(p.cfg.model.head))
+    if counts["trainable_params_excl_head"] == 0 and not p.method.trains_all_weights:
+        raise BenchError(f"method '{p.method.name}' attached no trainable parameters outside the task head; "
+                         f"check method.target_modules ({p.cfg.method.get('target_modules')}) against the model")
+    return model, counts
+
+
+def train_settings(p: Plan, steps: int, timing_warmup_steps: int = 0) -> TrainSettings:
+    return TrainSettings(steps=steps, lr=p.lr, weight_decay=float(p.cfg.method.weight_decay),
+                         warmup_ratio=float(p.cfg.method.warmup_ratio), budget=p.cfg.budget, device=p.device,
+                         precision=p.precision, head=str(p.cfg.model.head), timing_warmup_steps=timing_warmup_steps,
+                         main_metric=p.task.main_metric)
+
+
+def train_model(p: Plan, model: nn.Module, loader, steps: int, timing_warmup_steps: int = 0,
+                evaluate_fn=None) -> TrainResult:
+    """The shared loop with the run's settings (and the test-only fault hooks of bench/faults.py)."""
+    from bench.faults import injected_faults
+
+    return train(model, p.method, loader, train_settings(p, steps, timing_warmup_steps), evaluate_fn=evaluate_fn,
+                 hooks=injected_faults(p.run_id))
+
+
+def timing_warmup(p: Plan, steps: int) -> int:
+    """Steps left out of throughput figures: short runs (smoke budgets) keep at least half their steps timed."""
+    return min(int(p.cfg.measure.timing_warmup_steps), steps // 2)
+
+
+def train_summary(tr: TrainResult, warmup: int) -> dict:
+    """The record's `train` block."""
+    return {
+        "steps": tr.steps, "samples": tr.samples, "wall_s": tr.wall_s, "timed_steps": tr.timed_steps,
+        "timed_s": tr.timed_s, "compute_s": tr.compute_s, "data_s": tr.data_s,
+        "samples_per_s": tr.timed_samples / tr.timed_s if tr.timed_s else None,
+        "tokens_per_s": tr.timed_tokens / tr.timed_s if tr.timed_s else None,
+        "step_time_ms": 1000 * tr.compute_s / tr.timed_steps if tr.timed_steps else None,
+        "data_time_ms": 1000 * tr.data_s / tr.timed_steps if tr.timed_steps else None,
+        "timing_warmup_steps": warmup, "best_step": tr.best_step, "evals": tr.evals,
+        "max_batch_seq_len": tr.max_batch_seq_len,
+    }
+
+
+def evaluate(model: nn.Module, loader, task: Task, device: torch.device, precision: str
+             ) -> tuple[dict[str, float], np.ndarray]:
+    """(the task's metrics and eval_loss on `loader`, the logits)."""
+    logits, labels, loss = predict(model, loader, device, precision)
+    preds = to_predictions(logits, task.is_regression)
+    return {**glue_metrics.compute(list(task.metrics), preds, labels), "eval_loss": loss}, logits
+
+
+def time_latency(p: Plan, variants: dict[str, nn.Module], vocab_size: int, meter: MemoryMeter) -> dict:
+    """Latency of the models in `variants` (base, unmerged, merged), timed side by side (README, "Measurement")."""
+    measure = p.cfg.measure
+    batch = latency_batch(vocab_size, measure.latency_batch_size, measure.latency_seq_len, p.device)
+    latency = {"batch_size": int(measure.latency_batch_size), "seq_len": int(measure.latency_seq_len),
+               "order": "interleaved"}
+    latency.update(latency_interleaved(
+        variants, batch, warmup_iters=int(measure.latency_warmup_iters), iters=int(measure.latency_iters),
+        device=p.device, autocast_dtype=autocast_dtype(p.precision), rounds=int(measure.latency_rounds),
+        warmup_tol=float(measure.latency_warmup_tol), max_warmup_s=float(measure.latency_max_warmup_s),
+        meter=meter))
+    for name in ("unmerged", "merged"):
+        if name in latency:
+            latency[f"{name}_over_base_p50_ratio"] = latency[name]["p50_ms"] / latency["base"]["p50_ms"]
+    return latency
+
+
+def save(p: Plan, method: Method, model: nn.Module, curve: list[dict]) -> dict:
+    """The weights (unless save_weights=none) and the loss curve into the run folder; what the record says."""
+    out: dict[str, Any] = {}
+    if p.cfg.save_weights != "none":
+        weights_dir = p.run_dir / WEIGHTS_DIR
+        method.save(model, weights_dir)
+        out["weights_dir"] = WEIGHTS_DIR
+        out["adapter_bytes"] = sum(f.stat().st_size for f in weights_dir.glob("*.safetensors"))
+    write_curve(p.run_dir, curve)
+    out["curve_file"] = CURVE_FILE
+    return out
+
+
+def write_curve(run_dir: Path, curve: list[dict]) -> None:
+    with open(run_dir / CURVE_FILE, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["step", "loss", "lr", "elapsed_s"])
+        writer.writeheader()
+        writer.writerows(curve)
+
+
+__all__ = ["Data", "attach", "build_model", "check_positions", "evaluate", "load_data", "save", "seed_everything",
+           "time_latency", "timing_warmup", "total_steps", "train_model", "train_summary", "write_curve"]

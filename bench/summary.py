@@ -1,0 +1,53 @@
+"""Console output of a run: a short summary at its end, read from its record."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.record import OK
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def print_summary(rec: dict, path: Path) -> None:
+    """The few lines a run prints at its end: metric, parameters, memory, time, latency, where the record is."""
+    if rec["status"] != OK:
+        print(f"FAILED {rec['run_id']} status={rec['status']}: {rec.get('error')}\n  record: {path}")
+        return
+    mem = rec["memory"].get("train", {})
+    peak = mem.get("peak_allocated_bytes", mem.get("peak_rss_bytes"))
+    peak_label = "peak CUDA allocated" if mem.get("kind") == "cuda" else "peak RSS (process)"
+    lat = rec.get("latency", {})
+    lines = [
+        f"run {rec['run_id']}  status=ok",
+        f"  {rec['main_metric']} = {rec['main_metric_value']:.4f}   eval_loss = {rec['metrics']['eval_loss']:.4f}"
+        + (f"   ({rec['model_note']})" if rec.get("model_note") else ""),
+        f"  trainable params {rec['trainable_params']:,} ({rec['trainable_params_excl_head']:,} excl. head) "
+        f"of {rec['total_params']:,}",
+        f"  train {rec['train']['steps']} steps in {rec['train']['wall_s']:.1f} s, "
+        f"{rec['train_samples_per_s']:.1f} samples/s; {peak_label} during training {_fmt_bytes(peak)}",
+    ]
+    if "base" in lat:
+        line = f"  latency p50 (batch {lat['batch_size']}x{lat['seq_len']}): base {lat['base']['p50_ms']:.1f} ms"
+        line += f", unmerged {lat['unmerged']['p50_ms']:.1f} ms"
+        if "merged" in lat:
+            diff = rec["merged_max_abs_logit_diff"]
+            line += f", merged {lat['merged']['p50_ms']:.1f} ms (max |logit diff| {diff:.1e})"
+        line += f"; unmerged/base {lat['unmerged_over_base_p50_ratio']:.2f}"
+        if "merged" in lat:
+            line += f", merged/base {lat['merged_over_base_p50_ratio']:.2f}"
+        lines.append(line)
+    for flag in rec.get("gpu_start", {}).get("flags", []):
+        lines.append(f"  WARNING (GPU at run start): {flag}")
+    if "adapter_bytes" in rec:
+        lines.append(f"  stored weights {_fmt_bytes(rec['adapter_bytes'])} "
+                     f"vs full model {_fmt_bytes(rec['full_model_bytes'])}")
+    lines.append(f"  record: {path}")
+    print("\n".join(lines))

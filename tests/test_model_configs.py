@@ -1,0 +1,48 @@
+"""Every model config composes with its family's module names (conf/model/family/), and every method attaches
+to every random-init model config: the tiny ones for real, the big ones on the meta device (shapes only)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from bench.config import compose_config
+from bench.models import attach_context, load_model
+from methods import REGISTRY
+from methods.base import is_head_param
+from tests.conftest import CONF
+from tests.method_helpers import ALL_METHODS
+
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+FAMILY_KEYS = ("family", "lora_targets", "layers", "ia3_targets", "ia3_feedforward", "attention_output",
+               "ffn_output", "head")
+RANDOM = [m for m in MODELS if OmegaConf.load(CONF / "model" / f"{m}.yaml").get("random_init")]
+TINY = [m for m in RANDOM if m.startswith("tiny-")]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_model_config_composes_with_its_family_module_names(name):
+    model = compose_config([f"model={name}"]).model
+    family = OmegaConf.load(CONF / "model" / "family" / "bert.yaml")
+    assert model.name == name
+    for key in FAMILY_KEYS[1:]:
+        assert model[key] == family[key], (name, key)  # bert and roberta share BERT's module names
+
+
+@pytest.mark.parametrize("model_name", RANDOM)
+@pytest.mark.parametrize("method_name", ALL_METHODS)
+def test_every_method_attaches_to_every_random_init_model(model_name, method_name):
+    cfg = compose_config([f"model={model_name}", f"method={method_name}", "rank=4"])
+    method = REGISTRY[method_name]
+    ctx = attach_context(cfg.model, 4 if method.uses_rank else None, 2, 10)
+    if model_name in TINY:
+        torch.manual_seed(0)
+        model, _ = load_model(cfg.model, 2)
+    else:  # big: shapes only, no memory and no init time
+        config = AutoConfig.for_model(cfg.model.family, num_labels=2, **dict(cfg.model.config))
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(config)
+    model = method.attach(model, cfg.method, ctx)
+    head = str(cfg.model.head)
+    assert any(p.requires_grad for n, p in model.named_parameters() if not is_head_param(n, head))
