@@ -18,6 +18,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from bench import BenchError
+from bench.datafile import read_tsv
 from bench.record import REPO_ROOT
 
 HUB_DATASET = "nyu-mll/glue"
@@ -49,6 +50,14 @@ class Task:
     @property
     def is_regression(self) -> bool:
         return self.num_labels == 1
+
+    def row_check(self, rows: dict[str, int], source: str) -> dict:
+        """`rows_below_expected` {split: [rows, expected]} for offline files shorter than `offline_rows` says."""
+        if not source.startswith("glue_dir"):
+            return {}
+        short = {split: [n, self.offline_rows[split]] for split, n in rows.items()
+                 if split in self.offline_rows and n < self.offline_rows[split]}
+        return {"rows_below_expected": short} if short else {}
 
 
 DISPLAY_KEYS = ("label", "display_order", "list_order")  # how a task is shown: not part of a run's identity
@@ -90,27 +99,38 @@ def get_task(name: str) -> Task:
 
 
 def _read_tsv(task: Task, path: Path) -> pd.DataFrame:
-    kwargs = dict(sep="\t", quoting=3, encoding="utf-8-sig", keep_default_na=False, dtype=str)
-    if task.header:
-        return pd.read_csv(path, **kwargs)
-    return pd.read_csv(path, header=None, names=list(task.column_names), **kwargs)
+    return read_tsv(path, header=task.header, column_names=task.column_names,
+                    required=(*task.text_fields, task.label_field))
 
 
-def _standardise(task: Task, df: pd.DataFrame, text_fields: tuple[str, ...], label_field: str) -> pd.DataFrame:
+def _bad_label(task: Task, labels: pd.Series, ok: pd.Series, where: str, first_line: int, allowed: str) -> None:
+    if not ok.all():
+        i = int((~ok).to_numpy().nonzero()[0][0])
+        raise BenchError(f"{where}: line {i + first_line}: label {labels.iloc[i]!r} is not {allowed} "
+                         f"({int((~ok).sum())} such row(s)); is it another task's file?")
+
+
+def _standardise(task: Task, df: pd.DataFrame, text_fields: tuple[str, ...], label_field: str,
+                 where: str = "", first_line: int = 1) -> pd.DataFrame:
+    """Columns text_a, text_b, label. A label that is not one the task allows is one line naming `where` (the
+    file) and the line (`first_line` is the file line of row 0)."""
+    where = where or f"task '{task.name}'"
     out = pd.DataFrame({"text_a": df[text_fields[0]].astype(str)})
     out["text_b"] = df[text_fields[1]].astype(str) if len(text_fields) > 1 else None
     labels = df[label_field]
     if task.is_regression:
-        out["label"] = labels.astype(float)
+        values = pd.to_numeric(labels, errors="coerce")
+        _bad_label(task, labels, values.notna(), where, first_line, "a number")
+        out["label"] = values.astype(float)
     elif task.label_names and not labels.astype(str).str.fullmatch(r"-?\d+").all():
         mapping = {name: i for i, name in enumerate(task.label_names)}
-        unknown = set(labels) - set(mapping)
-        if unknown:
-            raise BenchError(f"{task.name}: unexpected labels {sorted(unknown)[:5]} in the data; "
-                             f"expected {list(task.label_names)}")
+        _bad_label(task, labels, labels.isin(list(mapping)), where, first_line, f"one of {list(task.label_names)}")
         out["label"] = labels.map(mapping).astype(int)
     else:
-        out["label"] = labels.astype(int)
+        ids = pd.to_numeric(labels, errors="coerce")
+        allowed = f"a class id 0..{task.num_labels - 1}"
+        _bad_label(task, labels, ids.isin(range(task.num_labels)), where, first_line, allowed)
+        out["label"] = ids.astype(int)
     return out.reset_index(drop=True)
 
 
@@ -125,8 +145,9 @@ def load_task(task: Task, glue_dir: str | None = None) -> tuple[pd.DataFrame, pd
                 f"task '{task.name}': GLUE_DIR={glue_dir} has no {task.folder}/{task.train_file} and "
                 f"{task.folder}/{task.dev_file}; point GLUE_DIR at a classic glue_data folder "
                 f"(e.g. GLUE_DIR=../shared/data/glue) or unset it to use the Hub dataset {HUB_DATASET}")
-        train = _standardise(task, _read_tsv(task, train_path), task.text_fields, task.label_field)
-        dev = _standardise(task, _read_tsv(task, dev_path), task.text_fields, task.label_field)
+        first = 2 if task.header else 1
+        train, dev = (_standardise(task, _read_tsv(task, path), task.text_fields, task.label_field, str(path), first)
+                      for path in (train_path, dev_path))
         return train, dev, f"glue_dir:{folder.resolve()}"
     try:
         import datasets
