@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -104,7 +105,9 @@ def analyse_all(results: str | Path, force: bool = False, **kwargs) -> dict[str,
     """{run dir: analysis} for every ok run with weights under `results`."""
     out = {}
     for run_dir in tqdm(run_dirs(results), desc="intruders/spectrum", unit="run"):
-        out[str(run_dir)] = analyse_run(run_dir, force=force, **kwargs)
+        out[str(run_dir)] = res = analyse_run(run_dir, force=force, **kwargs)
+        if res["status"] == "error":  # one broken run (e.g. a corrupt weights file) is skipped, never fatal
+            print(f"warning: skipped {run_dir.name}: {res['error']}", file=sys.stderr)
     return out
 
 
@@ -116,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epsilon", type=float, default=intruders.DEFAULT_EPSILON)
     ap.add_argument("--max-rank", type=int, default=64)
     args = ap.parse_args(argv)
+    if not Path(args.results).exists():
+        ap.error(f"{args.results}: no such folder")  # exit 2: a usage error
     start = time.perf_counter()
     results = analyse_all(
         args.results, force=args.force, k=args.k, epsilon=args.epsilon, max_rank=args.max_rank

@@ -28,7 +28,7 @@ one sample. Per config group:
 Above the table it lists what differs between the two sides' environments and inputs: package versions, the
 lock file's hash, and the content fingerprints of data and model files (records from before fingerprints
 were recorded show them as missing). Then it prints a Markdown table (config, check, baseline, current, delta,
-verdict) and exits 1 on a regression, 0 otherwise (2 when an input has no records).
+verdict) and exits 1 on a regression, 0 otherwise, and 2 on a usage error (no such folder, no records).
 """
 from __future__ import annotations
 
@@ -52,17 +52,21 @@ LABEL_COLUMNS = ("task", "model", "method", "rank", "lr", "budget")
 PROVENANCE_PREFIXES = ("provenance.versions.", "provenance.lock_sha256", "fingerprints.")
 
 
+class UsageError(Exception):
+    """A wrong argument (no such folder, a table without config groups): exit 2, where a regression is exit 1."""
+
+
 def load_side(source: str | Path) -> tuple[pd.DataFrame, dict[str, dict]]:
     """A frame of runs with a `config_group` column, and the effective config of each group (records only)."""
     source = Path(source)
     if source.is_file() and source.suffix in (".csv", ".parquet"):
         df = pd.read_parquet(source) if source.suffix == ".parquet" else pd.read_csv(source)
         if "config_group" not in df.columns:
-            raise SystemExit(f"{source}: no config_group column; write the table with this version of "
+            raise UsageError(f"{source}: no config_group column; write the table with this version of "
                              f"`python -m analysis.collect --out`, or pass the records folder")
         return df, {}
     if not source.exists():
-        raise SystemExit(f"{source}: no such folder or table")
+        raise UsageError(f"{source}: no such folder or table")
     records, problems = load_records(source)
     for line in problems:
         print(f"warning: {line}", file=sys.stderr)
@@ -377,8 +381,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="also write the Markdown report here")
     args = ap.parse_args(argv)
 
-    base, base_configs = load_side(args.baseline)
-    cur, cur_configs = load_side(args.current)
+    try:
+        base, base_configs = load_side(args.baseline)
+        cur, cur_configs = load_side(args.current)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for df, src in ((base, args.baseline), (cur, args.current)):
         if df.empty or "config_group" not in df.columns:
             print(f"error: no run records with a config in {src}", file=sys.stderr)

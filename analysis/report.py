@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import sys
 import time
 from pathlib import Path
 
@@ -164,7 +165,8 @@ def build_report(
     records, problems = load_records(results)
     df = to_frame(records)
     if df.empty:
-        raise SystemExit(f"no run records under {results}")
+        print(f"error: no run records under {results}", file=sys.stderr)
+        raise SystemExit(2)
     df.to_csv(out / "runs.csv", index=False)
     ok = tables.ok_frame(df)
     failed = df[df["status"] != "ok"]
@@ -329,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--force", action="store_true", help="recompute the cached per-run weight analysis")
     ap.add_argument("--no-weights", action="store_true", help="skip the intruder/spectrum analysis")
     args = ap.parse_args(argv)
+    if not Path(args.results).exists():
+        ap.error(f"{args.results}: no such folder")  # exit 2: a usage error
     index = build_report(args.results, args.out, args.force, analyse=not args.no_weights)
     print(f"report: {index}")
 

@@ -97,7 +97,14 @@ def tuned_model(run_dir: str | Path, base: nn.Module | None = None, merge: bool 
         )
     method = get_method(record["method"])
     start = copy.deepcopy(base) if base is not None else base_model(record, cfg)
-    model = method.load(start, cfg.method, attach_context(record, cfg), weights_dir)
+    try:
+        model = method.load(start, cfg.method, attach_context(record, cfg), weights_dir)
+    except BenchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a truncated or corrupt weights file, a shape mismatch, ...: one line
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise BenchError(f"{record['run_id']}: cannot load its saved weights from {weights_dir} "
+                         f"({type(exc).__name__}: {first}); re-run it with rerun=true") from None
     if merge and method.merges and not method.edits_in_place:
         model = method.merged(model)
     return model.eval()
