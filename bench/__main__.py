@@ -25,27 +25,30 @@ def _is_multirun() -> bool:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def app(cfg: DictConfig) -> dict:
     """Returns (in multirun) the job's outcome for the sweep progress callback (bench/sweep.py):
-    run_id, status, skipped, record path."""
-    from bench.record import RECORD_FILE
-    from bench.runner import run  # imported here so `--help` and config errors stay fast
+    run_id, status, skipped, record path. In multirun each run is its own process (bench/isolate.py)."""
+    from bench.runner import job_outcome, run  # imported here so `--help` and config errors stay fast
 
+    multirun = _is_multirun()
+    isolate = cfg.get("isolate_runs", "auto")
+    if isolate is True or (isolate == "auto" and multirun):
+        from bench.isolate import run_isolated
+
+        return run_isolated(cfg)
     try:
         record = run(cfg)
-    except BenchError as exc:  # a config problem found before the run could be identified
+    except BenchError as exc:  # a config, data or folder problem found before the run could start
         print(f"error: {exc}", file=sys.stderr)
-        if _is_multirun():
+        if multirun:
             return {"status": "error", "error": str(exc), "skipped": False}
         sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - in a sweep nothing may end the other jobs
-        if not _is_multirun():
+        if not multirun:
             raise
         traceback.print_exc()
         return {"status": "error", "error": f"{type(exc).__name__}: {exc}", "skipped": False}
-    if record["status"] != "ok" and not _is_multirun():
+    if record["status"] != "ok" and not multirun:
         sys.exit(1)
-    path = Path(str(cfg.results_dir)) / record["run_id"] / RECORD_FILE
-    return {"run_id": record["run_id"], "status": record["status"], "skipped": bool(record.get("skipped")),
-            "record": str(path) if path.is_file() else None, "error": record.get("error")}
+    return job_outcome(cfg, record)
 
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"

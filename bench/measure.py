@@ -240,10 +240,10 @@ def latency_ratios(latency: dict[str, dict[str, Any]], base: str = "base", noise
     """Each model's latency relative to `base`, robust to a shared machine. The models are timed in interleaved
     rounds, so a slow spell hits all of them in the same round: `<name>_over_base_ratio` is the median over rounds
     of the round's median pass time / base's in that round, with the rounds' smallest and largest ratio
-    (`..._ratio_min` / `..._ratio_max`) and the ratio of the fastest passes (`..._min_ms_ratio`, what the hardware
-    can do). `<name>_over_base_too_noisy` is true when the rounds disagree by more than 2 x `noise_tol`
-    (max - min): the ratio then cannot tell a few-percent overhead from noise. `..._p50_ratio` is the plain
-    ratio of p50s, kept for older readers."""
+    (`..._lowest_round_ratio` / `..._highest_round_ratio`) and the ratio of the fastest passes
+    (`..._min_ms_ratio`, what the hardware can do). `<name>_over_base_too_noisy` is true when the rounds
+    disagree by more than 2 x `noise_tol` (max - min): the ratio then cannot tell a few-percent overhead from
+    noise. `..._p50_ratio` is the plain ratio of p50s, kept for older readers."""
     out: dict[str, Any] = {}
     ref = latency[base]
     for name, stats in latency.items():
@@ -253,8 +253,8 @@ def latency_ratios(latency: dict[str, dict[str, Any]], base: str = "base", noise
         out[f"{name}_over_base_min_ms_ratio"] = stats["min_ms"] / ref["min_ms"]
         rounds = np.asarray(stats["round_p50_ms"], float) / np.asarray(ref["round_p50_ms"], float)
         out[f"{name}_over_base_ratio"] = float(np.median(rounds))
-        out[f"{name}_over_base_ratio_min"] = float(rounds.min())
-        out[f"{name}_over_base_ratio_max"] = float(rounds.max())
+        out[f"{name}_over_base_lowest_round_ratio"] = float(rounds.min())
+        out[f"{name}_over_base_highest_round_ratio"] = float(rounds.max())
         out[f"{name}_over_base_too_noisy"] = bool(rounds.max() - rounds.min() > 2 * noise_tol)
     return out
 

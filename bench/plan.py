@@ -1,7 +1,10 @@
-"""Planning a run: validate the composed config and work out the effective config and the run's identity
-(the hash of the effective config), before anything is loaded."""
+"""Planning a run: validate the composed config (bench/schema.py) and work out the effective config and the run's
+identity (the hash of the effective config), before anything is loaded; then `identify` adds the content
+fingerprints of the data and model files (bench/fingerprint.py) to that identity."""
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench import BenchError
 from bench.record import config_hash
+from bench.schema import validate_config
 from bench.tasks import DISPLAY_KEYS, Task, task_from_config
 from methods import Method, get_method
 
@@ -56,17 +60,14 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 def plan(cfg: DictConfig) -> Plan:
     """Validate the config and work out the run's effective config and identity. Raises BenchError."""
+    valid = validate_config(OmegaConf.to_container(cfg, resolve=True))  # one line per problem, or normalised
     method = get_method(cfg.method.name)
     task = task_from_config(cfg.task)
-    device = resolve_device(str(cfg.device))
-    precision = resolve_precision(str(cfg.precision), device)
+    device = resolve_device(valid["device"])
+    precision = resolve_precision(valid["precision"], device)
     method.validate(device)
-    if method.uses_rank and (not isinstance(cfg.rank, int) or cfg.rank < 1):
-        raise BenchError(f"rank={cfg.rank}: method '{method.name}' needs a positive integer rank")
-    rank = int(cfg.rank) if method.uses_rank else None
-    lr = float(cfg.lr if cfg.lr is not None else cfg.method.lr)
-    if not lr > 0:
-        raise BenchError(f"lr={lr}: the learning rate must be positive")
+    rank = valid["rank"] if method.uses_rank else None
+    lr = valid["lr"] if valid["lr"] is not None else _method_lr(cfg.method.get("lr"))
     eff_method = method.effective_config(OmegaConf.to_container(cfg.method, resolve=True), rank)
     eff_method["lr"] = lr
     effective = {
@@ -74,16 +75,42 @@ def plan(cfg: DictConfig) -> Plan:
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "method": eff_method,
         "rank": rank,
-        "budget": OmegaConf.to_container(cfg.budget, resolve=True),
-        "seed": int(cfg.seed),
+        "budget": valid["budget"],
+        "seed": valid["seed"],
         "device_type": device.type,
         "precision": precision,
-        "measure": OmegaConf.to_container(cfg.measure, resolve=True),
+        "measure": valid["measure"],
     }
     if cfg.get("forgetting"):  # only when set, so runs without it keep their identity
         effective["forgetting"] = OmegaConf.to_container(cfg.forgetting, resolve=True)
-    h = config_hash(effective)
-    rank_part = f"-r{rank}" if rank is not None else ""
-    run_id = f"{task.name}-{cfg.model.name}-{method.name}{rank_part}-s{cfg.seed}-{h[:8]}"
-    run_dir = Path(str(cfg.results_dir)) / run_id
-    return Plan(cfg, task, method, device, precision, rank, lr, effective, h, run_id, run_dir)
+    return _identified(Plan(cfg, task, method, device, precision, rank, lr, effective, "", "", Path()))
+
+
+def _method_lr(value) -> float:
+    try:
+        lr = float(value)
+    except (TypeError, ValueError):
+        lr = float("nan")
+    if not lr > 0:
+        raise BenchError(f"method.lr={value!r}: the method's learning rate must be a positive number (or set lr=)")
+    return lr
+
+
+def identify(p: Plan, fingerprints: dict) -> Plan:
+    """The plan with the content fingerprints (the `*_sha256` values) of its data and model files in its identity:
+    edited data or another checkpoint under the same name is another run (bench/fingerprint.py)."""
+    hashes = {k: v for k, v in fingerprints.items() if k.endswith("_sha256")}
+    return _identified(dataclasses.replace(p, effective={**p.effective, "fingerprints": hashes}))
+
+
+def _safe(part: str) -> str:
+    """A run-folder name part: no path separators or leading dots, so no config value places files outside
+    results_dir (`model.name=../../x` becomes `.._.._x`)."""
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", part).lstrip(".") or "_"
+
+
+def _identified(p: Plan) -> Plan:
+    h = config_hash(p.effective)
+    rank_part = f"-r{p.rank}" if p.rank is not None else ""
+    run_id = _safe(f"{p.task.name}-{p.cfg.model.name}-{p.method.name}{rank_part}-s{p.effective['seed']}-{h[:8]}")
+    return dataclasses.replace(p, config_hash=h, run_id=run_id, run_dir=Path(str(p.cfg.results_dir)) / run_id)

@@ -18,17 +18,21 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from bench import BenchError
+
 SCHEMA_VERSION = 1
 KNOWN_SCHEMAS = {1}  # schema versions `load_records` reads
 RECORD_FILE = "record.json"
 CURVE_FILE = "curve.csv"
 TRACEBACK_FILE = "traceback.txt"
+FAILED_ATTEMPT_FILE = "failed_attempt.json"  # a failed rerun of a run whose ok record stays its result
 WEIGHTS_DIR = "weights"
 OK = "ok"
 FAILED_STATUSES = ("error", "nan", "oom")  # a run that finished with a failure; `ok` is the only success
 STATUSES = (OK, *FAILED_STATUSES)
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("torch", "transformers", "peft", "datasets", "hydra-core", "numpy", "scikit-learn", "bitsandbytes")
+PACKAGES = ("torch", "transformers", "peft", "tokenizers", "accelerate", "safetensors", "datasets", "hydra-core",
+            "numpy", "scipy", "scikit-learn", "pandas", "bitsandbytes")
 
 
 def config_hash(effective: dict) -> str:
@@ -108,6 +112,38 @@ def write_record(run_dir: Path, record: dict) -> Path:
     path = run_dir / RECORD_FILE
     write_json_atomic(path, record)
     return path
+
+
+def write_result(run_dir: Path, record: dict, previous: dict | None) -> Path:
+    """Write an attempt's record. A failed attempt at a run whose last record is ok (a `rerun=true` that failed)
+    goes beside it, into `failed_attempt.json`: the ok record stays the run's result until a new ok replaces it.
+    BenchError (one line) when the folder cannot be written."""
+    keep_ok = record.get("status") != OK and (previous or {}).get("status") == OK
+    path = run_dir / (FAILED_ATTEMPT_FILE if keep_ok else RECORD_FILE)
+    try:
+        write_json_atomic(path, record)
+    except OSError as exc:
+        raise BenchError(f"{run_dir}: cannot write the run's record ({exc.strerror or type(exc).__name__}); "
+                         f"its result ({record.get('status')}) is lost: make the folder writable and run again"
+                         ) from None
+    if keep_ok:
+        print(f"kept the ok record of {record.get('run_id')}: this attempt ended '{record.get('status')}' "
+              f"({path.name} beside it)")
+    elif record.get("status") == OK:
+        (run_dir / FAILED_ATTEMPT_FILE).unlink(missing_ok=True)  # an older failed attempt: superseded
+    return path
+
+
+def check_writable(run_dir: Path) -> None:
+    """BenchError (one line, before any training) when the run folder cannot be made or written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=run_dir, prefix=".write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise BenchError(f"results_dir: cannot write in {run_dir} ({exc.strerror or type(exc).__name__}); "
+                         "choose a writable folder, e.g. results_dir=/tmp/runs") from None
 
 
 def find_records(root: str | Path) -> list[Path]:

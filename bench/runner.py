@@ -9,9 +9,11 @@ A run interrupted by Ctrl-C writes no record, as if it had been killed.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,20 +22,24 @@ from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as hf_logging
 
 from bench import BenchError, steps
+from bench.fingerprint import lock_state
+from bench.isolate import announce
 from bench.lock import RunLock
 from bench.measure import MemoryMeter, check_gpu_start, device_name, peak_memory_summary, release_memory
 from bench.oom import oom_message, with_oom_retry
-from bench.plan import Plan, plan
+from bench.plan import Plan, identify, plan
 from bench.precision import autocast_dtype
 from bench.record import (
     OK,
     RECORD_FILE,
     SCHEMA_VERSION,
     TRACEBACK_FILE,
+    check_writable,
     config_group,
     provenance,
     read_record,
-    write_record,
+    record_path,
+    write_result,
 )
 from bench.resume import skip_reason
 from bench.summary import print_summary
@@ -51,11 +57,16 @@ def run(cfg: DictConfig) -> dict:
     """Run one configuration and return its record (also written to `<results_dir>/<run_id>/record.json`).
     A skipped run returns its existing record with `skipped: True`."""
     p = plan(cfg)
+    rows = steps.read_rows(p.task, cfg.budget)  # the data's and the model files' content join the identity
+    fingerprints = steps.fingerprints(rows, cfg.model)
+    p = identify(p, fingerprints)
+    announce({"run_dir": str(p.run_dir), **_identity(p)})  # to a parent that runs this one isolated (bench/isolate.py)
     path = p.run_dir / RECORD_FILE
     reason = skip_reason(existing := read_record(path), cfg)
     if reason:
         print(f"skip {p.run_id}: {reason} ({path})")
         return {**existing, "skipped": True}
+    check_writable(p.run_dir)
     lock = RunLock(p.run_dir)
     if not lock.acquire():
         print(f"skip {p.run_id}: another process is running it ({lock.path})")
@@ -68,7 +79,7 @@ def run(cfg: DictConfig) -> dict:
             return {**existing, "skipped": True}
         if existing:
             print(f"again {p.run_id}: the last attempt ended with status '{existing.get('status')}'")
-        record = _attempt(p, existing)
+        record = _attempt(p, existing, rows, fingerprints)
     finally:
         lock.release()
     release_memory(p.device)  # the next run of a sweep in this process starts clean
@@ -76,28 +87,43 @@ def run(cfg: DictConfig) -> dict:
     return record
 
 
-def _attempt(p: Plan, previous: dict | None) -> dict:
+def _identity(p: Plan) -> dict[str, Any]:
+    """What names a run in its record: id, hashes, the labels tables group by, the effective config."""
+    return {"run_id": p.run_id, "config_hash": p.config_hash, "config_group": config_group(p.effective),
+            "task": p.task.name, "model": str(p.cfg.model.name), "method": p.method.name, "rank": p.rank,
+            "seed": p.effective["seed"], "lr": p.lr, "budget": str(p.cfg.budget.name),
+            "effective_config": p.effective}
+
+
+def job_outcome(cfg: DictConfig, record: dict) -> dict[str, Any]:
+    """What a sweep job returns to the progress callback (bench/sweep.py): run_id, status, skipped, record path."""
+    path = record_path(Path(str(cfg.results_dir)) / record["run_id"])
+    return {"run_id": record["run_id"], "status": record["status"], "skipped": bool(record.get("skipped")),
+            "record": str(path) if path.is_file() else None, "error": record.get("error")}
+
+
+def _attempt(p: Plan, previous: dict | None, rows: steps.Rows, fingerprints: dict) -> dict:
     """One attempt at the run: its record, whatever happens (an exception becomes a status)."""
     cfg = p.cfg
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))  # recorded in provenance.torch_threads
     record: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION, "run_id": p.run_id, "config_hash": p.config_hash,
-        "config_group": config_group(p.effective), "status": "error",
-        "task": p.task.name, "model": str(cfg.model.name), "method": p.method.name, "rank": p.rank,
-        "seed": int(cfg.seed), "lr": p.lr, "budget": str(cfg.budget.name),
+        "schema_version": SCHEMA_VERSION, **_identity(p), "status": "error",
         "attempt": int(previous.get("attempt", 1)) + 1 if previous else 1,
         "started_at": _now(), "provenance": {**provenance(), "device": device_name(p.device), "pid": os.getpid(),
+                                             "parent_pid": os.getppid(),
                                              "torch_threads": torch.get_num_threads()},
-        "effective_config": p.effective, "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": OmegaConf.to_container(cfg, resolve=True), "fingerprints": fingerprints,
     }
+    record["provenance"].update(lock_state())
     if previous:
         record["previous_status"] = previous.get("status")
     (p.run_dir / TRACEBACK_FILE).unlink(missing_ok=True)  # from an earlier failed attempt
     start = time.perf_counter()
     finished = False
     try:
-        record.update(with_oom_retry(_execute, p, int(cfg.get("oom_retries") or 0), record))
+        record.update(with_oom_retry(functools.partial(_execute, rows=rows), p, int(cfg.get("oom_retries") or 0),
+                                     record))
         record["status"] = OK
         finished = True
     except NonFiniteLoss as exc:
@@ -119,11 +145,11 @@ def _attempt(p: Plan, previous: dict | None) -> dict:
         if finished:
             record["ended_at"] = _now()
             record["run_wall_s"] = time.perf_counter() - start
-            write_record(p.run_dir, record)
+            write_result(p.run_dir, record, previous)
     return record
 
 
-def _execute(p: Plan) -> dict:
+def _execute(p: Plan, rows: steps.Rows) -> dict:
     """The steps of one run, in order; returns the record's measured part."""
     cfg, measure = p.cfg, p.cfg.measure
     out: dict[str, Any] = {}
@@ -131,7 +157,7 @@ def _execute(p: Plan) -> dict:
     if gpu_start is not None:
         out["gpu_start"] = gpu_start
     steps.seed_everything(int(cfg.seed))
-    data = steps.load_data(p.task, cfg)
+    data = steps.load_data(p.task, cfg, rows=rows)
     out["data"] = data.info
     probe = None
     if cfg.get("forgetting"):  # bench/probes.py: the same probe before attaching and after training

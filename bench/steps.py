@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -18,7 +19,8 @@ from torch import nn
 from bench import BenchError
 from bench import metrics as glue_metrics
 from bench.data import make_loader, subset, tokenize
-from bench.measure import MemoryMeter, latency_batch, latency_interleaved
+from bench.fingerprint import model_fingerprint, rows_sha256
+from bench.measure import MemoryMeter, latency_batch, latency_interleaved, latency_ratios
 from bench.models import attach_context, load_model, load_tokenizer
 from bench.plan import Plan
 from bench.precision import autocast_dtype
@@ -47,19 +49,46 @@ class Data:
     tokenize_s: float  # time to tokenise the train rows
 
 
-def load_data(task: Task, cfg: DictConfig, tokenizer=None) -> Data:
-    """The task's train and dev rows (capped by the budget), tokenised, and their loaders: train shuffled by
-    `cfg.seed`, dev in order."""
-    budget = cfg.budget
+@dataclass
+class Rows:
+    """The rows a run trains and evaluates on (after the budget's caps), and where they came from."""
+    train: pd.DataFrame
+    dev: pd.DataFrame
+    source: str
+    check: dict  # for the record: files with fewer rows than the task expects (`rows_below_expected`)
+
+
+def read_rows(task: Task, budget: Any) -> Rows:
+    """The task's train and dev rows, capped by the budget (a fixed subset, the same for every method and seed).
+    A data file with fewer rows than the task's yaml expects is a warning and a note in the record, not an error
+    (a deliberately cut file is a legitimate, differently fingerprinted run)."""
     train_df, dev_df, source = load_task(task)
-    train_df, dev_df = subset(train_df, budget.train_samples), subset(dev_df, budget.eval_samples)
+    check = task.row_check({"train": len(train_df), "dev": len(dev_df)}, source)
+    for split, (n, expected) in check.get("rows_below_expected", {}).items():
+        print(f"warning: task '{task.name}': the {split} file has {n} rows, {expected} expected ({source})")
+    return Rows(subset(train_df, budget.train_samples), subset(dev_df, budget.eval_samples), source, check)
+
+
+def fingerprints(rows: Rows, model_cfg: Any) -> dict[str, Any]:
+    """The content fingerprints of a run (bench/fingerprint.py): sha256 of the rows and of the model's and
+    tokenizer's files (these join the identity), with the names of the files hashed."""
+    return {"train_rows_sha256": rows_sha256(rows.train), "dev_rows_sha256": rows_sha256(rows.dev),
+            **model_fingerprint(model_cfg)}
+
+
+def load_data(task: Task, cfg: DictConfig, tokenizer=None, rows: Rows | None = None) -> Data:
+    """The task's train and dev rows (capped by the budget; `rows` when already read), tokenised, and their
+    loaders: train shuffled by `cfg.seed`, dev in order."""
+    budget = cfg.budget
+    rows = rows or read_rows(task, budget)
+    train_df, dev_df, source = rows.train, rows.dev, rows.source
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     start = time.perf_counter()
     train_features = tokenize(train_df, tokenizer, budget.max_seq_len)
     tokenize_s = time.perf_counter() - start
     dev_features = tokenize(dev_df, tokenizer, budget.max_seq_len)
     info = {"source": source, "train_rows": len(train_df), "dev_rows": len(dev_df),
-            "note": task.offline_note if source.startswith("glue_dir") else ""}
+            "note": task.offline_note if source.startswith("glue_dir") else "", **rows.check}
     return Data(tokenizer, train_features, dev_features, train_loader(train_features, tokenizer, cfg),
                 make_loader(dev_features, tokenizer, cfg.measure.eval_batch_size, shuffle=False, seed=0),
                 info, tokenize_s)
@@ -165,9 +194,8 @@ def time_latency(p: Plan, variants: dict[str, nn.Module], vocab_size: int, meter
         device=p.device, autocast_dtype=autocast_dtype(p.precision), rounds=int(measure.latency_rounds),
         warmup_tol=float(measure.latency_warmup_tol), max_warmup_s=float(measure.latency_max_warmup_s),
         meter=meter))
-    for name in ("unmerged", "merged"):
-        if name in latency:
-            latency[f"{name}_over_base_p50_ratio"] = latency[name]["p50_ms"] / latency["base"]["p50_ms"]
+    latency.update(latency_ratios({k: v for k, v in latency.items() if k in variants},
+                                  noise_tol=float(measure.latency_noise_tol)))
     return latency
 
 
@@ -191,5 +219,6 @@ def write_curve(run_dir: Path, curve: list[dict]) -> None:
         writer.writerows(curve)
 
 
-__all__ = ["Data", "attach", "build_model", "check_positions", "evaluate", "load_data", "save", "seed_everything",
-           "time_latency", "timing_warmup", "total_steps", "train_model", "train_summary", "write_curve"]
+__all__ = ["Data", "Rows", "attach", "build_model", "check_positions", "evaluate", "fingerprints", "load_data",
+           "read_rows", "save", "seed_everything", "time_latency", "timing_warmup", "total_steps", "train_model",
+           "train_summary", "write_curve"]

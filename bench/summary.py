@@ -16,6 +16,15 @@ def _fmt_bytes(n: float | None) -> str:
     return str(n)
 
 
+def _ratio(lat: dict, name: str) -> str:
+    """`name/base 1.02 (rounds 0.99-1.04)`, flagged when the rounds disagree; older records: the p50 ratio."""
+    if f"{name}_over_base_ratio" not in lat:
+        return f"{name}/base {lat[f'{name}_over_base_p50_ratio']:.2f} (p50s)"
+    low, high = lat[f"{name}_over_base_lowest_round_ratio"], lat[f"{name}_over_base_highest_round_ratio"]
+    text = f"{name}/base {lat[f'{name}_over_base_ratio']:.2f} (rounds {low:.2f}-{high:.2f})"
+    return text + (" TOO NOISY TO TELL" if lat[f"{name}_over_base_too_noisy"] else "")
+
+
 def print_summary(rec: dict, path: Path) -> None:
     """The few lines a run prints at its end: metric, parameters, memory, time, latency, where the record is."""
     if rec["status"] != OK:
@@ -40,10 +49,8 @@ def print_summary(rec: dict, path: Path) -> None:
         if "merged" in lat:
             diff = rec["merged_max_abs_logit_diff"]
             line += f", merged {lat['merged']['p50_ms']:.1f} ms (max |logit diff| {diff:.1e})"
-        line += f"; unmerged/base {lat['unmerged_over_base_p50_ratio']:.2f}"
-        if "merged" in lat:
-            line += f", merged/base {lat['merged_over_base_p50_ratio']:.2f}"
-        lines.append(line)
+        ratios = [_ratio(lat, name) for name in ("unmerged", "merged") if name in lat]
+        lines += [line, f"  latency vs base, per interleaved round (median): {', '.join(ratios)}"]
     for flag in rec.get("gpu_start", {}).get("flags", []):
         lines.append(f"  WARNING (GPU at run start): {flag}")
     if "adapter_bytes" in rec:

@@ -29,13 +29,14 @@ def test_unknown_name_is_one_clear_line(override, choices):
 
 
 def test_missing_data_fails_with_the_fix(tmp_path):
+    """The data's fingerprint is part of a run's identity, so without data there is no run to record: one line
+    with the fix, exit 2, before anything is written."""
     out = bench(*TINY, f"results_dir={tmp_path}", env={"GLUE_DIR": str(tmp_path / "nowhere")})
-    assert out.returncode == 1
+    assert out.returncode == 2
     assert "Traceback" not in out.stderr + out.stdout
-    failed = [line for line in out.stdout.splitlines() if line.startswith("FAILED")]
-    assert len(failed) == 1 and "GLUE_DIR" in failed[0] and "nyu-mll/glue" in failed[0]
-    (record,) = tmp_path.glob(f"*/{RECORD_FILE}")
-    assert json.loads(record.read_text())["status"] == "error"
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "GLUE_DIR" in errors[0] and "nyu-mll/glue" in errors[0]
+    assert not list(tmp_path.glob(f"*/{RECORD_FILE}"))
 
 
 @needs_glue

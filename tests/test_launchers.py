@@ -31,7 +31,9 @@ def test_joblib_runs_four_runs_on_two_workers(tmp_path):
     assert "Joblib.Parallel(n_jobs=2" in out.stderr + out.stdout
     recs = records(tmp_path / "runs")
     assert len(recs) == 4 and all(r["status"] == "ok" for r in recs)
-    assert len({r["provenance"]["pid"] for r in recs}) == 2  # two worker processes, neither the launcher
+    # two worker processes, neither the launcher, each starting every run in a process of its own
+    assert len({r["provenance"]["parent_pid"] for r in recs}) == 2
+    assert len({r["provenance"]["pid"] for r in recs}) == 4
     assert "[sweep] done: 4/4 finished: 4 ran ok, 0 skipped (ok record exists), 0 failed, 0 left" in out.stdout
 
 
