@@ -45,6 +45,7 @@ from torch import nn
 from bench import BenchError
 from bench.probes import PROBES, make_probe, probe_config
 from methods import get_method
+from methods.base import head_modules
 
 __all__ = ["PROBES", "make_probe", "probe_config", "probe_run", "sequential", "main"]
 
@@ -88,7 +89,7 @@ def sequential(run_dir, task_b: str, max_steps: int | None = None, train_samples
     p_b = plan(_on_cpu(cfg, _task_conf(task_b), budget))
     data_a = steps.load_data(p_a.task, p_a.cfg)
     data_b = steps.load_data(p_b.task, p_b.cfg, tokenizer=data_a.tokenizer)
-    head = str(cfg.model.head)
+    head = head_modules(cfg.model)[-1]  # the head's output layer (conf/model/family: the last of `head`)
 
     def main_metric(model, p, data) -> float:
         return steps.evaluate(model, data.dev_loader, p.task, p.device, p.precision)[0][p.task.main_metric]

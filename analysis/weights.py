@@ -30,6 +30,7 @@ from torch import nn
 
 from bench import BenchError
 from bench.record import WEIGHTS_DIR, read_record, record_path
+from methods.base import HeadSpec, head_modules, is_head_param
 
 # What a method does to W is its own fact (methods/base.py: changes_base_weights, merges, edits_in_place).
 EXCLUDED_PARTS = ("embeddings", "embed_tokens", "pooler", "lm_head")
@@ -103,14 +104,14 @@ def tuned_model(run_dir: str | Path, base: nn.Module | None = None, merge: bool 
     return model.eval()
 
 
-def is_analysed_linear(name: str, module: nn.Module, head: str) -> bool:
+def is_analysed_linear(name: str, module: nn.Module, head: HeadSpec) -> bool:
     if not isinstance(module, nn.Linear):
         return False
     parts = name.split(".")
-    return head not in parts and not any(part in EXCLUDED_PARTS for part in parts)
+    return not is_head_param(f"{name}.weight", head) and not any(part in EXCLUDED_PARTS for part in parts)
 
 
-def linear_weights(model: nn.Module, head: str) -> dict[str, torch.Tensor]:
+def linear_weights(model: nn.Module, head: HeadSpec) -> dict[str, torch.Tensor]:
     return {
         name: mod.weight.detach().float().cpu()
         for name, mod in model.named_modules()
@@ -134,7 +135,7 @@ def weight_pairs(run_dir: str | Path) -> WeightPairs:
         return WeightPairs(
             record["run_id"], name, False, f"method '{name}' does not merge into the pre-trained weights"
         )
-    head = str(cfg.model.get("head") or "classifier")
+    head = head_modules(cfg.model)
     base = base_model(record, cfg)
     w0 = linear_weights(base, head)
     tuned = linear_weights(tuned_model(run_dir, base=base), head)

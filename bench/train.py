@@ -30,7 +30,7 @@ from transformers import get_linear_schedule_with_warmup
 from bench import BenchError
 from bench.measure import sync
 from bench.precision import autocast, autocast_dtype
-from methods.base import Method, is_head_param
+from methods.base import HeadSpec, Method, is_head_param
 
 
 class NonFiniteLoss(RuntimeError):
@@ -70,7 +70,7 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _check_adapter_gradients(model: nn.Module, head: str, method_name: str) -> None:
+def _check_adapter_gradients(model: nn.Module, head: HeadSpec, method_name: str) -> None:
     """After the first backward: some non-head trainable parameter must have a non-zero gradient,
     otherwise the method attached nothing that learns."""
     for name, param in model.named_parameters():
@@ -92,7 +92,7 @@ class TrainSettings:
     budget: Any  # grad_accum_steps, max_grad_norm, log_every_steps, eval_every_steps, keep_best
     device: torch.device
     precision: str = "fp32"
-    head: str = "classifier"
+    head: HeadSpec = ("classifier",)  # the task head's module names (conf/model/family: head)
     timing_warmup_steps: int = 0
     main_metric: str | None = None  # what keep_best compares
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -116,15 +117,27 @@ def get_method(name: str) -> Method:
     return REGISTRY[name]
 
 
-def freeze_all_but_head(model: nn.Module, head: str) -> None:
-    """Freeze every parameter except those of the task head (module name `head`)."""
+HeadSpec = str | Sequence[str]
+
+
+def head_modules(model_cfg: Any) -> tuple[str, ...]:
+    """The task head's module names from a model config (conf/model/family/*.yaml `head`: a list, or one name)."""
+    head = model_cfg.get("head") or "classifier"
+    return (str(head),) if isinstance(head, str) else tuple(str(h) for h in head)
+
+
+def freeze_all_but_head(model: nn.Module, head: HeadSpec) -> None:
+    """Freeze every parameter except those of the task head (the modules named in `head`)."""
     for name, param in model.named_parameters():
         param.requires_grad = is_head_param(name, head)
 
 
-def is_head_param(name: str, head: str) -> bool:
-    """True for parameters of the task head, also under peft's wrappers (…classifier.modules_to_save…)."""
-    return name.startswith(f"{head}.") or f".{head}." in name
+def is_head_param(name: str, head: HeadSpec) -> bool:
+    """True for parameters of the task head: `name` contains one of the head's module names as whole
+    dot-separated components (`classifier`, `pooler`; also under peft's wrappers, …classifier.modules_to_save…).
+    The one place that decides what the head is (counts, freezing, gradient checks, analysis)."""
+    heads = (head,) if isinstance(head, str) else head
+    return any(f".{h}." in f".{name}." for h in heads)
 
 
 def param_count(param: torch.Tensor) -> int:
@@ -134,7 +147,7 @@ def param_count(param: torch.Tensor) -> int:
     return param.numel()
 
 
-def count_params(model: nn.Module, head: str) -> dict[str, int]:
+def count_params(model: nn.Module, head: HeadSpec) -> dict[str, int]:
     trainable = [(n, param_count(p)) for n, p in model.named_parameters() if p.requires_grad]
     return {
         "trainable_params": sum(n for _, n in trainable),
@@ -154,5 +167,5 @@ def tensor_bytes(model: nn.Module) -> int:
     return total
 
 
-__all__ = ["AttachContext", "Method", "REGISTRY", "register", "get_method", "freeze_all_but_head",
+__all__ = ["AttachContext", "Method", "REGISTRY", "register", "get_method", "freeze_all_but_head", "head_modules",
            "is_head_param", "count_params", "param_count", "tensor_bytes"]

@@ -13,7 +13,7 @@ from transformers import RobertaConfig, RobertaForSequenceClassification
 from bench import BenchError
 from bench.runner import plan
 from methods import REGISTRY, AttachContext, get_method
-from methods.base import count_params, is_head_param
+from methods.base import count_params, head_modules, is_head_param
 from tests.conftest import REPO
 from tests.method_helpers import (
     ALL_METHODS,
@@ -56,7 +56,7 @@ def test_every_method_is_registered_with_a_config():
 @pytest.mark.parametrize("name", ALL_METHODS)
 def test_exactly_the_intended_parameters_train(make_cfg, name):
     cfg, method, base, ctx = build(make_cfg, name)
-    head = str(cfg.model.head)
+    head = head_modules(cfg.model)
     model = method.attach(base, cfg.method, ctx)
     body, head_names = trainable(model, head)
     pattern = re.compile(TRAINS[name])
@@ -70,10 +70,45 @@ def test_exactly_the_intended_parameters_train(make_cfg, name):
         assert any("LayerNorm.bias" in n for n in body)
 
 
+def _head_params(model, head) -> dict[str, int]:
+    """{parameter name in the base model's terms: size} of the trainable head parameters (peft's wrappers and
+    modules_to_save copies stripped from the name)."""
+    out = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad and is_head_param(n, head):
+            plain = n.removeprefix("base_model.model.").removeprefix("base_model.").replace(
+                ".modules_to_save.default", "")
+            out[plain] = p.numel()
+    return out
+
+
+def test_the_same_task_head_trains_for_every_method(make_cfg):
+    """One head per model family (BERT: pooler + classifier), trained in full by every method and counted apart:
+    the counts differ between methods only by the method's own parameters."""
+    heads, counts = {}, {}
+    for name in ALL_METHODS:
+        cfg, method, base, ctx = build(make_cfg, name)
+        head = head_modules(cfg.model)
+        model = method.attach(base, cfg.method, ctx)
+        heads[name] = _head_params(model, head)
+        counts[name] = count_params(model, head)
+    reference = heads["full"]
+    assert {n.split(".")[1] for n in reference if n.startswith("bert.")} == {"pooler"}
+    assert any(n.startswith("classifier.") for n in reference)
+    assert all(h == reference for h in heads.values()), {n: sorted(h) for n, h in heads.items() if h != reference}
+    head_numel = sum(reference.values())
+    for name, c in counts.items():
+        assert c["trainable_params"] - c["trainable_params_excl_head"] == head_numel, name
+    base = fresh_base(build(make_cfg, "full")[0])
+    pooler = sum(p.numel() for n, p in base.named_parameters() if n.startswith("bert.pooler."))
+    assert pooler > 0 and counts["full"]["trainable_params_excl_head"] == \
+        sum(p.numel() for p in base.parameters()) - head_numel
+
+
 @pytest.mark.parametrize("name", ALL_METHODS)
 def test_identity_at_init_and_changed_after_one_step(make_cfg, name):
     cfg, method, base, ctx = build(make_cfg, name)
-    head = str(cfg.model.head)
+    head = head_modules(cfg.model)
     before = logits(base)
     model = method.attach(base, cfg.method, ctx)
     at_init = logits(model)
@@ -94,7 +129,7 @@ def test_identity_at_init_and_changed_after_one_step(make_cfg, name):
 def test_merged_equals_unmerged(make_cfg, name):
     cfg, method, base, ctx = build(make_cfg, name)
     model = method.attach(base, cfg.method, ctx)
-    perturb(model, str(cfg.model.head))
+    perturb(model, head_modules(cfg.model))
     unmerged = logits(model)
     merged = method.merged(model)
     assert not any(p.requires_grad and ("lora_" in n or "ia3_" in n) for n, p in merged.named_parameters())
@@ -114,7 +149,7 @@ def expected_params_excl_head(name: str, cfg, r: int) -> int:
     init_r = max(math.ceil(1.5 * r), r + 1)
     return {
         "full": None,
-        "bitfit": d + L * (4 * d + d + f + d + d) + d,  # emb LN; q,k,v,o, LN1, FFN in, FFN out, LN2; pooler
+        "bitfit": d + L * (4 * d + d + f + d + d),  # emb LN; q,k,v,o, LN1, FFN in, FFN out, LN2 (pooler: head)
         "lora": lora,
         "rslora": lora,
         "dora": lora + L * 2 * d,  # + one magnitude entry per output feature of each adapted matrix
@@ -132,7 +167,7 @@ def test_trainable_parameter_count_matches_hand_calculation(make_cfg, name):
     cfg, method, base, ctx = build(make_cfg, name, rank=4)
     total = sum(p.numel() for p in base.parameters())
     model = method.attach(base, cfg.method, ctx)
-    counts = count_params(model, str(cfg.model.head))
+    counts = count_params(model, head_modules(cfg.model))
     expected = expected_params_excl_head(name, cfg, 4)
     if name == "full":
         assert counts["trainable_params"] == total
@@ -155,7 +190,7 @@ def test_lora_on_default_roberta_config(make_cfg, name, expected):
 def test_save_load_round_trip_reproduces_logits(make_cfg, tmp_path, name):
     cfg, method, base, ctx = build(make_cfg, name)
     model = method.attach(base, cfg.method, ctx)
-    perturb(model, str(cfg.model.head))
+    perturb(model, head_modules(cfg.model))
     expected = logits(model)
     method.save(model, tmp_path / "w")
     loaded = method.load(fresh_base(cfg), cfg.method, ctx, tmp_path / "w")
@@ -229,7 +264,7 @@ def test_adapter_with_wrong_module_name_is_bench_error(make_cfg):
 
 def test_ia3_does_not_scale_the_attention_output(make_cfg):
     cfg, method, base, ctx = build(make_cfg, "ia3")
-    body, _ = trainable(method.attach(base, cfg.method, ctx), str(cfg.model.head))
+    body, _ = trainable(method.attach(base, cfg.method, ctx), head_modules(cfg.model))
     assert not any("attention.output" in n for n in body)
     assert sum(".output.dense." in n for n in body) == int(cfg.model.config.num_hidden_layers)
 

@@ -29,7 +29,7 @@ def test_qlora_load_kwargs_ask_for_nf4_with_double_quantisation(make_cfg):
     quant = kwargs["quantization_config"]
     assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4" and quant.bnb_4bit_use_double_quant
     assert quant.bnb_4bit_compute_dtype == torch.bfloat16
-    assert quant.llm_int8_skip_modules == ["classifier"]  # the task head stays unquantised and trains
+    assert quant.llm_int8_skip_modules == ["pooler.dense", "classifier"]  # the task head stays unquantised, trains
     assert kwargs["device_map"] == {"": 0}
 
 
