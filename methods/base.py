@@ -5,9 +5,9 @@ The shared loop (bench/train.py) calls `on_step` after every optimiser step, bef
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -77,6 +77,14 @@ class Method:
 
     def on_step(self, model: nn.Module, global_step: int) -> None:
         """Called by the loop after each optimiser step, before zero_grad."""
+
+    def scored_state(self, model: nn.Module) -> Any:
+        """A copy of what the model's outputs, saved weights and record depend on besides its trainable tensors
+        (AdaLoRA: the rank pattern), taken when keep_best keeps an evaluation; None for most methods."""
+        return None
+
+    def restore_scored_state(self, model: nn.Module, state: Any) -> None:
+        """Put back what `scored_state` copied, after keep_best has restored that evaluation's trainable tensors."""
 
     def merged(self, model: nn.Module) -> nn.Module:
         """A copy of the model with the method folded into the base weights."""
