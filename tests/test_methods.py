@@ -2,6 +2,7 @@
 change after one step, merge equivalence, parameter counts by hand, AdaLoRA's reallocation, save/load."""
 from __future__ import annotations
 
+import copy
 import math
 import re
 import warnings
@@ -288,3 +289,26 @@ def test_lora_family_scaling(make_cfg, name, rank, scale):
     model = method.attach(base, cfg.method, ctx)
     scalings = {m.scaling["default"] for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)}
     assert len(scalings) == 1 and scalings.pop() == pytest.approx(scale)
+
+
+@pytest.mark.parametrize("model_name", ["tiny-bert", "tiny-roberta"])
+def test_prompt_tuning_head_reads_the_real_first_token(make_cfg, tmp_path, model_name):
+    """peft puts the virtual tokens first; the pooler (RoBERTa: the classifier's dense) must read the encoder's
+    output at position num_virtual_tokens, the [CLS], after attach, after a deep copy and after loading."""
+    cfg, method, base, ctx = build(make_cfg, "prompt_tuning", f"model={model_name}", rank=3)
+    model = method.attach(base, cfg.method, ctx)
+    method.save(model, tmp_path / "weights")
+    reloaded = method.load(fresh_base(cfg), cfg.method, ctx, tmp_path / "weights")
+    reader_input = "pooler.dense" if model_name == "tiny-bert" else "classifier.modules_to_save.default.dense"
+    seen: dict[str, torch.Tensor] = {}
+    for m in (model, copy.deepcopy(model), reloaded):
+        seen.clear()
+        encoder = next(mod for n, mod in m.named_modules() if n.endswith(".encoder"))
+        dense = next(mod for n, mod in m.named_modules() if n.endswith(reader_input))
+        hooks = [encoder.register_forward_hook(lambda mod, a, out: seen.__setitem__("encoder", out[0])),
+                 dense.register_forward_hook(lambda mod, a, out: seen.__setitem__("read", a[0]))]
+        logits(m)
+        for h in hooks:
+            h.remove()
+        assert seen["encoder"].shape[1] == batch(99)["input_ids"].shape[1] + 3
+        torch.testing.assert_close(seen["read"], seen["encoder"][:, 3], rtol=0, atol=0)
