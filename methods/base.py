@@ -75,6 +75,11 @@ class Method:
         """The method's settings as they will be used (e.g. alpha derived from rank); hashed for identity."""
         return dict(cfg)
 
+    def config_label(self, effective: dict) -> str:
+        """The display label of a run with this effective method config: `display_label`, plus what tells
+        configurations of one method apart where that matters (LoRA's scaling rule: "LoRA (α=2r)")."""
+        return self.display_label
+
     def on_step(self, model: nn.Module, global_step: int) -> None:
         """Called by the loop after each optimiser step, before zero_grad."""
 

@@ -34,6 +34,7 @@ TRAINS = {
     "full": r".*",
     "bitfit": r".*\.bias",
     "lora": r".*\.lora_[AB]\.default\.weight",
+    "lora_fixed_alpha": r".*\.lora_[AB]\.default\.weight",
     "rslora": r".*\.lora_[AB]\.default\.weight",
     "dora": r".*\.(lora_[AB]|lora_magnitude_vector)\.default\.weight",
     "adalora": r".*\.lora_[ABE]\.default",
@@ -152,6 +153,7 @@ def expected_params_excl_head(name: str, cfg, r: int) -> int:
         "full": None,
         "bitfit": d + L * (4 * d + d + f + d + d),  # emb LN; q,k,v,o, LN1, FFN in, FFN out, LN2 (pooler: head)
         "lora": lora,
+        "lora_fixed_alpha": lora,
         "rslora": lora,
         "dora": lora + L * 2 * d,  # + one magnitude entry per output feature of each adapted matrix
         "adalora": L * 2 * (init_r * d + d * init_r + init_r),  # P, Q and the singular values Λ at init_r
