@@ -71,7 +71,9 @@ def to_frame(records: list[dict]) -> pd.DataFrame:
     for rec in records:
         group = config_group_of(rec)
         budget = _budget_fields(rec)
+        label = method_label_of(rec)
         rec = {k: v for k, v in rec.items() if k not in ("config", "effective_config")}
+        rec["method_label"] = label
         if group:
             rec["config_group"] = group
         if budget:
@@ -85,6 +87,19 @@ def to_frame(records: list[dict]) -> pd.DataFrame:
     if not df.empty:
         df["ok"] = df["status"] == "ok"
     return df
+
+
+def method_label_of(rec: dict) -> str:
+    """The run's method label from its effective method config (`Method.config_label`: e.g. LoRA's scaling rule);
+    the method's plain label for records without one, the name for methods this checkout does not have."""
+    from methods import REGISTRY
+
+    name = str(rec.get("method"))
+    method = REGISTRY.get(name)
+    if method is None:
+        return name
+    effective = (rec.get("effective_config") or {}).get("method")
+    return method.config_label(effective) if isinstance(effective, dict) else method.display_label
 
 
 def config_group_of(rec: dict) -> str | None:

@@ -45,6 +45,7 @@ from torch import nn
 from bench import BenchError
 from bench.probes import PROBES, make_probe, probe_config
 from methods import get_method
+from methods.base import head_modules
 
 __all__ = ["PROBES", "make_probe", "probe_config", "probe_run", "sequential", "main"]
 
@@ -88,21 +89,27 @@ def sequential(run_dir, task_b: str, max_steps: int | None = None, train_samples
     p_b = plan(_on_cpu(cfg, _task_conf(task_b), budget))
     data_a = steps.load_data(p_a.task, p_a.cfg)
     data_b = steps.load_data(p_b.task, p_b.cfg, tokenizer=data_a.tokenizer)
-    head = str(cfg.model.head)
+    head = head_modules(cfg.model)
+    output = head[-1]  # the head's output layer (conf/model/family: the last of `head`)
 
     def main_metric(model, p, data) -> float:
         return steps.evaluate(model, data.dev_loader, p.task, p.device, p.precision)[0][p.task.main_metric]
 
-    def set_head(model, module, task):
-        setattr(model, head, module)
+    def set_head(model, modules: dict[str, nn.Module], task):
+        for path, module in modules.items():
+            parent, _, leaf = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, module)
         model.num_labels = model.config.num_labels = task.num_labels
         model.config.problem_type = "regression" if task.is_regression else "single_label_classification"
 
     model = tuned_model(run_dir, merge=True)
     before = main_metric(model, p_a, data_a)
-    head_a = copy.deepcopy(getattr(model, head))
+    # Task A's whole head (BERT: pooler + classifier) is set aside and put back; B starts from A's head with a
+    # fresh output layer.
+    head_a = {path: copy.deepcopy(module) for path, module in model.named_modules()
+              if any(path == h or path.endswith(f".{h}") for h in head)}
     steps.seed_everything(int(record["seed"]))
-    set_head(model, _fresh_head(getattr(model, head), p_b.task.num_labels), p_b.task)
+    set_head(model, {output: _fresh_head(model.get_submodule(output), p_b.task.num_labels)}, p_b.task)
     n_steps = steps.total_steps(len(data_b.train_loader), p_b.cfg.budget)
     model, _ = steps.attach(p_b, model, n_steps)
     steps.train_model(p_b, model, data_b.train_loader, n_steps)

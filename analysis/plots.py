@@ -52,9 +52,32 @@ def _methods(df: pd.DataFrame) -> list[str]:
     return [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
 
 
-def _palette(methods: list[str]) -> dict[str, tuple]:
-    extra = sns.color_palette("husl", len(methods))
-    return {_label(m): COLOR.get(m, extra[i]) for i, m in enumerate(methods)}
+def _with_labels(df: pd.DataFrame) -> pd.DataFrame:
+    """`method_label`: the run's configured label (tables.ok_frame; e.g. "LoRA (α=16)"), else the method's."""
+    if "method_label" in df.columns and df["method_label"].notna().all():
+        return df
+    return df.assign(method_label=df["method"].map(_label))
+
+
+def _arms(df: pd.DataFrame) -> list[str]:
+    """The labels present, in display order: one per method, or one per configuration where runs of a method
+    carry different labels (LoRA α=2r vs α=16)."""
+    pairs = df[["method", "method_label"]].drop_duplicates().itertuples(index=False)
+    order = {m: i for i, m in enumerate(_methods(df))}
+    return [label for _, label in sorted(pairs, key=lambda p: (order[p[0]], p[1]))]
+
+
+def _palette(df: pd.DataFrame) -> dict[str, tuple]:
+    """A colour per label: the method's own for its first label, distinct ones for its other labels."""
+    labels = _arms(df)
+    extra = sns.color_palette("husl", len(labels))
+    method_of = dict(zip(df["method_label"], df["method"]))
+    out, coloured = {}, set()
+    for i, label in enumerate(labels):
+        method = method_of[label]
+        out[label] = COLOR.get(method, extra[i]) if method not in coloured else extra[i]
+        coloured.add(method)
+    return out
 
 
 def _tasks(df: pd.DataFrame) -> list[str]:
@@ -99,8 +122,11 @@ def _legend_outside(fig, axes, title: str = "Method") -> None:
 
 
 def _config_means(df: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
-    """Mean over seeds per configuration (method, rank, lr)."""
-    return df.groupby(["method", "rank_key", "lr"], dropna=False)[[x, y]].mean().reset_index()
+    """Mean over seeds per configuration (method and its label, rank, lr)."""
+    keys = ["method", "rank_key", "lr"]
+    if "method_label" in df.columns:
+        keys.insert(1, "method_label")
+    return df.groupby(keys, dropna=False)[[x, y]].mean().reset_index()
 
 
 def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
@@ -147,15 +173,15 @@ def _annotate_ranks(ax, df: pd.DataFrame, x: str, y: str, methods: tuple[str, ..
 
 def _method_scatter(ax, df: pd.DataFrame, part: pd.DataFrame, x: str) -> None:
     """Dev metric (y) against `x` for the runs in `part`, one colour per method, the same across panels."""
-    sns.scatterplot(data=part, x=x, y="metric_pct", hue="method_label", palette=_palette(_methods(df)),
-                    hue_order=[_label(m) for m in _methods(df)], s=60, ax=ax)
+    sns.scatterplot(data=part, x=x, y="metric_pct", hue="method_label", palette=_palette(df),
+                    hue_order=_arms(df), s=60, ax=ax)
 
 
 def metric_vs_params(df: pd.DataFrame, out_dir: Path, name: str = "metric_vs_params") -> Path | str:
     df = df[df["trainable_params_excl_head"].astype(float) > 0]
     if df.empty:
         return "no ok runs with trainable parameters outside the head"
-    df = df.assign(method_label=df["method"].map(_label))
+    df = _with_labels(df)
     tasks = _tasks(df)
     fig, axes = _panels(len(tasks))
     for ax, task in zip(axes, tasks):
@@ -197,7 +223,7 @@ def metric_vs_memory(df: pd.DataFrame, out_dir: Path, name: str = "metric_vs_mem
     if df.empty:
         return "no run recorded its peak training memory"
     kinds = ", ".join(sorted(df["memory_kind"].dropna().unique()))
-    df = df.assign(method_label=df["method"].map(_label), memory_mib=df["peak_train_memory_bytes"] / MIB)
+    df = _with_labels(df).assign(memory_mib=df["peak_train_memory_bytes"] / MIB)
     tasks = _tasks(df)
     fig, axes = _panels(len(tasks))
     for ax, task in zip(axes, tasks):
@@ -221,11 +247,10 @@ def _vs_rank(
         return f"no runs with a rank and a value for {y}"
     if ranked.groupby("method")["rank_key"].nunique().max() < 2:
         return "no method was run at two or more ranks"
-    ranked = ranked.assign(method_label=ranked["method"].map(_label))
+    ranked = _with_labels(ranked)
     ref = df[(df["method"] == reference) & df[y].notna()]
     tasks = _tasks(ranked)
     fig, axes = _panels(len(tasks))
-    methods = _methods(ranked)
     for ax, task in zip(axes, tasks):
         part = ranked[ranked["task"] == task]
         sns.lineplot(
@@ -233,8 +258,8 @@ def _vs_rank(
             x="rank_key",
             y=y,
             hue="method_label",
-            palette=_palette(methods),
-            hue_order=[_label(m) for m in methods],
+            palette=_palette(ranked),
+            hue_order=_arms(ranked),
             marker="o",
             errorbar="sd",
             ax=ax,
@@ -291,7 +316,7 @@ def forgetting_vs_metric(df: pd.DataFrame, out_dir: Path, name: str = "forgettin
         return "no run measured forgetting (run with forgetting=sts)"
     probes = ", ".join(sorted(df["forgetting.probe"].dropna().unique()))
     metric = ", ".join(sorted(df["forgetting.metric"].dropna().unique()))
-    df = df.assign(method_label=df["method"].map(_label), forgetting_pts=df["forgetting_value"] * 100)
+    df = _with_labels(df).assign(forgetting_pts=df["forgetting_value"] * 100)
     tasks = _tasks(df)
     fig, axes = _panels(len(tasks))
     for ax, task in zip(axes, tasks):

@@ -135,11 +135,13 @@ def fmt_mean_std(values: pd.Series, digits: int = 1) -> str:
     return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
 
 
-def method_label(method: str, rank: float, lr: float | None = None) -> str:
-    label = METHOD_LABEL.get(method, method)
+def method_label(method: str, rank: float, lr: float | None = None, label: str | None = None) -> str:
+    """`label` (the run's configured label, e.g. "LoRA (α=2r)"; default: the method's) with the rank and lr."""
+    label = label or METHOD_LABEL.get(method, method)
     if rank is not None and np.isfinite(rank):
         rank_format = REGISTRY[method].rank_format if method in REGISTRY else "r={}"
-        label += " (" + rank_format.format(int(rank)) + ")"
+        rank_text = rank_format.format(int(rank))
+        label = label[:-1] + f", {rank_text})" if label.endswith(")") else label + f" ({rank_text})"
     if lr is not None:
         label += f", lr={lr:g}"
     return label
@@ -155,6 +157,8 @@ def ok_frame(df: pd.DataFrame) -> pd.DataFrame:
     df = add_derived(df[df["status"] == "ok"])
     df["rank_key"] = df["rank"].astype(float).fillna(-1)
     df["lr"] = df["lr"].astype(float) if "lr" in df.columns else np.nan
+    known = df["method_label"] if "method_label" in df.columns else pd.Series(np.nan, index=df.index, dtype=object)
+    df["method_label"] = known.fillna(df["method"].map(lambda m: METHOD_LABEL.get(m, m)))
     return df
 
 
@@ -209,8 +213,8 @@ def method_task_tables(df: pd.DataFrame) -> list[Table]:
         tasks = sorted(part["task"].unique(), key=lambda t: TASK_ORDER.index(t) if t in TASK_ORDER else 99)
         metric_of = part.groupby("task")["main_metric"].first().to_dict()
         sampled = sampled_tasks(part)
-        varied_lr = part.groupby(["method", "rank_key"])["lr"].nunique().max() > 1
-        keys = ["method", "rank_key"] + (["lr"] if varied_lr else [])
+        varied_lr = part.groupby(["method", "method_label", "rank_key"])["lr"].nunique().max() > 1
+        keys = ["method", "method_label", "rank_key"] + (["lr"] if varied_lr else [])
         row_groups = sorted(
             part.groupby(keys, dropna=False), key=lambda kv: (_method_sort_key(kv[0][0]), kv[0][1:])
         )
@@ -222,17 +226,18 @@ def method_task_tables(df: pd.DataFrame) -> list[Table]:
         ] + ["Avg."]
         rows, numbers, means = [], [], []
         for key, g in row_groups:
-            method, rank = key[0], key[1]
-            lr = key[2] if varied_lr else None
+            method, label, rank = key[0], key[1], key[2]
+            lr = key[3] if varied_lr else None
             params = g["trainable_params_excl_head"].astype(float)
             row = [
-                method_label(method, rank if rank >= 0 else np.nan, lr),
+                method_label(method, rank if rank >= 0 else np.nan, lr, label),
                 fmt_params(params.median()) + ("*" if params.nunique() > 1 else ""),
             ]
             num = {
                 "model": model,
                 "budget": budget_desc,
                 "method": method,
+                "method_label": label,
                 "rank": rank if rank >= 0 else None,
                 "lr": lr,
                 "trainable_params_excl_head": params.median(),
@@ -308,13 +313,14 @@ def rank_tables(df: pd.DataFrame) -> list[Table]:
             "Runs",
         ]
         rows, numbers = [], []
-        groups = part.groupby(["task", "method", "rank_key"], dropna=False)
-        for (task, method, rank), g in sorted(
+        groups = part.groupby(["task", "method", "method_label", "rank_key"], dropna=False)
+        for (task, method, label, rank), g in sorted(
             groups,
             key=lambda kv: (
                 TASK_ORDER.index(kv[0][0]) if kv[0][0] in TASK_ORDER else 99,
                 _method_sort_key(kv[0][1]),
                 kv[0][2],
+                kv[0][3],
             ),
         ):
             metric = METRIC_ABBR.get(g["main_metric"].iloc[0], g["main_metric"].iloc[0])
@@ -330,7 +336,7 @@ def rank_tables(df: pd.DataFrame) -> list[Table]:
             rows.append(
                 [
                     TASK_LABEL.get(task, task) + ("†" if task in sampled else ""),
-                    METHOD_LABEL.get(method, method),
+                    label,
                     str(int(rank)) if rank >= 0 else DASH,
                     f"{fmt_mean_std(g['metric_pct'])} ({metric})",
                     intr_text,
@@ -346,6 +352,7 @@ def rank_tables(df: pd.DataFrame) -> list[Table]:
                     "budget": budget_desc,
                     "task": task,
                     "method": method,
+                    "method_label": label,
                     "rank": rank if rank >= 0 else None,
                     "metric": g["main_metric"].iloc[0],
                     "metric_pct_mean": g["metric_pct"].mean(),

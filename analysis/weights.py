@@ -12,6 +12,10 @@ Yields `(layer name, W0, W_tuned)` for every `nn.Linear` except embeddings, the 
 and the pooler (BERT's pooler only feeds the classification head). Weights follow PyTorch's `nn.Linear`
 layout: `out_features x in_features`.
 
+The base model is loaded as the run loaded it (`Method.load_kwargs`): for `qlora` the 4-bit NF4 base, on the
+GPU, with 4-bit weights dequantised for analysis. Where this machine cannot (no CUDA or no bitsandbytes), the
+run is reported as not applicable with that one-line reason: the fp32 base would be a different model.
+
 Methods that leave every pre-trained weight matrix as it is (bottleneck adapters and prompt/prefix tuning
 add modules or inputs; they do not merge) are reported as not applicable, with the reason, without loading
 anything. BitFit changes only biases: its pairs are returned and give ΔW = 0 (0 intruders).
@@ -30,6 +34,7 @@ from torch import nn
 
 from bench import BenchError
 from bench.record import WEIGHTS_DIR, read_record, record_path
+from methods.base import HeadSpec, head_modules, is_head_param
 
 # What a method does to W is its own fact (methods/base.py: changes_base_weights, merges, edits_in_place).
 EXCLUDED_PARTS = ("embeddings", "embed_tokens", "pooler", "lm_head")
@@ -66,13 +71,37 @@ def task_num_labels(record: dict) -> int:
     return record_num_labels(record)
 
 
+def analysis_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cannot_rebuild(record: dict) -> str | None:
+    """Why this machine cannot load the run's base model as the run did (QLoRA's 4-bit base needs CUDA and
+    bitsandbytes), in one line; None when it can."""
+    from methods import get_method
+
+    try:
+        get_method(record["method"]).validate(analysis_device())
+    except BenchError as exc:
+        return (f"the run's base model cannot be rebuilt here as the run loaded it, and an fp32 base would be a "
+                f"different model: {str(exc).split(';')[0]}")
+    return None
+
+
 def base_model(record: dict, cfg: DictConfig) -> nn.Module:
-    """The pre-trained model the run started from (same seed, so random-init test models match too)."""
+    """The pre-trained model the run started from, loaded as the run loaded it (e.g. 4-bit for qlora; same seed,
+    so random-init test models match too). BenchError when this machine cannot (`cannot_rebuild`)."""
     from bench.models import load_model
     from bench.steps import seed_everything
+    from methods import get_method
 
+    reason = cannot_rebuild(record)
+    if reason:
+        raise BenchError(f"{record.get('run_id')}: {reason}")
+    device = analysis_device()
+    load_kwargs = get_method(record["method"]).load_kwargs(cfg.method, cfg.model, device)
     seed_everything(int(record["seed"]))
-    model, _ = load_model(cfg.model, task_num_labels(record))
+    model, _ = load_model(cfg.model, task_num_labels(record), **load_kwargs)
     return model.eval()
 
 
@@ -110,16 +139,26 @@ def tuned_model(run_dir: str | Path, base: nn.Module | None = None, merge: bool 
     return model.eval()
 
 
-def is_analysed_linear(name: str, module: nn.Module, head: str) -> bool:
+def is_analysed_linear(name: str, module: nn.Module, head: HeadSpec) -> bool:
     if not isinstance(module, nn.Linear):
         return False
     parts = name.split(".")
-    return head not in parts and not any(part in EXCLUDED_PARTS for part in parts)
+    return not is_head_param(f"{name}.weight", head) and not any(part in EXCLUDED_PARTS for part in parts)
 
 
-def linear_weights(model: nn.Module, head: str) -> dict[str, torch.Tensor]:
+def dense_weight(module: nn.Linear) -> torch.Tensor:
+    """The layer's weight as the values it computes with, fp32 on the CPU (bitsandbytes 4-bit: dequantised)."""
+    weight = module.weight
+    if weight.__class__.__name__ == "Params4bit":
+        import bitsandbytes.functional as bnb_functional
+
+        weight = bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
+    return weight.detach().float().cpu()
+
+
+def linear_weights(model: nn.Module, head: HeadSpec) -> dict[str, torch.Tensor]:
     return {
-        name: mod.weight.detach().float().cpu()
+        name: dense_weight(mod)
         for name, mod in model.named_modules()
         if is_analysed_linear(name, mod, head)
     }
@@ -141,7 +180,10 @@ def weight_pairs(run_dir: str | Path) -> WeightPairs:
         return WeightPairs(
             record["run_id"], name, False, f"method '{name}' does not merge into the pre-trained weights"
         )
-    head = str(cfg.model.get("head") or "classifier")
+    reason = cannot_rebuild(record)
+    if reason:
+        return WeightPairs(record["run_id"], name, False, reason)
+    head = head_modules(cfg.model)
     base = base_model(record, cfg)
     w0 = linear_weights(base, head)
     tuned = linear_weights(tuned_model(run_dir, base=base), head)

@@ -108,7 +108,9 @@ class Arch:
 
 
 def _is_head(name: str) -> bool:
-    return name.split(".")[0] in ("classifier", "score", "lm_head")
+    """The task head as the runs train it (conf/model/family `head`: BERT's pooler too) or a causal LM's head."""
+    parts = name.split(".")
+    return parts[0] in ("classifier", "score", "lm_head") or "pooler" in parts
 
 
 def arch_from_config(config: Any, name: str = "model") -> Arch:

@@ -28,7 +28,7 @@ from bench.record import CURVE_FILE, WEIGHTS_DIR
 from bench.tasks import Task, load_task
 from bench.train import TrainResult, TrainSettings, predict, to_predictions, total_steps, train
 from methods import Method
-from methods.base import count_params
+from methods.base import count_params, head_modules
 
 
 def seed_everything(seed: int) -> None:
@@ -128,12 +128,13 @@ def check_positions(config: Any, p: Plan, features: list[dict]) -> None:
                          f"budget.max_seq_len={positions - extra} (for every method you compare) or a smaller rank")
 
 
-def attach(p: Plan, model: nn.Module, steps: int) -> tuple[nn.Module, dict[str, int]]:
-    """(the model with the method attached, on the run's device; its parameter counts). BenchError when the
-    method trains nothing outside the task head."""
+def attach(p: Plan, model: nn.Module, steps: int) -> tuple[nn.Module, dict[str, Any]]:
+    """(the model with the method attached, on the run's device; its parameter counts and the task head's module
+    names, for the record). BenchError when the method trains nothing outside the task head."""
     ctx = attach_context(p.cfg.model, p.rank, p.task.num_labels, steps)
     model = p.method.attach(model, p.cfg.method, ctx).to(p.device)
-    counts = count_params(model, str(p.cfg.model.head))
+    head = head_modules(p.cfg.model)
+    counts: dict[str, Any] = {**count_params(model, head), "head_modules": list(head)}
     if counts["trainable_params_excl_head"] == 0 and not p.method.trains_all_weights:
         raise BenchError(f"method '{p.method.name}' attached no trainable parameters outside the task head; "
                          f"check method.target_modules ({p.cfg.method.get('target_modules')}) against the model")
@@ -143,7 +144,7 @@ def attach(p: Plan, model: nn.Module, steps: int) -> tuple[nn.Module, dict[str, 
 def train_settings(p: Plan, steps: int, timing_warmup_steps: int = 0) -> TrainSettings:
     return TrainSettings(steps=steps, lr=p.lr, weight_decay=float(p.cfg.method.weight_decay),
                          warmup_ratio=float(p.cfg.method.warmup_ratio), budget=p.cfg.budget, device=p.device,
-                         precision=p.precision, head=str(p.cfg.model.head), timing_warmup_steps=timing_warmup_steps,
+                         precision=p.precision, head=head_modules(p.cfg.model), timing_warmup_steps=timing_warmup_steps,
                          main_metric=p.task.main_metric)
 
 

@@ -3,7 +3,9 @@
 Read top to bottom: AdamW (no decay on biases and LayerNorm), linear warm-up then linear decay
 (transformers' scheduler), gradient accumulation, autocast on CUDA (bf16/fp16) and fp32 on CPU,
 gradient clipping, the method's per-step hook after each optimiser step (before zero_grad), a loss
-curve every `log_every_steps`, and optional evaluation every `eval_every_steps` keeping the best.
+curve every `log_every_steps`, and optional evaluation every `eval_every_steps` keeping the best (`keep_best`:
+the best evaluation's trainable tensors, copied to host memory, and the method's `scored_state`, e.g. AdaLoRA's rank
+pattern, so that the model evaluated, saved and analysed is the one that was scored).
 
 Timing excludes the first `timing_warmup_steps` optimiser steps and all evaluation. The timed window is
 bracketed by device synchronisation (it starts on an idle device and ends when the device has finished the
@@ -30,7 +32,7 @@ from transformers import get_linear_schedule_with_warmup
 from bench import BenchError
 from bench.measure import sync
 from bench.precision import autocast, autocast_dtype
-from methods.base import Method, is_head_param
+from methods.base import HeadSpec, Method, is_head_param
 
 
 class NonFiniteLoss(RuntimeError):
@@ -70,7 +72,7 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _check_adapter_gradients(model: nn.Module, head: str, method_name: str) -> None:
+def _check_adapter_gradients(model: nn.Module, head: HeadSpec, method_name: str) -> None:
     """After the first backward: some non-head trainable parameter must have a non-zero gradient,
     otherwise the method attached nothing that learns."""
     for name, param in model.named_parameters():
@@ -92,7 +94,7 @@ class TrainSettings:
     budget: Any  # grad_accum_steps, max_grad_norm, log_every_steps, eval_every_steps, keep_best
     device: torch.device
     precision: str = "fp32"
-    head: str = "classifier"
+    head: HeadSpec = ("classifier",)  # the task head's module names (conf/model/family: head)
     timing_warmup_steps: int = 0
     main_metric: str | None = None  # what keep_best compares
 
@@ -122,7 +124,7 @@ def train(model: nn.Module, method: Method, loader, s: TrainSettings,
     accum = int(budget.grad_accum_steps)
 
     res = TrainResult(0, 0, 0.0, 0, 0.0, 0, 0, 0.0, 0.0)
-    best_value, best_state = -math.inf, None
+    best_value, best_state, best_method_state = -math.inf, None, None
     log_loss = torch.zeros((), device=device)
     log_count = 0
     model.train()
@@ -194,7 +196,8 @@ def train(model: nn.Module, method: Method, loader, s: TrainSettings,
             res.evals.append({"step": res.steps, **metrics})
             if budget.keep_best and metrics[s.main_metric] > best_value:
                 best_value, res.best_step = metrics[s.main_metric], res.steps
-                best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                best_state = copy_trainable_to_cpu(model)
+                best_method_state = method.scored_state(model)
             sync(device)
             if timed_start is not None:
                 eval_in_window_s += time.perf_counter() - eval_start
@@ -208,11 +211,18 @@ def train(model: nn.Module, method: Method, loader, s: TrainSettings,
     if best_state is not None and evaluate_fn is not None:
         final = evaluate_fn()
         res.evals.append({"step": res.steps, **final})
-        if final[s.main_metric] < best_value:  # restore the best evaluated weights
+        if final[s.main_metric] < best_value:  # restore the best evaluated model: its weights and method state
             model.load_state_dict(best_state, strict=False)
+            method.restore_scored_state(model, best_method_state)
         else:
             res.best_step = res.steps
     return res
+
+
+def copy_trainable_to_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
+    """keep_best's copy of the trainable tensors, in host memory: off the training device, so a GPU run's peak
+    memory is the method's own (on a CPU run it is part of the process's RSS, as any copy would be)."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _forever(loader):

@@ -14,6 +14,7 @@ What makes it real and not plain LoRA:
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from pathlib import Path
@@ -111,6 +112,26 @@ class AdaLora(PeftMethod):
 
     def on_step(self, model: nn.Module, global_step: int) -> None:
         model.base_model.update_and_allocate(global_step)
+
+    def scored_state(self, model: nn.Module) -> Any:
+        return copy.deepcopy(model.peft_config[model.active_adapter].rank_pattern)
+
+    def restore_scored_state(self, model: nn.Module, state: Any) -> None:
+        """The kept evaluation's rank pattern, so that the saved adapter (peft resizes it to the rank pattern) and
+        `info` are of the model that was scored. Between two maskings (every deltaT steps) the optimiser moves
+        masked singular values off zero again and the scored model used them too, so every non-zero one is kept."""
+        config = model.peft_config[model.active_adapter]
+        if state is None:  # not yet masked then: every matrix at init_r
+            config.rank_pattern = None
+            return
+        pattern = copy.deepcopy(state)
+        adapter = model.active_adapter
+        for name, param in model.base_model.model.named_parameters():
+            if f"lora_E.{adapter}" in name:
+                key = name if name in pattern else name.replace(f".{adapter}", "")
+                nonzero = (param.detach().flatten() != 0).tolist()
+                pattern[key] = [bool(kept) or used for kept, used in zip(pattern[key], nonzero)]
+        config.rank_pattern = pattern
 
     def info(self, model: nn.Module) -> dict:
         config = model.peft_config[model.active_adapter]

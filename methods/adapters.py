@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from methods.base import AttachContext, Method, freeze_all_but_head, is_head_param, register
+from methods.base import AttachContext, Method, freeze_all_but_head, head_modules, is_head_param, register
 from methods.errors import BenchError
 
 
@@ -82,7 +82,7 @@ class BottleneckAdapter(Method):
         return {**cfg, "bottleneck": rank}
 
     def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
-        head = str(ctx.model_cfg.head)
+        head = head_modules(ctx.model_cfg)
         freeze_all_but_head(model, head)
         width = int(ctx.rank)
         for i, layer in enumerate(_layers(model, ctx.model_cfg)):

@@ -5,6 +5,7 @@ The shared loop (bench/train.py) calls `on_step` after every optimiser step, bef
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -74,8 +75,21 @@ class Method:
         """The method's settings as they will be used (e.g. alpha derived from rank); hashed for identity."""
         return dict(cfg)
 
+    def config_label(self, effective: dict) -> str:
+        """The display label of a run with this effective method config: `display_label`, plus what tells
+        configurations of one method apart where that matters (LoRA's scaling rule: "LoRA (α=2r)")."""
+        return self.display_label
+
     def on_step(self, model: nn.Module, global_step: int) -> None:
         """Called by the loop after each optimiser step, before zero_grad."""
+
+    def scored_state(self, model: nn.Module) -> Any:
+        """A copy of what the model's outputs, saved weights and record depend on besides its trainable tensors
+        (AdaLoRA: the rank pattern), taken when keep_best keeps an evaluation; None for most methods."""
+        return None
+
+    def restore_scored_state(self, model: nn.Module, state: Any) -> None:
+        """Put back what `scored_state` copied, after keep_best has restored that evaluation's trainable tensors."""
 
     def merged(self, model: nn.Module) -> nn.Module:
         """A copy of the model with the method folded into the base weights."""
@@ -116,15 +130,27 @@ def get_method(name: str) -> Method:
     return REGISTRY[name]
 
 
-def freeze_all_but_head(model: nn.Module, head: str) -> None:
-    """Freeze every parameter except those of the task head (module name `head`)."""
+HeadSpec = str | Sequence[str]
+
+
+def head_modules(model_cfg: Any) -> tuple[str, ...]:
+    """The task head's module names from a model config (conf/model/family/*.yaml `head`: a list, or one name)."""
+    head = model_cfg.get("head") or "classifier"
+    return (str(head),) if isinstance(head, str) else tuple(str(h) for h in head)
+
+
+def freeze_all_but_head(model: nn.Module, head: HeadSpec) -> None:
+    """Freeze every parameter except those of the task head (the modules named in `head`)."""
     for name, param in model.named_parameters():
         param.requires_grad = is_head_param(name, head)
 
 
-def is_head_param(name: str, head: str) -> bool:
-    """True for parameters of the task head, also under peft's wrappers (…classifier.modules_to_save…)."""
-    return name.startswith(f"{head}.") or f".{head}." in name
+def is_head_param(name: str, head: HeadSpec) -> bool:
+    """True for parameters of the task head: `name` contains one of the head's module names as whole
+    dot-separated components (`classifier`, `pooler`; also under peft's wrappers, …classifier.modules_to_save…).
+    The one place that decides what the head is (counts, freezing, gradient checks, analysis)."""
+    heads = (head,) if isinstance(head, str) else head
+    return any(f".{h}." in f".{name}." for h in heads)
 
 
 def param_count(param: torch.Tensor) -> int:
@@ -134,7 +160,7 @@ def param_count(param: torch.Tensor) -> int:
     return param.numel()
 
 
-def count_params(model: nn.Module, head: str) -> dict[str, int]:
+def count_params(model: nn.Module, head: HeadSpec) -> dict[str, int]:
     trainable = [(n, param_count(p)) for n, p in model.named_parameters() if p.requires_grad]
     return {
         "trainable_params": sum(n for _, n in trainable),
@@ -154,5 +180,5 @@ def tensor_bytes(model: nn.Module) -> int:
     return total
 
 
-__all__ = ["AttachContext", "Method", "REGISTRY", "register", "get_method", "freeze_all_but_head",
+__all__ = ["AttachContext", "Method", "REGISTRY", "register", "get_method", "freeze_all_but_head", "head_modules",
            "is_head_param", "count_params", "param_count", "tensor_bytes"]

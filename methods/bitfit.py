@@ -11,11 +11,11 @@ from typing import Any
 
 from torch import nn
 
-from methods.base import AttachContext, Method, freeze_all_but_head, register
+from methods.base import AttachContext, HeadSpec, Method, freeze_all_but_head, head_modules, is_head_param, register
 from methods.errors import BenchError
 
 
-def bias_names(model: nn.Module, head: str, include_layer_norm_bias: bool) -> list[str]:
+def bias_names(model: nn.Module, head: HeadSpec, include_layer_norm_bias: bool) -> list[str]:
     """Names of the bias parameters BitFit trains (outside the task head)."""
     names = []
     for mod_name, module in model.named_modules():
@@ -25,7 +25,7 @@ def bias_names(model: nn.Module, head: str, include_layer_norm_bias: bool) -> li
         if isinstance(module, nn.LayerNorm) and not include_layer_norm_bias:
             continue
         full = f"{mod_name}.bias" if mod_name else "bias"
-        if not (full.startswith(f"{head}.") or f".{head}." in full):
+        if not is_head_param(full, head):
             names.append(full)
     return names
 
@@ -39,7 +39,7 @@ class BitFit(Method):
     edits_in_place = True
 
     def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
-        head = str(ctx.model_cfg.head)
+        head = head_modules(ctx.model_cfg)
         freeze_all_but_head(model, head)
         names = set(bias_names(model, head, bool(cfg.include_layer_norm_bias)))
         if not names:

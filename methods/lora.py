@@ -28,6 +28,15 @@ class Lora(PeftMethod):
         out["lora_alpha"] = float(fixed) if fixed is not None else float(cfg["alpha_over_rank"]) * rank
         return out
 
+    def config_label(self, effective: dict) -> str:
+        """The label with the scaling rule: "LoRA (α=2r)" (alpha_over_rank), "LoRA (α=16)" (fixed alpha)."""
+        fixed, per_rank = effective.get("alpha"), effective.get("alpha_over_rank")
+        if fixed is not None:
+            return f"{self.display_label} (α={float(fixed):g})"
+        if per_rank is not None:
+            return f"{self.display_label} (α={float(per_rank):g}r)"
+        return self.display_label
+
     def peft_config(self, cfg: Any, ctx: AttachContext) -> LoraConfig:
         eff = self.effective_config(dict(cfg), ctx.rank)
         return LoraConfig(
@@ -40,3 +49,11 @@ class Lora(PeftMethod):
             use_dora=self.use_dora,
             init_lora_weights=True,  # A Kaiming-uniform, B = 0
         )
+
+
+@register
+class LoraFixedAlpha(Lora):
+    """LoRA with alpha fixed across ranks (scale alpha/r): the rank study's third scaling rule
+    (conf/method/lora_fixed_alpha.yaml; label "LoRA (α=16)")."""
+
+    name = "lora_fixed_alpha"

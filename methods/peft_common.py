@@ -11,7 +11,7 @@ from typing import Any
 from peft import PeftConfig, PeftModel, get_peft_model
 from torch import nn
 
-from methods.base import AttachContext, Method
+from methods.base import AttachContext, Method, head_modules
 from methods.errors import BenchError
 
 
@@ -22,8 +22,10 @@ class PeftMethod(Method):
         raise NotImplementedError
 
     def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
-        # task_type SEQ_CLS makes peft train the classifier head too (modules_to_save).
+        # The whole task head trains, as for every method (conf/model/family `head`: BERT's pooler too). task_type
+        # SEQ_CLS adds peft's own `classifier`/`score` to modules_to_save; the family's names are added here.
         peft_cfg = self.peft_config(cfg, ctx)
+        peft_cfg.modules_to_save = list(head_modules(ctx.model_cfg))
         try:
             return get_peft_model(model, peft_cfg)
         except ValueError as exc:  # e.g. "Target modules {...} not found in the base model"

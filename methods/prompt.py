@@ -2,7 +2,12 @@
 arXiv:2101.00190; P-Tuning v2 for NLU) via peft. `rank` = number of virtual tokens.
 
 - prompt_tuning: `rank` trained embeddings are prepended to the input embeddings. peft prepends zeros
-  to token_type_ids and ones to the attention mask, so BERT pair inputs work.
+  to token_type_ids and ones to the attention mask, so BERT pair inputs work. The classification still reads
+  the real first token ([CLS] / <s>): peft puts the virtual tokens first, so BERT's pooler (RoBERTa's head) would
+  otherwise read virtual token 0, a learned input embedding, in place of the [CLS] position the pre-trained
+  pooler and every other method read. A forward pre-hook on the module that reads the first position
+  (conf/model/family: `first_token_reader`) drops the virtual positions from its input (`_read_real_first_token`);
+  it is applied on attach and on load and, being a plain object in the module's hooks, survives a deep copy.
 - prefix_tuning: `rank` trained key/value vectors are prepended in every layer (past_key_values).
 Neither is identity at init and neither merges. Both lengthen the sequence: with a model of 512
 positions, the longest tokenised example + rank must stay <= 512 (BERT also shifts positions past a prefix):
@@ -63,6 +68,12 @@ class PromptTuning(VirtualTokens):
             out.pop("init_text", None)  # unused: keep it out of the run's identity
         return out
 
+    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
+        return _read_real_first_token(super().attach(model, cfg, ctx), ctx.model_cfg)
+
+    def load(self, base_model: nn.Module, cfg: Any, ctx: AttachContext, out_dir: Path) -> nn.Module:
+        return _read_real_first_token(super().load(base_model, cfg, ctx, out_dir), ctx.model_cfg)
+
     def peft_config(self, cfg: Any, ctx: AttachContext) -> PromptTuningConfig:
         eff = self.effective_config(dict(cfg), ctx.rank)
         kwargs: dict[str, Any] = {}
@@ -101,6 +112,31 @@ class PrefixTuning(VirtualTokens):
 
     def load(self, base_model: nn.Module, cfg: Any, ctx: AttachContext, out_dir: Path) -> nn.Module:
         return _accept_past_key_values(super().load(base_model, cfg, ctx, out_dir))
+
+
+class SkipVirtualTokens:
+    """Forward pre-hook: the module's first input (hidden states, batch x positions x hidden) without its first
+    `n` positions, the virtual tokens, so that position 0 is the real first token again."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        hidden, *rest = args
+        return (hidden[:, self.n:], *rest)
+
+
+def _read_real_first_token(model: PeftModel, model_cfg: Any) -> PeftModel:
+    """Make the head module that reads the first position (`model_cfg.first_token_reader`) read the real first
+    token (module docstring). The outermost match is hooked: peft's wrapper where the module trains as head."""
+    reader = str(model_cfg.get("first_token_reader") or "")
+    modules = [m for name, m in model.named_modules() if reader and f".{name}".endswith(f".{reader}")]
+    if not modules:
+        raise BenchError(f"prompt_tuning: model '{model_cfg.get('name')}' has no module '{reader}' "
+                         "(model.first_token_reader: the head module that reads the first position)")
+    n = int(model.peft_config[model.active_adapter].num_virtual_tokens)
+    modules[0].register_forward_pre_hook(SkipVirtualTokens(n))
+    return model
 
 
 def _forward_with_past_key_values(self: nn.Module, *args: Any, past_key_values: Any = None, **kwargs: Any) -> Any:

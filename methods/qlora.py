@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from methods.base import AttachContext, register
+from methods.base import AttachContext, head_modules, register
 from methods.errors import BenchError
 from methods.lora import Lora
 
@@ -41,7 +41,7 @@ class QLora(Lora):
             bnb_4bit_quant_type=str(cfg.quant_type),
             bnb_4bit_use_double_quant=bool(cfg.double_quant),
             bnb_4bit_compute_dtype=getattr(torch, str(cfg.compute_dtype)),
-            llm_int8_skip_modules=[str(model_cfg.head)],  # the task head trains: keep it unquantised
+            llm_int8_skip_modules=list(head_modules(model_cfg)),  # the task head trains: keep it unquantised
         )
         return {"quantization_config": quant, "device_map": {"": device.index or 0}}
 

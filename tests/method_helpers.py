@@ -11,7 +11,7 @@ from bench.models import load_model
 from bench.plan import plan
 from bench.train import TrainSettings, train
 from methods import REGISTRY, AttachContext, Method, in_display_order
-from methods.base import is_head_param
+from methods.base import HeadSpec, head_modules, is_head_param
 
 NUM_LABELS = 2
 
@@ -70,12 +70,12 @@ def logits(model: nn.Module, b: dict[str, torch.Tensor] | None = None) -> torch.
 def train_steps(model: nn.Module, method: Method, cfg: DictConfig, steps: int, lr: float = 1e-2) -> None:
     """`steps` optimiser steps of the shared loop (on_step hooks included) on synthetic batches."""
     settings = TrainSettings(steps=steps, lr=lr, weight_decay=0.0, warmup_ratio=0.0, budget=cfg.budget,
-                             device=torch.device("cpu"), precision="fp32", head=str(cfg.model.head))
+                             device=torch.device("cpu"), precision="fp32", head=head_modules(cfg.model))
     train(model, method, [batch(i) for i in range(steps)], settings)
 
 
 @torch.no_grad()
-def perturb(model: nn.Module, head: str, scale: float = 0.1, seed: int = 1) -> None:
+def perturb(model: nn.Module, head: HeadSpec, scale: float = 0.1, seed: int = 1) -> None:
     """Move every trainable non-head parameter off its init (e.g. LoRA's B = 0), as training would."""
     g = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
@@ -83,7 +83,7 @@ def perturb(model: nn.Module, head: str, scale: float = 0.1, seed: int = 1) -> N
             param.add_(scale * torch.randn(param.shape, generator=g))
 
 
-def trainable(model: nn.Module, head: str) -> tuple[set[str], set[str]]:
+def trainable(model: nn.Module, head: HeadSpec) -> tuple[set[str], set[str]]:
     """(trainable names outside the head, trainable names in the head)."""
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     heads = {n for n in names if is_head_param(n, head)}

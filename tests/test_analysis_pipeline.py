@@ -163,7 +163,7 @@ def test_tables_plots_and_report(runs, tmp_path):
     main = method_task_tables(df)
     assert len(main) == 1
     labels = [row[0] for row in main[0].rows]
-    assert labels == ["Full FT", "LoRA (r=2)", "LoRA (r=16)"]
+    assert labels == ["Full FT", "LoRA (α=2r, r=2)", "LoRA (α=2r, r=16)"]  # LoRA's label names its scaling rule
     assert main[0].header[2] == "SST-2 (Acc)" and main[0].best
     paths = main[0].write(tmp_path / "t", "main")
     assert all(p.stat().st_size > 0 for p in paths) and "\\toprule" in paths[2].read_text()

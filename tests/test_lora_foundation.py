@@ -44,6 +44,6 @@ def test_lora_starts_as_base_and_only_adapters_and_head_get_gradients(make_cfg):
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert with_grad == trainable
-    assert all("lora_" in n or ".classifier." in n for n in trainable)
+    assert all("lora_" in n or ".classifier." in n or ".pooler.dense." in n for n in trainable)  # + the task head
     assert any("query.lora_A" in n for n in trainable) and any("value.lora_B" in n for n in trainable)
     assert not any("key" in n for n in trainable)

@@ -8,6 +8,7 @@ import torch
 from bench import BenchError
 from bench.record import RECORD_FILE
 from bench.runner import run
+from methods.base import head_modules
 from methods.hotswap import load_adapters, switch
 from tests.conftest import needs_glue
 from tests.method_helpers import ALL_METHODS, MERGING, build, fresh_base, logits, perturb
@@ -69,7 +70,7 @@ def test_virtual_tokens_past_the_positions_fail_before_training(make_cfg, name):
 def _saved_adapter(make_cfg, tmp_path, name: str, seed: int):
     cfg, method, base, ctx = build(make_cfg, name)
     model = method.attach(base, cfg.method, ctx)
-    perturb(model, str(cfg.model.head), seed=seed)
+    perturb(model, head_modules(cfg.model), seed=seed)
     with torch.no_grad():  # a different head per adapter too
         for n, p in model.named_parameters():
             if "modules_to_save" in n:

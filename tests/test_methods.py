@@ -2,6 +2,7 @@
 change after one step, merge equivalence, parameter counts by hand, AdaLoRA's reallocation, save/load."""
 from __future__ import annotations
 
+import copy
 import math
 import re
 import warnings
@@ -13,7 +14,7 @@ from transformers import RobertaConfig, RobertaForSequenceClassification
 from bench import BenchError
 from bench.runner import plan
 from methods import REGISTRY, AttachContext, get_method
-from methods.base import count_params, is_head_param
+from methods.base import count_params, head_modules, is_head_param
 from tests.conftest import REPO
 from tests.method_helpers import (
     ALL_METHODS,
@@ -33,6 +34,7 @@ TRAINS = {
     "full": r".*",
     "bitfit": r".*\.bias",
     "lora": r".*\.lora_[AB]\.default\.weight",
+    "lora_fixed_alpha": r".*\.lora_[AB]\.default\.weight",
     "rslora": r".*\.lora_[AB]\.default\.weight",
     "dora": r".*\.(lora_[AB]|lora_magnitude_vector)\.default\.weight",
     "adalora": r".*\.lora_[ABE]\.default",
@@ -56,7 +58,7 @@ def test_every_method_is_registered_with_a_config():
 @pytest.mark.parametrize("name", ALL_METHODS)
 def test_exactly_the_intended_parameters_train(make_cfg, name):
     cfg, method, base, ctx = build(make_cfg, name)
-    head = str(cfg.model.head)
+    head = head_modules(cfg.model)
     model = method.attach(base, cfg.method, ctx)
     body, head_names = trainable(model, head)
     pattern = re.compile(TRAINS[name])
@@ -70,10 +72,45 @@ def test_exactly_the_intended_parameters_train(make_cfg, name):
         assert any("LayerNorm.bias" in n for n in body)
 
 
+def _head_params(model, head) -> dict[str, int]:
+    """{parameter name in the base model's terms: size} of the trainable head parameters (peft's wrappers and
+    modules_to_save copies stripped from the name)."""
+    out = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad and is_head_param(n, head):
+            plain = n.removeprefix("base_model.model.").removeprefix("base_model.").replace(
+                ".modules_to_save.default", "")
+            out[plain] = p.numel()
+    return out
+
+
+def test_the_same_task_head_trains_for_every_method(make_cfg):
+    """One head per model family (BERT: pooler + classifier), trained in full by every method and counted apart:
+    the counts differ between methods only by the method's own parameters."""
+    heads, counts = {}, {}
+    for name in ALL_METHODS:
+        cfg, method, base, ctx = build(make_cfg, name)
+        head = head_modules(cfg.model)
+        model = method.attach(base, cfg.method, ctx)
+        heads[name] = _head_params(model, head)
+        counts[name] = count_params(model, head)
+    reference = heads["full"]
+    assert {n.split(".")[1] for n in reference if n.startswith("bert.")} == {"pooler"}
+    assert any(n.startswith("classifier.") for n in reference)
+    assert all(h == reference for h in heads.values()), {n: sorted(h) for n, h in heads.items() if h != reference}
+    head_numel = sum(reference.values())
+    for name, c in counts.items():
+        assert c["trainable_params"] - c["trainable_params_excl_head"] == head_numel, name
+    base = fresh_base(build(make_cfg, "full")[0])
+    pooler = sum(p.numel() for n, p in base.named_parameters() if n.startswith("bert.pooler."))
+    assert pooler > 0 and counts["full"]["trainable_params_excl_head"] == \
+        sum(p.numel() for p in base.parameters()) - head_numel
+
+
 @pytest.mark.parametrize("name", ALL_METHODS)
 def test_identity_at_init_and_changed_after_one_step(make_cfg, name):
     cfg, method, base, ctx = build(make_cfg, name)
-    head = str(cfg.model.head)
+    head = head_modules(cfg.model)
     before = logits(base)
     model = method.attach(base, cfg.method, ctx)
     at_init = logits(model)
@@ -94,7 +131,7 @@ def test_identity_at_init_and_changed_after_one_step(make_cfg, name):
 def test_merged_equals_unmerged(make_cfg, name):
     cfg, method, base, ctx = build(make_cfg, name)
     model = method.attach(base, cfg.method, ctx)
-    perturb(model, str(cfg.model.head))
+    perturb(model, head_modules(cfg.model))
     unmerged = logits(model)
     merged = method.merged(model)
     assert not any(p.requires_grad and ("lora_" in n or "ia3_" in n) for n, p in merged.named_parameters())
@@ -114,8 +151,9 @@ def expected_params_excl_head(name: str, cfg, r: int) -> int:
     init_r = max(math.ceil(1.5 * r), r + 1)
     return {
         "full": None,
-        "bitfit": d + L * (4 * d + d + f + d + d) + d,  # emb LN; q,k,v,o, LN1, FFN in, FFN out, LN2; pooler
+        "bitfit": d + L * (4 * d + d + f + d + d),  # emb LN; q,k,v,o, LN1, FFN in, FFN out, LN2 (pooler: head)
         "lora": lora,
+        "lora_fixed_alpha": lora,
         "rslora": lora,
         "dora": lora + L * 2 * d,  # + one magnitude entry per output feature of each adapted matrix
         "adalora": L * 2 * (init_r * d + d * init_r + init_r),  # P, Q and the singular values Λ at init_r
@@ -132,7 +170,7 @@ def test_trainable_parameter_count_matches_hand_calculation(make_cfg, name):
     cfg, method, base, ctx = build(make_cfg, name, rank=4)
     total = sum(p.numel() for p in base.parameters())
     model = method.attach(base, cfg.method, ctx)
-    counts = count_params(model, str(cfg.model.head))
+    counts = count_params(model, head_modules(cfg.model))
     expected = expected_params_excl_head(name, cfg, 4)
     if name == "full":
         assert counts["trainable_params"] == total
@@ -155,7 +193,7 @@ def test_lora_on_default_roberta_config(make_cfg, name, expected):
 def test_save_load_round_trip_reproduces_logits(make_cfg, tmp_path, name):
     cfg, method, base, ctx = build(make_cfg, name)
     model = method.attach(base, cfg.method, ctx)
-    perturb(model, str(cfg.model.head))
+    perturb(model, head_modules(cfg.model))
     expected = logits(model)
     method.save(model, tmp_path / "w")
     loaded = method.load(fresh_base(cfg), cfg.method, ctx, tmp_path / "w")
@@ -229,7 +267,7 @@ def test_adapter_with_wrong_module_name_is_bench_error(make_cfg):
 
 def test_ia3_does_not_scale_the_attention_output(make_cfg):
     cfg, method, base, ctx = build(make_cfg, "ia3")
-    body, _ = trainable(method.attach(base, cfg.method, ctx), str(cfg.model.head))
+    body, _ = trainable(method.attach(base, cfg.method, ctx), head_modules(cfg.model))
     assert not any("attention.output" in n for n in body)
     assert sum(".output.dense." in n for n in body) == int(cfg.model.config.num_hidden_layers)
 
@@ -253,3 +291,26 @@ def test_lora_family_scaling(make_cfg, name, rank, scale):
     model = method.attach(base, cfg.method, ctx)
     scalings = {m.scaling["default"] for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)}
     assert len(scalings) == 1 and scalings.pop() == pytest.approx(scale)
+
+
+@pytest.mark.parametrize("model_name", ["tiny-bert", "tiny-roberta"])
+def test_prompt_tuning_head_reads_the_real_first_token(make_cfg, tmp_path, model_name):
+    """peft puts the virtual tokens first; the pooler (RoBERTa: the classifier's dense) must read the encoder's
+    output at position num_virtual_tokens, the [CLS], after attach, after a deep copy and after loading."""
+    cfg, method, base, ctx = build(make_cfg, "prompt_tuning", f"model={model_name}", rank=3)
+    model = method.attach(base, cfg.method, ctx)
+    method.save(model, tmp_path / "weights")
+    reloaded = method.load(fresh_base(cfg), cfg.method, ctx, tmp_path / "weights")
+    reader_input = "pooler.dense" if model_name == "tiny-bert" else "classifier.modules_to_save.default.dense"
+    seen: dict[str, torch.Tensor] = {}
+    for m in (model, copy.deepcopy(model), reloaded):
+        seen.clear()
+        encoder = next(mod for n, mod in m.named_modules() if n.endswith(".encoder"))
+        dense = next(mod for n, mod in m.named_modules() if n.endswith(reader_input))
+        hooks = [encoder.register_forward_hook(lambda mod, a, out: seen.__setitem__("encoder", out[0])),
+                 dense.register_forward_hook(lambda mod, a, out: seen.__setitem__("read", a[0]))]
+        logits(m)
+        for h in hooks:
+            h.remove()
+        assert seen["encoder"].shape[1] == batch(99)["input_ids"].shape[1] + 3
+        torch.testing.assert_close(seen["read"], seen["encoder"][:, 3], rtol=0, atol=0)

@@ -29,7 +29,7 @@ def test_qlora_load_kwargs_ask_for_nf4_with_double_quantisation(make_cfg):
     quant = kwargs["quantization_config"]
     assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4" and quant.bnb_4bit_use_double_quant
     assert quant.bnb_4bit_compute_dtype == torch.bfloat16
-    assert quant.llm_int8_skip_modules == ["classifier"]  # the task head stays unquantised and trains
+    assert quant.llm_int8_skip_modules == ["pooler.dense", "classifier"]  # the task head stays unquantised, trains
     assert kwargs["device_map"] == {"": 0}
 
 
@@ -56,3 +56,27 @@ def test_qlora_cli_on_cpu_exits_nonzero_with_one_line(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn" not in ln]
     assert lines == ["error: method=qlora needs a CUDA GPU (bitsandbytes 4-bit NF4) but this run's device is "
                      "cpu; use method=lora here, or run on a GPU machine"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None,
+                    reason="this machine can rebuild the 4-bit base")
+def test_qlora_record_analysis_says_in_one_line_why_it_cannot_rebuild_the_4bit_base(make_cfg, tmp_path, capsys):
+    """A QLoRA run (constructed: it cannot run here) is not analysed on the fp32 base; analysis says why."""
+    from omegaconf import OmegaConf
+
+    from analysis.weights import pairs_for_cli, tuned_model, weight_pairs
+    from bench.record import write_record
+
+    cfg = make_cfg("method=qlora", "rank=4")
+    run_dir = tmp_path / "qlora-run"
+    (run_dir / "weights").mkdir(parents=True)
+    write_record(run_dir, {"run_id": "qlora-run", "status": "ok", "method": "qlora", "task": "sst2", "rank": 4,
+                           "seed": 42, "config": OmegaConf.to_container(cfg, resolve=True), "weights_dir": "weights"})
+    wp = weight_pairs(run_dir)
+    assert not wp.applicable and not wp.pairs
+    assert "\n" not in wp.reason and "needs" in wp.reason and "fp32 base would be a different model" in wp.reason
+    assert pairs_for_cli(run_dir, "intruders") is None
+    assert capsys.readouterr().out.strip() == f"qlora-run: intruders n/a ({wp.reason})"
+    with pytest.raises(BenchError, match="cannot be rebuilt here") as err:
+        tuned_model(run_dir)
+    assert "\n" not in str(err.value)

@@ -9,7 +9,7 @@ from bench.config import compose_config
 from bench.sweep import count_jobs
 from tests.conftest import CONF
 
-PRESETS = {"smoke": 4, "glue_table": 11 * 7 * 3, "rank_study": 5 * 7 * 3}
+PRESETS = {"smoke": 4, "glue_table": 11 * 7 * 3, "rank_study": 3 * 4 * 3 * 3}
 
 
 def compose_hydra(*overrides: str):
@@ -31,6 +31,32 @@ def test_preset_composes_and_expands(name, runs):
         pytest.skip(f"{name}: methods not in conf/method yet: {missing}")
 
 
+def test_rank_study_compares_three_scaling_rules_at_one_lr_grid():
+    """LoRA alpha=2r, LoRA fixed alpha (alpha/r) and rsLoRA (alpha/sqrt(r)): every arm at every rank of the same
+    lr grid, each labelled by its rule, and the effective scales are the rules'."""
+    from methods import get_method
+
+    params = compose_hydra("+sweep=rank_study").hydra.sweeper.params
+    arms, ranks, lrs = (str(params[k]).split(",") for k in ("method", "rank", "lr"))
+    assert sorted(arms) == ["lora", "lora_fixed_alpha", "rslora"] and len(lrs) >= 3 and "1" in ranks
+    labels, scales = {}, {}
+    for arm in arms:
+        for lr in lrs:
+            for r in (1, 64):
+                cfg = compose_config([f"method={arm}", f"rank={r}", f"lr={lr}"])
+                method = get_method(str(cfg.method.name))
+                eff = method.effective_config(OmegaConf.to_container(cfg.method, resolve=True), r)
+                assert float(cfg.lr) == float(lr)
+                labels.setdefault(arm, set()).add(method.config_label(eff))
+                scale = eff["lora_alpha"] / (r ** 0.5 if method.use_rslora else r)
+                scales.setdefault(arm, {})[r] = scale
+    assert {arm: labels[arm] for arm in arms} == {"lora": {"LoRA (α=2r)"}, "lora_fixed_alpha": {"LoRA (α=16)"},
+                                                  "rslora": {"rsLoRA (α=16)"}}
+    assert scales["lora"] == {1: 2.0, 64: 2.0}
+    assert scales["lora_fixed_alpha"] == {1: 16.0, 64: 0.25}
+    assert scales["rslora"] == {1: 16.0, 64: 2.0}
+
+
 def test_smoke_preset_overrides_the_run_config():
     cfg = compose_hydra("+sweep=smoke")
     assert cfg.model.name == "tiny-bert" and cfg.budget.max_steps == 100 and cfg.save_weights == "none"
@@ -43,3 +69,25 @@ def test_slurm_launcher_defaults():
     assert (launcher.gpus_per_node, launcher.tasks_per_node) == (1, 1) and launcher.timeout_min >= 60
     assert OmegaConf.select(compose_hydra("hydra/launcher=submitit_local"), "hydra.launcher._target_") \
         .endswith("LocalLauncher")
+
+
+def test_tables_and_plots_label_each_scaling_rule_apart(tmp_path):
+    """Runs of the three arms at one rank are three rows of the table, each named by its rule."""
+    from analysis.collect import to_frame
+    from analysis.plots import metric_vs_rank
+    from analysis.tables import method_task_tables, ok_frame
+    from methods import get_method
+
+    records = []
+    for i, (arm, r) in enumerate([(a, r) for a in ("lora", "lora_fixed_alpha", "rslora") for r in (4, 16)]):
+        cfg = compose_config([f"method={arm}", f"rank={r}"])
+        eff = get_method(arm).effective_config(OmegaConf.to_container(cfg.method, resolve=True), r)
+        records.append({"run_id": f"run{i}", "status": "ok", "method": arm, "task": "sst2", "model": "minilm",
+                        "rank": r, "seed": 1, "lr": 4e-4, "main_metric": "accuracy", "main_metric_value": 0.8 + i / 100,
+                        "trainable_params_excl_head": 1000 * r, "effective_config": {"method": eff}})
+    df = to_frame(records)
+    assert set(df["method_label"]) == {"LoRA (α=2r)", "LoRA (α=16)", "rsLoRA (α=16)"}
+    rows = [row[0] for row in method_task_tables(df)[0].rows]
+    assert rows == ["LoRA (α=2r, r=4)", "LoRA (α=2r, r=16)", "LoRA (α=16, r=4)", "LoRA (α=16, r=16)",
+                    "rsLoRA (α=16, r=4)", "rsLoRA (α=16, r=16)"]
+    assert str(metric_vs_rank(ok_frame(df), tmp_path)).endswith(".png")

@@ -23,7 +23,7 @@ from bench.config import compose_config
 from bench.measure import latency_batch, sync
 from bench.models import attach_context, load_model
 from methods import get_method
-from methods.base import is_head_param
+from methods.base import head_modules, is_head_param
 from methods.hotswap import load_adapters, switch
 
 
@@ -43,7 +43,7 @@ def make_adapters(cfg, n: int, out: Path, num_labels: int) -> dict[str, Path]:
         torch.manual_seed(1000 + i)
         with torch.no_grad():
             for name, param in model.named_parameters():
-                if param.requires_grad and not is_head_param(name, str(cfg.model.head)):
+                if param.requires_grad and not is_head_param(name, head_modules(cfg.model)):
                     param.add_(0.02 * torch.randn_like(param))
         dirs[f"adapter{i}"] = out / f"adapter{i}"
         method.save(model, dirs[f"adapter{i}"])
