@@ -146,6 +146,19 @@ def _one_sided_p(worse: float, p_worse: float, p_better: float, deterministic: b
     return p_worse, p_better
 
 
+def _tested(worse: float, p_worse: float, p_better: float, alpha: float, min_effect: float) -> str:
+    """The verdict of a one-sided test: worse (or better) by at least `min_effect` with p < `alpha`."""
+    if worse >= min_effect and p_worse < alpha:
+        return "REGRESSION"
+    return "improved" if -worse >= min_effect and p_better < alpha else "ok"
+
+
+def _within_tolerance(worse: float, tolerance: float, min_effect: float) -> str:
+    """The verdict without a test (one seed): worse (or better) by more than the larger of the two."""
+    limit = max(tolerance, min_effect)
+    return "REGRESSION" if worse > limit else "improved" if -worse > limit else "ok"
+
+
 def paired_check(base: pd.Series, cur: pd.Series, higher_is_better: bool, *, alpha: float, min_effect: float,
                  tolerance: float) -> tuple[str, str]:
     """(delta text, verdict) for a metric over the same seeds on both sides (Series indexed by seed)."""
@@ -156,21 +169,15 @@ def paired_check(base: pd.Series, cur: pd.Series, higher_is_better: bool, *, alp
         return f"{delta:+.4g} (paired, {len(diff)} seed(s): identical)", "ok"
     if len(diff) == 1:
         text = f"{delta:+.4g} (paired, 1 seed: tolerance {max(tolerance, min_effect):g})"
-        if worse > max(tolerance, min_effect):
-            return text, "REGRESSION"
-        return text, "improved" if -worse > max(tolerance, min_effect) else "ok"
+        return text, _within_tolerance(worse, tolerance, min_effect)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         tail, other = ("less", "greater") if higher_is_better else ("greater", "less")
         p_worse, p_better = _one_sided_p(worse, float(stats.ttest_1samp(diff, 0.0, alternative=tail).pvalue),
                                          float(stats.ttest_1samp(diff, 0.0, alternative=other).pvalue),
                                          deterministic=np.ptp(diff) == 0)
-    text = f"{delta:+.4g} (paired, {len(diff)} seeds, p={p_worse:.2g})"
-    if worse >= min_effect and p_worse < alpha:
-        return text, "REGRESSION"
-    if -worse >= min_effect and p_better < alpha:
-        return text, "improved"
-    return text, "ok"
+    return f"{delta:+.4g} (paired, {len(diff)} seeds, p={p_worse:.2g})", _tested(worse, p_worse, p_better, alpha,
+                                                                                min_effect)
 
 
 def seed_check(base: pd.Series, cur: pd.Series, higher_is_better: bool, *, alpha: float, min_effect: float,
@@ -200,16 +207,9 @@ def metric_check(base: np.ndarray, cur: np.ndarray, higher_is_better: bool, *, a
                 worse, float(stats.ttest_ind(cur, base, equal_var=False, alternative=tail).pvalue),
                 float(stats.ttest_ind(cur, base, equal_var=False, alternative=other).pvalue),
                 deterministic=np.ptp(base) == 0 and np.ptp(cur) == 0)
-        text = f"{delta:+.4g} (p={p_worse:.2g})"
-        if worse >= min_effect and p_worse < alpha:
-            return text, "REGRESSION"
-        if -worse >= min_effect and p_better < alpha:
-            return text, "improved"
-        return text, "ok"
+        return f"{delta:+.4g} (p={p_worse:.2g})", _tested(worse, p_worse, p_better, alpha, min_effect)
     text = f"{delta:+.4g} (< 2 seeds: tolerance {max(tolerance, min_effect):g})"
-    if worse > max(tolerance, min_effect):
-        return text, "REGRESSION"
-    return text, "improved" if -worse > max(tolerance, min_effect) else "ok"
+    return text, _within_tolerance(worse, tolerance, min_effect)
 
 
 def _by_seed(runs: pd.DataFrame, column: str) -> pd.Series:

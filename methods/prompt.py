@@ -52,6 +52,16 @@ class VirtualTokens(PeftMethod):
     def effective_config(self, cfg: dict, rank: int | None) -> dict:
         return {**cfg, "num_virtual_tokens": rank}
 
+    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
+        return self.adapt(super().attach(model, cfg, ctx), ctx)
+
+    def load(self, base_model: nn.Module, cfg: Any, ctx: AttachContext, out_dir: Path) -> nn.Module:
+        return self.adapt(super().load(base_model, cfg, ctx, out_dir), ctx)
+
+    def adapt(self, model: PeftModel, ctx: AttachContext) -> PeftModel:
+        """What the model needs once peft has attached or loaded the method (each subclass's own fix)."""
+        return model
+
 
 @register
 class PromptTuning(VirtualTokens):
@@ -68,11 +78,8 @@ class PromptTuning(VirtualTokens):
             out.pop("init_text", None)  # unused: keep it out of the run's identity
         return out
 
-    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
-        return _read_real_first_token(super().attach(model, cfg, ctx), ctx.model_cfg)
-
-    def load(self, base_model: nn.Module, cfg: Any, ctx: AttachContext, out_dir: Path) -> nn.Module:
-        return _read_real_first_token(super().load(base_model, cfg, ctx, out_dir), ctx.model_cfg)
+    def adapt(self, model: PeftModel, ctx: AttachContext) -> PeftModel:
+        return _read_real_first_token(model, ctx.model_cfg)
 
     def peft_config(self, cfg: Any, ctx: AttachContext) -> PromptTuningConfig:
         eff = self.effective_config(dict(cfg), ctx.rank)
@@ -107,11 +114,8 @@ class PrefixTuning(VirtualTokens):
         return PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=int(eff["num_virtual_tokens"]),
                                   prefix_projection=bool(eff["prefix_projection"]), **kwargs)
 
-    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
-        return _accept_past_key_values(super().attach(model, cfg, ctx))
-
-    def load(self, base_model: nn.Module, cfg: Any, ctx: AttachContext, out_dir: Path) -> nn.Module:
-        return _accept_past_key_values(super().load(base_model, cfg, ctx, out_dir))
+    def adapt(self, model: PeftModel, ctx: AttachContext) -> PeftModel:
+        return _accept_past_key_values(model)
 
 
 class SkipVirtualTokens:
