@@ -24,6 +24,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from bench import BenchError
+from bench.lock import RunLock
 from bench.record import SCHEMA_VERSION, read_record, write_json_atomic, write_result
 
 OUTCOME_ENV = "BENCH_RUN_OUTCOME"  # set by the parent: where the child says who it is and how it ended
@@ -68,7 +69,7 @@ def run_isolated(cfg: DictConfig) -> dict[str, Any]:
     if previous is not None and previous.get("status") != "ok":
         record["attempt"] = int(previous.get("attempt", 1)) + 1
     path = write_result(run_dir, record, previous)
-    lock = run_dir / ".lock"
+    lock = RunLock(run_dir).path
     if lock.is_file() and lock.read_bytes().endswith(f":{proc.pid}".encode()):
         lock.unlink(missing_ok=True)  # the dead child's lock
     print(f"FAILED {record['run_id']} status=error: {why}\n  record: {path}")
