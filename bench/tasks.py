@@ -103,7 +103,7 @@ def _read_tsv(task: Task, path: Path) -> pd.DataFrame:
                     required=(*task.text_fields, task.label_field))
 
 
-def _bad_label(task: Task, labels: pd.Series, ok: pd.Series, where: str, first_line: int, allowed: str) -> None:
+def _bad_label(labels: pd.Series, ok: pd.Series, where: str, first_line: int, allowed: str) -> None:
     if not ok.all():
         i = int((~ok).to_numpy().nonzero()[0][0])
         raise BenchError(f"{where}: line {i + first_line}: label {labels.iloc[i]!r} is not {allowed} "
@@ -120,16 +120,16 @@ def _standardise(task: Task, df: pd.DataFrame, text_fields: tuple[str, ...], lab
     labels = df[label_field]
     if task.is_regression:
         values = pd.to_numeric(labels, errors="coerce")
-        _bad_label(task, labels, values.notna(), where, first_line, "a number")
+        _bad_label(labels, values.notna(), where, first_line, "a number")
         out["label"] = values.astype(float)
     elif task.label_names and not labels.astype(str).str.fullmatch(r"-?\d+").all():
         mapping = {name: i for i, name in enumerate(task.label_names)}
-        _bad_label(task, labels, labels.isin(list(mapping)), where, first_line, f"one of {list(task.label_names)}")
+        _bad_label(labels, labels.isin(list(mapping)), where, first_line, f"one of {list(task.label_names)}")
         out["label"] = labels.map(mapping).astype(int)
     else:
         ids = pd.to_numeric(labels, errors="coerce")
         allowed = f"a class id 0..{task.num_labels - 1}"
-        _bad_label(task, labels, ids.isin(range(task.num_labels)), where, first_line, allowed)
+        _bad_label(labels, ids.isin(range(task.num_labels)), where, first_line, allowed)
         out["label"] = ids.astype(int)
     return out.reset_index(drop=True)
 
