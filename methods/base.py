@@ -100,7 +100,7 @@ class Method:
 
     def rank_variants(self, model: nn.Module) -> Iterable[tuple[int, AbstractContextManager]]:
         """(rank, a context in which `model` computes as that rank's model) for each rank the one trained model
-        is also evaluated at (DyLoRA); the runner records their metrics as `rank_metrics`. None for most methods."""
+        is also evaluated at (DyLoRA); the runner records their metrics as `rank_metrics`. Empty for most methods."""
         return ()
 
     def scored_state(self, model: nn.Module) -> Any:
