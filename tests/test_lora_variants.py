@@ -25,8 +25,8 @@ QUICK = ["measure.latency=false", "save_weights=none"]
 # ---------------------------------------------------------------- LoRA+
 
 
-@pytest.mark.parametrize("ratio", [16, 4])
-def test_loraplus_groups_give_b_ratio_times_the_lr_and_keep_the_loops_rules(make_cfg, ratio):
+def test_loraplus_groups_give_b_ratio_times_the_lr_and_keep_the_loops_rules(make_cfg):
+    ratio = 4  # the knob, not the default 16 (test_loraplus_ratio_is_part_of_the_runs_identity)
     cfg, method, base, ctx = build(make_cfg, "loraplus", f"method.loraplus_lr_ratio={ratio}")
     head = head_modules(cfg.model)
     model = method.attach(base, cfg.method, ctx)
@@ -55,16 +55,6 @@ def test_loraplus_groups_give_b_ratio_times_the_lr_and_keep_the_loops_rules(make
         scheduler.step()
         lrs = sorted({g["lr"] for g in optimizer.param_groups})
         assert lrs[-1] == pytest.approx(ratio * lrs[0])
-
-
-def test_loraplus_is_lora_except_for_the_optimiser(make_cfg):
-    """Same adapter as lora: same trainable tensors and the same model before training."""
-    cfg, method, base, ctx = build(make_cfg, "loraplus")
-    lcfg, lora, lbase, lctx = build(make_cfg, "lora")
-    plus, plain = method.attach(base, cfg.method, ctx), lora.attach(lbase, lcfg.method, lctx)
-    assert [n for n, p in plus.named_parameters() if p.requires_grad] == \
-        [n for n, p in plain.named_parameters() if p.requires_grad]
-    torch.testing.assert_close(logits(plus), logits(plain), atol=0, rtol=0)
 
 
 def test_loraplus_ratio_below_one_is_one_line_error(make_cfg):
@@ -117,7 +107,7 @@ def test_dylora_truncated_to_b_is_the_lora_of_its_first_b_components(make_cfg):
 
 
 def test_dylora_samples_every_rank_and_trains_only_the_bth_component(make_cfg):
-    steps = 40
+    steps = 24  # seeded: the draws are the same every time (P(a rank missing) = 4 * (3/4)^24 < 0.5% per seed)
     cfg, method, base, ctx = build(make_cfg, "dylora", rank=4)
     model = method.attach(base, cfg.method, ctx)
     train_steps(model, method, cfg, steps=steps, lr=1e-3)
