@@ -6,6 +6,8 @@
   (configurations no other one beats with fewer parameters), one panel per task;
 - metric_vs_memory: dev metric vs peak training memory;
 - metric_vs_rank: dev metric vs rank per method, full fine-tuning as a dashed reference line;
+- metric_vs_eval_rank: dev metric vs the rank a run was evaluated at, from one training run (DyLoRA's
+  `rank_metrics`), LoRA runs trained at each rank as a dashed reference;
 - intruders_vs_rank: intruder dimensions vs rank per method, full fine-tuning as a reference line;
 - forgetting_vs_metric: forgetting (probe before − after) vs dev metric;
 - latency: inference latency p50 of the base model, the method unmerged and merged.
@@ -295,6 +297,53 @@ def metric_vs_rank(df: pd.DataFrame, out_dir: Path, name: str = "metric_vs_rank"
     )
 
 
+def rank_metrics_long(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (run, evaluated rank) from the records' `rank_metrics` (flattened as `rank_metrics.<rank>.<metric>`):
+    columns run_id, task, method, method_label, seed, max_rank, eval_rank, metric_pct (the run's main metric x 100)."""
+    rows = []
+    for _, run in _with_labels(df).iterrows():
+        for col in df.columns:
+            parts = col.split(".")
+            if len(parts) == 3 and parts[0] == "rank_metrics" and parts[2] == run.get("main_metric") \
+                    and pd.notna(run[col]):
+                rows.append({"run_id": run["run_id"], "task": run["task"], "method": run["method"],
+                             "method_label": run["method_label"], "seed": run["seed"], "max_rank": run["rank"],
+                             "eval_rank": int(parts[1]), "metric_pct": float(run[col]) * 100})
+    return pd.DataFrame(rows)
+
+
+def metric_vs_eval_rank(df: pd.DataFrame, out_dir: Path, name: str = "metric_vs_eval_rank") -> Path | str:
+    """Dev metric against the rank each run was evaluated at after one training run (records with `rank_metrics`:
+    DyLoRA), one line per run; LoRA runs trained at each rank, where present, as a dashed reference."""
+    long = rank_metrics_long(df)
+    if long.empty:
+        return "no run evaluated at several ranks (records with rank_metrics: DyLoRA)"
+    long["run"] = long.apply(lambda r: f"{r['method_label']} r_max={int(r['max_rank'])} s{r['seed']}", axis=1)
+    lora = df[(df["method"] == "lora") & (df["rank_key"] >= 0) & df["metric_pct"].notna()] \
+        if "rank_key" in df.columns else df.iloc[0:0]
+    tasks = _tasks(long)
+    fig, axes = _panels(len(tasks))
+    for ax, task in zip(axes, tasks):
+        part = long[long["task"] == task]
+        sns.lineplot(data=part, x="eval_rank", y="metric_pct", hue="run", marker="o", ax=ax)
+        ref = lora[lora["task"] == task]
+        if not ref.empty:
+            means = ref.groupby("rank_key")["metric_pct"].mean()
+            ax.plot(means.index, means.values, ls="--", marker="s", color=COLOR.get("lora", FULL_COLOR),
+                    label="LoRA trained at each rank (mean over seeds)")
+        ranks = sorted(set(part["eval_rank"]) | set(ref["rank_key"].astype(int)))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ranks, [str(int(v)) for v in ranks])
+        _chance_line(ax, df, task)
+        _min_span(ax, "y", 5.0)
+        ax.set_xlabel("Rank evaluated at (the adapter truncated to its first r components; log scale)")
+        ax.set_ylabel(_metric_label(df, task))
+        ax.set_title(TASK_LABEL.get(task, task))
+    _legend_outside(fig, axes, title="Run")
+    fig.suptitle("Dev metric vs evaluated rank, each line one training run", y=1.02)
+    return _save(fig, out_dir, name)
+
+
 def intruders_vs_rank(df: pd.DataFrame, out_dir: Path, name: str = "intruders_vs_rank") -> Path | str:
     if df["intruders"].notna().sum() == 0:
         return (
@@ -428,6 +477,7 @@ PLOTS = {
     "metric_vs_params": metric_vs_params,
     "metric_vs_memory": metric_vs_memory,
     "metric_vs_rank": metric_vs_rank,
+    "metric_vs_eval_rank": metric_vs_eval_rank,
     "intruders_vs_rank": intruders_vs_rank,
     "forgetting_vs_metric": forgetting_vs_metric,
     "latency": latency,

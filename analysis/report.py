@@ -32,6 +32,9 @@ PLOT_CAPTIONS = {
     "steps join the Pareto front: configurations that no other one beats with fewer parameters.",
     "metric_vs_memory": "Dev metric against peak memory during training.",
     "metric_vs_rank": "Dev metric against rank for each method that has one; dashed: full fine-tuning.",
+    "metric_vs_eval_rank": "Dev metric against the rank each run was evaluated at after training once "
+    "(DyLoRA: the adapter truncated to its first r components); one line per training run, dashed: LoRA "
+    "trained separately at each rank, where such runs exist.",
     "intruders_vs_rank": "Intruder dimensions (top-10 vectors, ε = 0.5, summed over the layers) "
     "against rank; "
     "dashed: full fine-tuning.",

@@ -192,6 +192,9 @@ def _execute(p: Plan, rows: steps.Rows) -> dict:
         out["metrics"], logits = steps.evaluate(model, data.dev_loader, p.task, p.device, p.precision)
     out["main_metric"] = p.task.main_metric
     out["main_metric_value"] = out["metrics"][p.task.main_metric]
+    rank_metrics = steps.evaluate_rank_variants(p, model, data.dev_loader)
+    if rank_metrics:  # a method whose one trained model is also a model of other ranks (DyLoRA)
+        out["rank_metrics"] = rank_metrics
     if probe is not None:
         out["forgetting"] = probe.result(forgetting_before, probe.measure(model, p.device, amp))
 

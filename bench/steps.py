@@ -184,6 +184,16 @@ def evaluate(model: nn.Module, loader, task: Task, device: torch.device, precisi
     return {**glue_metrics.compute(list(task.metrics), preds, labels), "eval_loss": loss}, logits
 
 
+def evaluate_rank_variants(p: Plan, model: nn.Module, loader) -> dict[str, dict[str, float]]:
+    """{rank: metrics} of the trained model evaluated as each of the method's `rank_variants` (DyLoRA: truncated to
+    each eval rank); empty for methods without them."""
+    out = {}
+    for rank, variant in p.method.rank_variants(model):
+        with variant:
+            out[str(rank)] = evaluate(model, loader, p.task, p.device, p.precision)[0]
+    return out
+
+
 def time_latency(p: Plan, variants: dict[str, nn.Module], vocab_size: int, meter: MemoryMeter) -> dict:
     """Latency of the models in `variants` (base, unmerged, merged), timed side by side (README, "Measurement")."""
     measure = p.cfg.measure
@@ -220,6 +230,6 @@ def write_curve(run_dir: Path, curve: list[dict]) -> None:
         writer.writerows(curve)
 
 
-__all__ = ["Data", "Rows", "attach", "build_model", "check_positions", "evaluate", "fingerprints", "load_data",
-           "read_rows", "save", "seed_everything", "time_latency", "timing_warmup", "total_steps", "train_model",
-           "train_summary", "write_curve"]
+__all__ = ["Data", "Rows", "attach", "build_model", "check_positions", "evaluate", "evaluate_rank_variants",
+           "fingerprints", "load_data", "read_rows", "save", "seed_everything", "time_latency", "timing_warmup",
+           "total_steps", "train_model", "train_summary", "write_curve"]

@@ -43,6 +43,9 @@ def print_summary(rec: dict, path: Path) -> None:
         f"  train {rec['train']['steps']} steps in {rec['train']['wall_s']:.1f} s, "
         f"{rec['train_samples_per_s']:.1f} samples/s; {peak_label} during training {_fmt_bytes(peak)}",
     ]
+    if rec.get("rank_metrics"):  # one training run evaluated at several ranks (DyLoRA)
+        at = ", ".join(f"r={r} {m[rec['main_metric']]:.4f}" for r, m in rec["rank_metrics"].items())
+        lines.append(f"  {rec['main_metric']} at each evaluated rank: {at}")
     if "base" in lat:
         line = f"  latency p50 (batch {lat['batch_size']}x{lat['seq_len']}): base {lat['base']['p50_ms']:.1f} ms"
         line += f", unmerged {lat['unmerged']['p50_ms']:.1f} ms"

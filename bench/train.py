@@ -1,8 +1,8 @@
 """The one training loop every method shares, and evaluation.
 
-Read top to bottom: AdamW (no decay on biases and LayerNorm), linear warm-up then linear decay
-(transformers' scheduler), gradient accumulation, autocast on CUDA (bf16/fp16) and fp32 on CPU,
-gradient clipping, the method's per-step hook after each optimiser step (before zero_grad), a loss
+Read top to bottom: AdamW over the method's parameter groups (no decay on biases and LayerNorm), linear
+warm-up then linear decay (transformers' scheduler), gradient accumulation, autocast on CUDA (bf16/fp16) and
+fp32 on CPU, gradient clipping, the method's per-step hook after each optimiser step (before zero_grad), a loss
 curve every `log_every_steps`, and optional evaluation every `eval_every_steps` keeping the best (`keep_best`:
 the best evaluation's trainable tensors, copied to host memory, and the method's `scored_state`, e.g. AdaLoRA's rank
 pattern, so that the model evaluated, saved and analysed is the one that was scored).
@@ -63,15 +63,6 @@ def total_steps(n_batches: int, budget: Any) -> int:
     return int(math.ceil(n_batches / budget.grad_accum_steps) * budget.epochs)
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _check_adapter_gradients(model: nn.Module, head: HeadSpec, method_name: str) -> None:
     """After the first backward: some non-head trainable parameter must have a non-zero gradient,
     otherwise the method attached nothing that learns."""
@@ -116,7 +107,9 @@ def train(model: nn.Module, method: Method, loader, s: TrainSettings,
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise BenchError(f"method '{method.name}' left no trainable parameters")
-    optimizer = torch.optim.AdamW(_param_groups(model, s.weight_decay), lr=s.lr,
+    # One AdamW for every method; the groups (lr and weight decay per parameter) are the method's to say
+    # (methods/base.py: the same lr everywhere, no decay on biases and LayerNorm; LoRA+: B at ratio x lr).
+    optimizer = torch.optim.AdamW(method.optimizer_param_groups(model, s.lr, s.weight_decay), lr=s.lr,
                                   fused=device.type == "cuda")
     scheduler = get_linear_schedule_with_warmup(optimizer, int(round(s.warmup_ratio * steps)), steps)
     amp_dtype = autocast_dtype(s.precision)

@@ -1,11 +1,15 @@
 """The method interface and its name registry.
 
 A method says how to attach itself to a model and what trains; it never contains a training loop.
-The shared loop (bench/train.py) calls `on_step` after every optimiser step, before zero_grad.
+The shared loop (bench/train.py) builds one AdamW from `optimizer_param_groups` (the same for every method unless
+a method's learning rates differ per parameter, as LoRA+'s do) and calls `on_step` after every optimiser step,
+before zero_grad. After training the runner evaluates the model as trained and, for a method whose one training
+run gives models of several ranks (DyLoRA), each of `rank_variants`.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -80,8 +84,24 @@ class Method:
         configurations of one method apart where that matters (LoRA's scaling rule: "LoRA (α=2r)")."""
         return self.display_label
 
+    def optimizer_param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+        """The AdamW parameter groups of the trainable parameters: every one at `lr`, with `weight_decay` except
+        where `decays` says no (biases, LayerNorm). A method whose learning rate differs per parameter (LoRA+)
+        returns groups with their own `lr`; the loop's schedule scales every group's lr alike."""
+        decay, no_decay = [], []
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                (decay if decays(name, param) else no_decay).append(param)
+        return [{"params": decay, "weight_decay": weight_decay, "lr": lr},
+                {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+
     def on_step(self, model: nn.Module, global_step: int) -> None:
         """Called by the loop after each optimiser step, before zero_grad."""
+
+    def rank_variants(self, model: nn.Module) -> Iterable[tuple[int, AbstractContextManager]]:
+        """(rank, a context in which `model` computes as that rank's model) for each rank the one trained model
+        is also evaluated at (DyLoRA); the runner records their metrics as `rank_metrics`. Empty for most methods."""
+        return ()
 
     def scored_state(self, model: nn.Module) -> Any:
         """A copy of what the model's outputs, saved weights and record depend on besides its trainable tensors
@@ -145,6 +165,12 @@ def freeze_all_but_head(model: nn.Module, head: HeadSpec) -> None:
         param.requires_grad = is_head_param(name, head)
 
 
+def decays(name: str, param: torch.Tensor) -> bool:
+    """The loop's weight-decay rule, one for every method: no decay on biases and LayerNorm (1-D tensors, or
+    LayerNorm by name)."""
+    return not (param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name)
+
+
 def is_head_param(name: str, head: HeadSpec) -> bool:
     """True for parameters of the task head: `name` contains one of the head's module names as whole
     dot-separated components (`classifier`, `pooler`; also under peft's wrappers, …classifier.modules_to_save…).
@@ -181,4 +207,4 @@ def tensor_bytes(model: nn.Module) -> int:
 
 
 __all__ = ["AttachContext", "Method", "REGISTRY", "register", "get_method", "freeze_all_but_head", "head_modules",
-           "is_head_param", "count_params", "param_count", "tensor_bytes"]
+           "decays", "is_head_param", "count_params", "param_count", "tensor_bytes"]

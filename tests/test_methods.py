@@ -36,6 +36,8 @@ TRAINS = {
     "lora": r".*\.lora_[AB]\.default\.weight",
     "lora_fixed_alpha": r".*\.lora_[AB]\.default\.weight",
     "rslora": r".*\.lora_[AB]\.default\.weight",
+    "loraplus": r".*\.lora_[AB]\.default\.weight",
+    "dylora": r".*\.lora_[AB]\.default\.weight",
     "dora": r".*\.(lora_[AB]|lora_magnitude_vector)\.default\.weight",
     "adalora": r".*\.lora_[ABE]\.default",
     "houlsby": r".*(\.adapter\.(down|up)\.(weight|bias)|\.LayerNorm\.(weight|bias))",
@@ -155,6 +157,8 @@ def expected_params_excl_head(name: str, cfg, r: int) -> int:
         "lora": lora,
         "lora_fixed_alpha": lora,
         "rslora": lora,
+        "loraplus": lora,
+        "dylora": lora,  # at the maximum rank r
         "dora": lora + L * 2 * d,  # + one magnitude entry per output feature of each adapted matrix
         "adalora": L * 2 * (init_r * d + d * init_r + init_r),  # P, Q and the singular values Λ at init_r
         "houlsby": L * 2 * adapter + (1 + 2 * L) * 2 * d,  # 2 adapters per layer + every LayerNorm (γ, β)
