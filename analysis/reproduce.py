@@ -377,7 +377,7 @@ def deviations(part: pd.DataFrame, pub: Published, model: str | None, sampled: s
         ours_epochs = steps * b / rows if rows and np.isfinite(rows) and np.isfinite(steps) else math.nan
         paper = f"{epochs[task]} epochs at batch {batch.get(task, '?')}" if task in epochs else "?"
         text = (f"steps: {_t(task)}: {steps:,.0f} optimiser steps at batch {b:g} over {rows:,.0f} training rows "
-                f"({ours_epochs:.3g} epochs); the paper: {paper}")
+                f"({ours_epochs:.3g} epoch(s)); the paper: {paper}")
         if task in epochs and np.isfinite(ours_epochs) and abs(ours_epochs - epochs[task]) / epochs[task] < 0.05 \
                 and int(b) == int(batch.get(task, -1)):
             continue  # matches the protocol

@@ -89,7 +89,7 @@ def test_other_model_is_not_judged_and_orderings_are_compared(tmp_path):
     text = "\n".join(rep.deviations)
     assert "model: `minilm`, not the paper's `roberta-base`" in text
     assert "the paper's r=8 is compared with our r=16 (no r=8 run; ranks run: 4, 16)" in text
-    assert "steps: SST-2: 400 optimiser steps at batch 32 over 67,349 training rows (0.19 epochs)" in text
+    assert "steps: SST-2: 400 optimiser steps at batch 32 over 67,349 training rows (0.19 epoch(s))" in text
     assert "max length: 128 tokens; the paper: 512" in text and "seeds: 1–2 per cell; the paper: 5" in text
     assert "LoRA learning rate: SST-2 0.0004 (paper 0.0005)" in text
     [order] = rep.orderings.itertuples()
