@@ -298,7 +298,7 @@ def write_html(path: Path, *, title: str, generated: str, df: pd.DataFrame, reco
     else:
         cols = [c for c in ("run_id", "status", "task", "method", "error") if c in failed.columns]
         failed_html = datatable(failed[cols].assign(error=failed.get("error", "").astype(str).str[:300]),
-                                table_id="failed")
+                                table_id="failed-runs")
     if problems:
         failed_html += "<p>Unreadable records:</p><ul>" + "".join(f"<li>{_e(p)}</li>" for p in problems) + "</ul>"
     nav = "".join(f'<a href="#{k}">{v}</a>' for k, v in (

@@ -66,8 +66,10 @@ def test_the_page_is_one_file_with_no_external_urls_and_the_expected_sections(re
     images = re.findall(r'<img[^>]+src="([^"]+)"', page)
     assert images and all(src.startswith("data:image/png;base64,") for src in images)
     assert len(images) == 2 * 2 + len(RUNS)  # Pareto (params, memory) per task, one loss curve per ok run
-    for table_id in ("main-0", "repro-minilm", "failed", "runs-index"):
-        assert f'id="{table_id}' in page, table_id
+    for table_id in ("main-0", "repro-minilm", "failed-runs", "runs-index"):  # each a DataTable, once
+        assert len(re.findall(rf'<table id="{table_id}[^"]*"', page)) == 1, table_id
+    ids = re.findall(r'\bid="([^"]+)"', page)
+    assert len(ids) == len(set(ids))  # a repeated id would leave a table uninitialised
     for heading in ("Method × task", "Reproduction of published results", "Pareto: metric vs trainable parameters",
                     "Claims checked", "Runs that did not finish", '"LoRA matches full fine-tuning"'):
         assert heading in page, heading
@@ -87,6 +89,7 @@ def test_the_page_renders_in_headless_chromium(report, tmp_path):
     assert r.errors == [], r.errors
     assert browser.count_datatables(r.dom) == page.count("new ITable(") >= 4  # every table initialised
     assert "dt-orderable-asc" in r.dom  # sortable column headers
+    assert not re.search(r'<table id="[^"]+"[^>]*hidden', r.dom)  # every table shown (its static copy hidden)
     assert r.dom.count('src="data:image/png;base64,') == page.count('src="data:image/png;base64,')
     assert r.screenshot is not None and r.screenshot.stat().st_size > 50_000
     if os.environ.get("PEFT_BENCH_SCREENSHOT"):  # keep the screenshot to look at
