@@ -81,6 +81,7 @@ def _offline(markup: str) -> str:
 def datatable(df: pd.DataFrame, caption: str = "", **options) -> str:
     """An itables table (sortable, searchable), rendered offline."""
     options.setdefault("display_logo_when_loading", False)
+    options.setdefault("showIndex", False)
     options.setdefault("connected", False)
     options.setdefault("paging", len(df) > 25)
     options.setdefault("classes", "display compact cell-border")
