@@ -57,11 +57,11 @@ def analysis_summary(path: Path) -> dict | None:
 
 
 def _budget_fields(rec: dict) -> dict:
-    """The run's effective budget, without the fields that follow the task (budget=paper: epochs)."""
+    """The run's effective budget, without the fields that follow the task (budget=paper: epochs, batch size)."""
     budget = dict((rec.get("effective_config") or {}).get("budget") or {})
     if budget.get("name") == "paper":
-        budget.pop("epochs", None)
-        budget.pop("eval_every_steps", None)
+        for key in ("epochs", "eval_every_steps", "batch_size"):
+            budget.pop(key, None)
     return budget
 
 

@@ -1,13 +1,15 @@
 """One command from a results folder to a report a person reads top to bottom.
 
-    python -m analysis.report results/runs [--out results/report] [--force]
+    python -m analysis.report results/runs [--out results/report] [--force] [--table lora-table2]
 
 1. Intruder dimensions and ΔW spectrum for every ok run with saved weights (`analysis.analyse`; cached in
    each run folder as `analysis.json`, so a second report is fast; `--force` recomputes).
 2. All records into one table (`runs.csv`), the comparison tables (`tables/`: Markdown, CSV, LaTeX) and
    the plots (`plots/`: PNG and SVG).
-3. `index.md`: what was run, the tables, the plots, intruders and spectrum, the claims checked with their
-   figures, and the runs that failed.
+3. `index.md`: what was run, the tables, the plots, intruders and spectrum, the published table reproduced
+   beside our runs (`analysis.reproduce`, `--table`), the claims checked with their figures, and the runs that
+   failed; `index.html`: the same as one self-contained page to browse (`analysis.html`: sortable tables, the
+   reproduction, Pareto plots with filters, claims, failed runs, a section per run).
 Runs of different models or training budgets are reported as separate groups, never mixed.
 """
 
@@ -22,9 +24,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import claims, plots, tables
+from analysis import claims, plots, reproduce, tables
 from analysis.analyse import ANALYSIS_FILE, analyse_all
-from analysis.collect import load_records, to_frame
+from analysis.collect import load_records
+from analysis.html import write_html
+from bench import BenchError
 
 PLOT_CAPTIONS = {
     "metric_vs_params": "Dev metric against trainable parameters (excluding the task head, log "
@@ -156,9 +160,11 @@ def intruder_section(part: pd.DataFrame, analyses: dict[str, dict]) -> tuple[str
 
 
 def build_report(
-    results: str | Path, out: str | Path | None = None, force: bool = False, analyse: bool = True
+    results: str | Path, out: str | Path | None = None, force: bool = False, analyse: bool = True,
+    table: str | None = "lora-table2",
 ) -> Path:
-    """Write the report folder and return the path of its index.md."""
+    """Write the report folder (index.md, index.html, tables/, plots/, runs.csv) and return index.md's path.
+    `table`: the published table to reproduce (analysis/published/), None for none."""
     start = time.perf_counter()
     results = Path(results)
     out = Path(out) if out else results.parent / "report"
@@ -166,7 +172,7 @@ def build_report(
     if analyse:
         analyse_all(results, force=force)
     records, problems = load_records(results)
-    df = to_frame(records)
+    df = reproduce.frame(records)
     if df.empty:
         print(f"error: no run records under {results}", file=sys.stderr)
         raise SystemExit(2)
@@ -277,6 +283,10 @@ def build_report(
         for c in claims.check_all(part):
             lines += [c.markdown()]
 
+    reproductions = reproduce.reproduce(df, reproduce.load_published(table)) if table else []
+    for rep in reproductions:
+        lines += [rep.markdown().replace("## Reproduction", "## Published results: reproduction", 1), ""]
+
     lines += ["## Runs that did not finish", ""]
     if failed.empty:
         lines += ["None.", ""]
@@ -324,6 +334,9 @@ def build_report(
     ]
     index = out / "index.md"
     index.write_text("\n".join(lines) + "\n")
+    generated = f"Generated {dt.datetime.now().isoformat(timespec='seconds')} by python -m analysis.report."
+    write_html(out / "index.html", title=f"peft-bench report: {results}", generated=generated, df=df,
+               records=records, reproductions=reproductions, analyses=_analysis_files(df), problems=problems)
     return index
 
 
@@ -333,11 +346,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", help="report folder (default: <results>/../report)")
     ap.add_argument("--force", action="store_true", help="recompute the cached per-run weight analysis")
     ap.add_argument("--no-weights", action="store_true", help="skip the intruder/spectrum analysis")
+    ap.add_argument("--table", default="lora-table2",
+                    help=f"published table to reproduce ({', '.join(reproduce.available())}; 'none': skip)")
     args = ap.parse_args(argv)
     if not Path(args.results).exists():
         ap.error(f"{args.results}: no such folder")  # exit 2: a usage error
-    index = build_report(args.results, args.out, args.force, analyse=not args.no_weights)
-    print(f"report: {index}")
+    table = None if args.table == "none" else args.table
+    try:
+        index = build_report(args.results, args.out, args.force, analyse=not args.no_weights, table=table)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"report: {index} and {index.with_suffix('.html')}")
 
 
 if __name__ == "__main__":

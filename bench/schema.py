@@ -85,9 +85,13 @@ class RunConfig(_Strict):
     skip_failed: bool
     oom_retries: int = Field(ge=0)
     isolate_runs: bool | Literal["auto"] = "auto"
-    # keys of sweep presets (conf/sweep/report_cpu.yaml: per-method rank grids)
+    # keys of sweep presets (conf/sweep/report_cpu.yaml: per-method rank grids; conf/sweep/lora_table2.yaml: a
+    # published recipe's per-task learning rates, batch sizes and evaluation intervals)
     sweep_ranks: dict[str, list[int]] | None = None
     rank_i: int | None = Field(default=None, ge=0)
+    paper_lr: dict[str, dict[str, float]] | None = None
+    paper_batch_size: dict[str, int] | None = None
+    paper_eval_every_steps: dict[str, int] | None = None
 
     @field_validator("device")
     @classmethod

@@ -16,6 +16,7 @@ import torch
 from analysis import claims
 from analysis.analyse import ANALYSIS_FILE, analyse_run
 from analysis.collect import collect
+from analysis.html import external_urls
 from analysis.tables import method_task_tables, ok_frame, rank_tables
 from analysis.weights import read_run, tuned_model, weight_pairs
 from bench import BenchError
@@ -199,6 +200,10 @@ def test_tables_plots_and_report(runs, tmp_path):
         assert (plots / f"{name}.png").stat().st_size > 5000 and (plots / f"{name}.svg").is_file(), name
     assert (tmp_path / "report" / "tables" / "main.tex").is_file()
     assert (tmp_path / "report" / "runs.csv").is_file()
+    assert "## Published results: reproduction" in text and "not judged (model differs)" in text
+    page = (tmp_path / "report" / "index.html").read_text()  # the same report as one page: real runs' sections
+    assert external_urls(page) == [] and page.count('<details id="run-') == 4
+    assert "intruders (ε=0.5, top-10)" in page and "Training loss" in page
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:

@@ -9,7 +9,7 @@ from bench.config import compose_config
 from bench.sweep import count_jobs
 from tests.conftest import CONF
 
-PRESETS = {"smoke": 4, "glue_table": 11 * 7 * 3, "rank_study": 3 * 4 * 3 * 3}
+PRESETS = {"smoke": 4, "glue_table": 11 * 7 * 3, "rank_study": 3 * 4 * 3 * 3, "lora_table2": 3 * 8 * 5}
 
 
 def compose_hydra(*overrides: str):

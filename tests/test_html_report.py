@@ -1,0 +1,96 @@
+"""The report's HTML page (analysis.html via analysis.report) from constructed records: one self-contained file
+(no external URL, figures inlined) holding the expected tables and sections; and, marked slow, the page opened
+in headless Chromium: the DataTables render, the plots load, no console errors, a screenshot saved."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+import pytest
+
+from analysis.html import external_urls
+from analysis.report import build_report
+from bench.record import CURVE_FILE, RECORD_FILE, write_json_atomic
+from tests import browser
+from tests.conftest import GLUE_DIR
+
+pytestmark = pytest.mark.skipif(not GLUE_DIR, reason="GLUE_DIR not set and ../shared/data/glue missing")
+
+RUNS = [("sst2", "full", None, 1, 0.84), ("sst2", "full", None, 2, 0.85), ("sst2", "lora", 8, 1, 0.82),
+        ("sst2", "lora", 8, 2, 0.83), ("sst2", "bitfit", None, 1, 0.80), ("cola", "full", None, 1, 0.30),
+        ("cola", "lora", 8, 1, 0.25)]
+
+
+def record(task, method, rank, seed, value, status="ok"):
+    params = {"full": 22_000_000, "lora": 74_000, "bitfit": 30_000}.get(method, 0)
+    effective = {"task": {"name": task}, "model": {"name": "minilm"},
+                 "method": {"name": method, "lr": 4e-4, "warmup_ratio": 0.06},
+                 "rank": rank, "seed": seed, "budget": {"name": "default", "max_steps": 400, "batch_size": 32,
+                                                        "grad_accum_steps": 1, "max_seq_len": 128, "keep_best": False}}
+    rank_part = f"-r{rank}" if rank else ""
+    rec = {"schema_version": 1, "run_id": f"{task}-minilm-{method}{rank_part}-s{seed}", "status": status,
+           "config_hash": f"{task}{method}{rank}{seed}".ljust(16, "0"),
+           "task": task, "model": "minilm", "method": method, "rank": rank, "seed": seed, "lr": 4e-4,
+           "budget": "default", "effective_config": effective, "provenance": {"device": "cpu: Test CPU"}}
+    if status != "ok":
+        return {**rec, "error": "RuntimeError: out of patience"}
+    metric = "accuracy" if task == "sst2" else "matthews_correlation"
+    return {**rec, "main_metric": metric, "main_metric_value": value, "metrics": {metric: value},
+            "trainable_params_excl_head": params, "trainable_params": params + 148_000,
+            "data": {"train_rows": 12_800, "note": ""}, "train": {"steps": 400}, "train_samples_per_s": 50.0,
+            "memory": {"train": {"kind": "cpu_rss", "peak_rss_bytes": 900e6 + params * 16}},
+            "latency": {"base": {"p50_ms": 10.0, "p95_ms": 10.4}, "unmerged": {"p50_ms": 11.0, "p95_ms": 11.5},
+                        "merged": {"p50_ms": 10.1, "p95_ms": 10.5}}}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("html")
+    runs = root / "runs"
+    recs = [record(*r) for r in RUNS] + [record("sst2", "dora", 8, 1, 0, status="error")]
+    for rec in recs:
+        write_json_atomic(runs / rec["run_id"] / RECORD_FILE, rec)
+        if rec["status"] == "ok":
+            (runs / rec["run_id"] / CURVE_FILE).write_text(
+                "step,loss,lr,elapsed_s\n10,0.69,1e-4,1.0\n20,0.61,2e-4,2.0\n30,0.52,3e-4,3.0\n")
+    build_report(runs, root / "report", analyse=False)
+    return root / "report" / "index.html", len(recs)
+
+
+def test_the_page_is_one_file_with_no_external_urls_and_the_expected_sections(report):
+    page_path, n_records = report
+    page = page_path.read_text(encoding="utf-8")
+    assert external_urls(page) == []
+    assert not re.search(r"<script[^>]+src=|<link[^>]+href=", page)  # scripts and styles inline
+    images = re.findall(r'<img[^>]+src="([^"]+)"', page)
+    assert images and all(src.startswith("data:image/png;base64,") for src in images)
+    assert len(images) == 2 * 2 + len(RUNS)  # Pareto (params, memory) per task, one loss curve per ok run
+    for table_id in ("main-0", "repro-minilm", "failed-runs", "runs-index"):  # each a DataTable, once
+        assert len(re.findall(rf'<table id="{table_id}[^"]*"', page)) == 1, table_id
+    ids = re.findall(r'\bid="([^"]+)"', page)
+    assert len(ids) == len(set(ids))  # a repeated id would leave a table uninitialised
+    for heading in ("Method × task", "Reproduction of published results", "Pareto: metric vs trainable parameters",
+                    "Claims checked", "Runs that did not finish", '"LoRA matches full fine-tuning"'):
+        assert heading in page, heading
+    assert page.count('<figure class="pareto"') == 4 and 'data-task="cola"' in page
+    assert page.count('<details id="run-') == n_records and "RuntimeError: out of patience" in page
+    assert "not judged (model differs)" in page and "The model differs from the paper" in page
+    assert "itables-2.9.1-ready" in page or "_itables_" in page  # the DataTables bundle is in the page
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(browser.chromium() is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_the_page_renders_in_headless_chromium(report, tmp_path):
+    page_path, _ = report
+    page = page_path.read_text(encoding="utf-8")
+    shot = tmp_path / "report.png"
+    r = browser.render(page_path, shot)
+    assert r.errors == [], r.errors
+    assert browser.count_datatables(r.dom) == page.count("new ITable(") >= 4  # every table initialised
+    assert "dt-orderable-asc" in r.dom  # sortable column headers
+    assert not re.search(r'<table id="[^"]+"[^>]*hidden', r.dom)  # every table shown (its static copy hidden)
+    assert r.dom.count('src="data:image/png;base64,') == page.count('src="data:image/png;base64,')
+    assert r.screenshot is not None and r.screenshot.stat().st_size > 50_000
+    if os.environ.get("PEFT_BENCH_SCREENSHOT"):  # keep the screenshot to look at
+        shutil.copy(r.screenshot, os.environ["PEFT_BENCH_SCREENSHOT"])
