@@ -43,7 +43,8 @@ def build(make_cfg, method_name: str, *overrides: str, rank: int = 4, total_step
     """(cfg, method, base model, ctx): nothing attached yet."""
     cfg = make_cfg(f"method={method_name}", f"rank={rank}", *overrides)
     p = plan(cfg)
-    ctx = AttachContext(rank=p.rank, model_cfg=cfg.model, num_labels=NUM_LABELS, total_steps=total_steps)
+    ctx = AttachContext(rank=p.rank, model_cfg=cfg.model, num_labels=NUM_LABELS, total_steps=total_steps,
+                        calibration=lambda: [batch(i) for i in range(4)])
     return cfg, p.method, fresh_base(cfg), ctx
 
 
