@@ -19,12 +19,14 @@ are PeftMethod's (methods/peft_common.py).
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, ClassVar
 
 import peft
 from omegaconf import OmegaConf
 from peft import PeftConfig, PeftModel, TaskType
+from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 from methods.base import REGISTRY, AttachContext
@@ -74,6 +76,17 @@ class GenericPeftMethod(PeftMethod):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BenchError(f"method '{self.name}': {self.peft_config_class}({eff['peft_args']}) failed: {first}; "
                              f"check peft_args in conf/method/{self.name}.yaml") from exc
+
+    def merged(self, model: nn.Module) -> nn.Module:
+        """peft's merge_and_unload, with the trained task head unwrapped first: peft 0.21's generic unload (every
+        tuner but LoRA's) copies `.weight` from the head's wrapper and fails on a head without one (RoBERTa's
+        classification head)."""
+        model = copy.deepcopy(model)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, ModulesToSaveWrapper):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, module.modules_to_save[module.active_adapters[0]])
+        return model.merge_and_unload()
 
     def virtual_tokens(self, rank: int | None) -> int:
         return int(rank or 0) if self.prepends_tokens else 0

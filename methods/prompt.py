@@ -67,6 +67,9 @@ class VirtualTokens(PeftMethod):
 class PromptTuning(VirtualTokens):
     name = "prompt_tuning"
     label = "Prompt tuning"
+    summary = "r virtual input embeddings (init: sampled vocabulary)"
+    lr_source = "our lr sweep over 1e-3, 1e-2, 3e-2"
+    defaults_source = "our lr sweep"
     display_order = 10
     unchanged_reason = "prompt tuning learns input tokens; the pre-trained W are unchanged"
 
@@ -97,6 +100,9 @@ class PromptTuning(VirtualTokens):
 class PrefixTuning(VirtualTokens):
     name = "prefix_tuning"
     label = "Prefix tuning"
+    summary = "r key and value prefixes in every layer"
+    lr_source = "peft seq-cls example"
+    defaults_source = "peft example"
     display_order = 11
     unchanged_reason = "prefix tuning learns key/value prefixes; the pre-trained W are unchanged"
 
