@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from bench.config import CONF
 from bench.record import REPO_ROOT
@@ -52,10 +52,18 @@ def _cpu_refusal(name: str) -> str | None:
 
 
 def default_lrs() -> dict[str, float]:
-    """{method: its default learning rate}, from each composed method config (defaults lists included)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return {name: float(compose(config_name="config", overrides=[f"method={name}"]).method.lr)
-                for name in REGISTRY}
+    """{method: its default learning rate}: the yaml's own `lr`, else that of the configs in its defaults list (a
+    LoRA initialisation's `defaults: [lora, _self_]`), as Hydra composes it (the yaml's own keys come last)."""
+    return {name: _yaml_lr(name) for name in REGISTRY}
+
+
+def _yaml_lr(name: str) -> float:
+    raw = OmegaConf.load(CONF / "method" / f"{name}.yaml")
+    if raw.get("lr") is not None:
+        return float(raw.lr)
+    for parent in reversed([d for d in raw.get("defaults", []) if isinstance(d, str) and d != "_self_"]):
+        return _yaml_lr(parent)
+    raise BenchError(f"conf/method/{name}.yaml: no lr (every method states its default learning rate)")
 
 
 def method_table() -> str:
@@ -84,7 +92,8 @@ def method_table() -> str:
     return "\n".join(lines)
 
 
-def readme_table(readme: Path = README) -> str:
+def readme_table(readme: Path | None = None) -> str:
+    readme = readme or README
     text = readme.read_text()
     if START not in text or END not in text:
         raise BenchError(f"{readme}: no method table markers ({START!r} ... {END!r})")
