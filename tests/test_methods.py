@@ -199,6 +199,11 @@ def hand_counts(d: int, L: int, f: int, r: int) -> dict[str, int | None]:
         "delora": m * (2 * d * r + 1),  # B, A and the bound λ
         "gralora": m * 2 * d * r,  # k^2 blocks with rank r/k: LoRA's count
         "miss": m * r * d,  # one shard of r x d_out
+        "hira": lora,  # the same B, A as LoRA, applied entry-wise to W0
+        "pvera": m * (d + 2 * 256),  # as VeRA, λ_d holding a mean and a log-variance per projection row
+        "tinylora": m * 64,  # u values per matrix (no weight tying)
+        "unilora": 256,  # the one shared vector theta_d
+        "beft": m * d,  # one new bias per output feature
         "p_tuning": r * d + (d * h + h) + (h * h + h) + (h * d + d),  # embeddings + the MLP encoder
         "pissa": lora, "olora": lora, "corda": lora, "lora_ga": lora,
         "eva": lora,  # ranks redistributed across layers, total kept; every matrix is d x d here
