@@ -7,9 +7,8 @@ from omegaconf import OmegaConf
 
 from bench.config import compose_config
 from bench.sweep import count_jobs
-from tests.conftest import CONF
-
 from methods import REGISTRY, in_display_order
+from tests.conftest import CONF
 
 PRESETS = {"smoke": 4, "glue_table": 11 * 7 * 3, "rank_study": 3 * 4 * 3 * 3, "all_methods": len(REGISTRY)}
 
