@@ -60,8 +60,8 @@ def test_every_method_is_registered_with_a_config():
     assert set(HAND_WRITTEN) <= set(REGISTRY)
     assert set(REGISTRY) - set(HAND_WRITTEN) - set(method_yamls()) <= {"loraplus", "dylora"}  # the other branch's
     assert len(YAML_ONLY) >= 20
-    # qlora and loftq need CUDA + bitsandbytes: every other method runs in these CPU tests.
-    assert set(REGISTRY) - set(ALL_METHODS) == {"qlora", "loftq"}
+    # qlora and loftq need CUDA + bitsandbytes, adaption_prompt a decoder: every other method runs in these tests.
+    assert set(REGISTRY) - set(ALL_METHODS) == {"qlora", "loftq", "adaption_prompt"}
     assert {n for n, m in REGISTRY.items() if not m.uses_rank} >= {"full", "bitfit", "ia3", "vera", "oft"}
     assert all(m.display_label != m.name or not m.label for m in REGISTRY.values())
 

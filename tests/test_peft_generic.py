@@ -63,6 +63,14 @@ def test_a_method_that_cannot_apply_to_the_model_stops_at_plan_time(make_cfg, mo
     plan(make_cfg("method=vera", "model=tiny-roberta", "method.name=x"))  # another family: fine
 
 
+@pytest.mark.parametrize("model", ["tiny-bert", "tiny-roberta"])
+def test_a_decoder_only_tuner_refuses_the_suites_encoders_at_plan_time(make_cfg, model):
+    with pytest.raises(BenchError, match="method 'adaption_prompt' cannot apply to model .*LLaMA-style decoders only"
+                       ) as err:
+        plan(make_cfg("method=adaption_prompt", f"model={model}"))
+    assert "\n" not in str(err.value)
+
+
 def test_loftq_refuses_on_cpu_at_plan_time(make_cfg):
     with pytest.raises(BenchError, match="method=loftq needs a CUDA GPU and bitsandbytes") as err:
         plan(make_cfg("method=loftq", "device=cpu"))
