@@ -111,7 +111,7 @@ def sequential(run_dir, task_b: str, max_steps: int | None = None, train_samples
     steps.seed_everything(int(record["seed"]))
     set_head(model, {output: _fresh_head(model.get_submodule(output), p_b.task.num_labels)}, p_b.task)
     n_steps = steps.total_steps(len(data_b.train_loader), p_b.cfg.budget)
-    model, _ = steps.attach(p_b, model, n_steps)
+    model, _ = steps.attach(p_b, model, n_steps, data_b)
     steps.train_model(p_b, model, data_b.train_loader, n_steps)
     metric_b = main_metric(model, p_b, data_b)
     if method.merges and not method.edits_in_place:

@@ -49,10 +49,12 @@ def tokenizer_path(model_cfg: Any) -> str:
     return resolve_source(model_cfg.get("tokenizer_from") or model_cfg)[0]
 
 
-def attach_context(model_cfg: Any, rank: int | None, num_labels: int, total_steps: int) -> AttachContext:
-    """What a method gets besides its own config, the tokenizer's path resolved here (methods import no bench)."""
+def attach_context(model_cfg: Any, rank: int | None, num_labels: int, total_steps: int,
+                   calibration: Any = None) -> AttachContext:
+    """What a method gets besides its own config, the tokenizer's path resolved here (methods import no bench);
+    `calibration`: a fresh iterable of the run's training batches, for methods that initialise from data."""
     return AttachContext(rank=rank, model_cfg=model_cfg, num_labels=num_labels, total_steps=total_steps,
-                         tokenizer_path=tokenizer_path(model_cfg))
+                         tokenizer_path=tokenizer_path(model_cfg), calibration=calibration)
 
 
 def load_tokenizer(model_cfg: Any):

@@ -66,6 +66,7 @@ def plan(cfg: DictConfig) -> Plan:
     device = resolve_device(valid["device"])
     precision = resolve_precision(valid["precision"], device)
     method.validate(device)
+    method.validate_model(cfg.model)
     rank = valid["rank"] if method.uses_rank else None
     lr = valid["lr"] if valid["lr"] is not None else _method_lr(cfg.method.get("lr"))
     eff_method = method.effective_config(OmegaConf.to_container(cfg.method, resolve=True), rank)

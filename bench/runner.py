@@ -175,7 +175,7 @@ def _execute(p: Plan, rows: steps.Rows) -> dict:
     meter = MemoryMeter(p.device)
 
     n_steps = steps.total_steps(len(data.train_loader), cfg.budget)
-    model, counts = steps.attach(p, model, n_steps)
+    model, counts = steps.attach(p, model, n_steps, data)
     out.update(counts)
 
     def evaluate_now() -> dict:

@@ -128,10 +128,16 @@ def check_positions(config: Any, p: Plan, features: list[dict]) -> None:
                          f"budget.max_seq_len={positions - extra} (for every method you compare) or a smaller rank")
 
 
-def attach(p: Plan, model: nn.Module, steps: int) -> tuple[nn.Module, dict[str, Any]]:
+def attach(p: Plan, model: nn.Module, steps: int, data: Data | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """(the model with the method attached, on the run's device; its parameter counts and the task head's module
-    names, for the record). BenchError when the method trains nothing outside the task head."""
-    ctx = attach_context(p.cfg.model, p.rank, p.task.num_labels, steps)
+    names, for the record). BenchError when the method trains nothing outside the task head. With `data`, a method
+    that initialises from data (EVA, CorDA, LoRA-GA) reads the run's first training batches from a fresh loader in
+    the same order, so the training loader's order is not touched."""
+    calibration = None
+    if data is not None:
+        def calibration():
+            return train_loader(data.train_features, data.tokenizer, p.cfg)
+    ctx = attach_context(p.cfg.model, p.rank, p.task.num_labels, steps, calibration)
     model = p.method.attach(model, p.cfg.method, ctx).to(p.device)
     head = head_modules(p.cfg.model)
     counts: dict[str, Any] = {**count_params(model, head), "head_modules": list(head)}

@@ -53,6 +53,9 @@ def _module_name(param_key: str) -> str:
 class AdaLora(PeftMethod):
     name = "adalora"
     label = "AdaLoRA"
+    summary = "P·Λ·Q on W_q, W_v, from 1.5·r down to an average of r per matrix"
+    lr_source = "AdaLoRA authors' SST-2 script"
+    defaults_source = "paper"
     display_order = 5
     rank_meaning = "target rank"
     rank_format = "target r={}"

@@ -112,6 +112,9 @@ class BottleneckAdapter(Method):
 class Houlsby(BottleneckAdapter):
     name = "houlsby"
     label = "Houlsby adapter"
+    summary = "bottleneck adapters after attention output and FFN output + every LayerNorm"
+    lr_source = "Houlsby et al.'s lr grid"
+    defaults_source = "paper"
     display_order = 8
 
 
@@ -119,4 +122,7 @@ class Houlsby(BottleneckAdapter):
 class Pfeiffer(BottleneckAdapter):
     name = "pfeiffer"
     label = "Pfeiffer adapter"
+    summary = "a bottleneck adapter after the FFN output"
+    lr_source = "our lr sweep: AdapterFusion's 1e-4 does not learn in the default budget"
+    defaults_source = "our lr sweep"
     display_order = 9

@@ -8,7 +8,7 @@ run gives models of several ranks (DyLoRA), each of `rank_variants`.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,9 @@ class AttachContext:
     num_labels: int
     total_steps: int  # optimiser steps the loop will take (AdaLoRA's schedule needs it)
     tokenizer_path: str | None = None  # where the model's tokenizer loads from (prompt tuning's text init)
+    # A fresh iterable of the run's training batches, in training order (CPU tensors, labels included), for methods
+    # that initialise from data (EVA, CorDA, LoRA-GA); None where the caller has no data (analysis: load only).
+    calibration: Callable[[], Iterable[dict[str, torch.Tensor]]] | None = None
 
 
 class Method:
@@ -50,6 +53,11 @@ class Method:
     trains_all_weights: ClassVar[bool] = False  # every weight trains (no "attached nothing" check)
     identity_at_init: ClassVar[bool] = True  # the attached model computes what the base model does, before training
     saved_format: ClassVar[str] = "trainable tensors (trainable.safetensors)"  # what `save` writes
+    # README's method table (bench/method_table.py): what trains besides the head, and how the defaults were set
+    # (paper / peft example / our lr sweep / guess) with the learning rate's source.
+    summary: ClassVar[str] = ""
+    defaults_source: ClassVar[str] = ""
+    lr_source: ClassVar[str] = ""
 
     @property
     def uses_rank(self) -> bool:
@@ -65,6 +73,9 @@ class Method:
 
     def validate(self, device: torch.device) -> None:
         """Raise BenchError (at plan time, before anything loads) when the method cannot run on `device`."""
+
+    def validate_model(self, model_cfg: Any) -> None:
+        """Raise BenchError (at plan time) when the method cannot apply to this model (conf/model/*.yaml)."""
 
     def virtual_tokens(self, rank: int | None) -> int:
         """Positions the method adds in front of every sequence (prompt/prefix tuning); 0 for most methods."""

@@ -34,6 +34,9 @@ def bias_names(model: nn.Module, head: HeadSpec, include_layer_norm_bias: bool) 
 class BitFit(Method):
     name = "bitfit"
     label = "BitFit"
+    summary = "the existing bias terms, LayerNorm β included; no LayerNorm γ, no weight matrix"
+    lr_source = "BitFit authors' run_glue.py default"
+    defaults_source = "paper"
     display_order = 1
     rank_meaning = None
     edits_in_place = True

@@ -11,5 +11,8 @@ from methods.lora import Lora
 class Dora(Lora):
     name = "dora"
     label = "DoRA"
+    summary = "as lora + a magnitude vector per adapted matrix's output features"
+    lr_source = "DoRA reuses its LoRA baseline's settings"
+    defaults_source = "paper"
     display_order = 4
     use_dora = True

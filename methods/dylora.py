@@ -149,6 +149,10 @@ class DyLora(Lora):
     label = "DyLoRA"
     display_order = 5
     rank_meaning = "maximum rank r_max"
+    summary = ("as lora at rank r, trained at a rank b ~ uniform{1..r} drawn each step (scale α/b); evaluated at "
+               "every `eval_ranks` (1, 2, 4, 8)")
+    lr_source = "as lora"
+    defaults_source = "paper"
     rank_format = "r_max={}"
 
     def effective_config(self, cfg: dict, rank: int | None) -> dict:

@@ -14,6 +14,9 @@ from methods.base import AttachContext, Method, register
 class Full(Method):
     name = "full"
     label = "Full FT"
+    summary = "every weight"
+    lr_source = "BERT/RoBERTa GLUE range"
+    defaults_source = "paper"
     display_order = 0
     rank_meaning = None
     edits_in_place = True

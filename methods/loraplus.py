@@ -30,6 +30,9 @@ class LoraPlus(Lora):
     name = "loraplus"
     label = "LoRA+"
     display_order = 4
+    summary = "as lora; B's lr = `loraplus_lr_ratio` (16) x A's"
+    lr_source = "A and the head, as lora; ratio 16: LoRA+ paper's suggested 2^4"
+    defaults_source = "paper"
 
     def effective_config(self, cfg: dict, rank: int | None) -> dict:
         out = super().effective_config(cfg, rank)

@@ -24,7 +24,10 @@ class PeftMethod(Method):
     def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
         # The whole task head trains, as for every method (conf/model/family `head`: BERT's pooler too). task_type
         # SEQ_CLS adds peft's own `classifier`/`score` to modules_to_save; the family's names are added here.
-        peft_cfg = self.peft_config(cfg, ctx)
+        return self.attach_config(model, self.peft_config(cfg, ctx), ctx)
+
+    def attach_config(self, model: nn.Module, peft_cfg: PeftConfig, ctx: AttachContext) -> nn.Module:
+        """`get_peft_model` with this peft config, the task head trained in full; one line when nothing matches."""
         peft_cfg.modules_to_save = list(head_modules(ctx.model_cfg))
         try:
             return get_peft_model(model, peft_cfg)

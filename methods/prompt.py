@@ -6,7 +6,7 @@ arXiv:2101.00190; P-Tuning v2 for NLU) via peft. `rank` = number of virtual toke
   the real first token ([CLS] / <s>): peft puts the virtual tokens first, so BERT's pooler (RoBERTa's head) would
   otherwise read virtual token 0, a learned input embedding, in place of the [CLS] position the pre-trained
   pooler and every other method read. A forward pre-hook on the module that reads the first position
-  (conf/model/family: `first_token_reader`) drops the virtual positions from its input (`_read_real_first_token`);
+  (conf/model/family: `first_token_reader`) drops the virtual positions from its input (`read_real_first_token`);
   it is applied on attach and on load and, being a plain object in the module's hooks, survives a deep copy.
 - prefix_tuning: `rank` trained key/value vectors are prepended in every layer (past_key_values).
 Neither is identity at init and neither merges. Both lengthen the sequence: with a model of 512
@@ -67,6 +67,9 @@ class VirtualTokens(PeftMethod):
 class PromptTuning(VirtualTokens):
     name = "prompt_tuning"
     label = "Prompt tuning"
+    summary = "r virtual input embeddings (init: sampled vocabulary)"
+    lr_source = "our lr sweep over 1e-3, 1e-2, 3e-2"
+    defaults_source = "our lr sweep"
     display_order = 10
     unchanged_reason = "prompt tuning learns input tokens; the pre-trained W are unchanged"
 
@@ -79,7 +82,7 @@ class PromptTuning(VirtualTokens):
         return out
 
     def adapt(self, model: PeftModel, ctx: AttachContext) -> PeftModel:
-        return _read_real_first_token(model, ctx.model_cfg)
+        return read_real_first_token(model, ctx.model_cfg)
 
     def peft_config(self, cfg: Any, ctx: AttachContext) -> PromptTuningConfig:
         eff = self.effective_config(dict(cfg), ctx.rank)
@@ -97,6 +100,9 @@ class PromptTuning(VirtualTokens):
 class PrefixTuning(VirtualTokens):
     name = "prefix_tuning"
     label = "Prefix tuning"
+    summary = "r key and value prefixes in every layer"
+    lr_source = "peft seq-cls example"
+    defaults_source = "peft example"
     display_order = 11
     unchanged_reason = "prefix tuning learns key/value prefixes; the pre-trained W are unchanged"
 
@@ -130,13 +136,14 @@ class SkipVirtualTokens:
         return (hidden[:, self.n:], *rest)
 
 
-def _read_real_first_token(model: PeftModel, model_cfg: Any) -> PeftModel:
+def read_real_first_token(model: PeftModel, model_cfg: Any) -> PeftModel:
     """Make the head module that reads the first position (`model_cfg.first_token_reader`) read the real first
     token (module docstring). The outermost match is hooked: peft's wrapper where the module trains as head."""
     reader = str(model_cfg.get("first_token_reader") or "")
     modules = [m for name, m in model.named_modules() if reader and f".{name}".endswith(f".{reader}")]
     if not modules:
-        raise BenchError(f"prompt_tuning: model '{model_cfg.get('name')}' has no module '{reader}' "
+        kind = model.peft_config[model.active_adapter].peft_type.value.lower()
+        raise BenchError(f"{kind}: model '{model_cfg.get('name')}' has no module '{reader}' "
                          "(model.first_token_reader: the head module that reads the first position)")
     n = int(model.peft_config[model.active_adapter].num_virtual_tokens)
     modules[0].register_forward_pre_hook(SkipVirtualTokens(n))

@@ -11,5 +11,8 @@ from methods.lora import Lora
 class RsLora(Lora):
     name = "rslora"
     label = "rsLoRA"
+    summary = "as lora, scale α/√r with α fixed at 16"
+    lr_source = "as lora; rsLoRA keeps lr across ranks"
+    defaults_source = "paper"
     display_order = 3
     use_rslora = True

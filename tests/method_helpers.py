@@ -2,6 +2,7 @@
 batches; the shared training loop for a few steps. Used by the method tests."""
 from __future__ import annotations
 
+import pytest
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -12,23 +13,42 @@ from bench.plan import plan
 from bench.train import TrainSettings, train
 from methods import REGISTRY, AttachContext, Method, in_display_order
 from methods.base import HeadSpec, head_modules, is_head_param
+from methods.peft_generic import method_yamls
 
 NUM_LABELS = 2
 
 
 def _runs_on_cpu(method: Method) -> bool:
+    """True for a method that runs on these tests' CPU and tiny BERT (qlora, loftq need CUDA; a yaml method may
+    declare that it cannot apply to the BERT family, `cannot_apply`)."""
     try:
         method.validate(torch.device("cpu"))
+        method.validate_model({"family": "bert", "name": "tiny-bert"})
     except BenchError:
         return False
     return True
 
 
-# Derived from the registry: every method that runs here (qlora needs CUDA), and what each declares.
+# Derived from the registry: every method that runs here, and what each declares.
 ALL_METHODS = [name for name in in_display_order() if _runs_on_cpu(REGISTRY[name])]
 MERGING = {name for name in ALL_METHODS if REGISTRY[name].merges}
 # Methods whose model equals the base model before training (full and bitfit trivially: nothing added).
 IDENTITY_AT_INIT = {name for name in ALL_METHODS if REGISTRY[name].identity_at_init}
+
+# The yaml-only methods share one code path (methods/peft_generic.py), so the fast suite checks every hand-written
+# method and one yaml tuner of each kind: an additive low-rank one (loha), shared random projections (vera), a
+# multiplicative rotation (oft), a spectral one that is not identity at init (fourierft), one that trains existing
+# weights (ln_tuning), a virtual-token one (p_tuning), a LoRA init that moves W (pissa), LoRA inits from a data pass
+# (eva, corda) and one that does not merge (lily). Every other registered method gets the same tests under
+# `-m slow` (README "Tests"), so each test still covers the whole registry.
+FAST_YAML = {"loha", "vera", "oft", "fourierft", "ln_tuning", "p_tuning", "pissa", "eva", "corda", "lily"}
+
+
+def registry_cases(names, fast: set[str] = FAST_YAML) -> list:
+    """`names` as pytest parameters, the yaml-only methods outside `fast` marked `slow`."""
+    yamls = method_yamls()
+    return [name if name not in yamls or name in fast else pytest.param(name, marks=pytest.mark.slow)
+            for name in names]
 
 
 def fresh_base(cfg: DictConfig) -> nn.Module:
@@ -43,7 +63,8 @@ def build(make_cfg, method_name: str, *overrides: str, rank: int = 4, total_step
     """(cfg, method, base model, ctx): nothing attached yet."""
     cfg = make_cfg(f"method={method_name}", f"rank={rank}", *overrides)
     p = plan(cfg)
-    ctx = AttachContext(rank=p.rank, model_cfg=cfg.model, num_labels=NUM_LABELS, total_steps=total_steps)
+    ctx = AttachContext(rank=p.rank, model_cfg=cfg.model, num_labels=NUM_LABELS, total_steps=total_steps,
+                        calibration=lambda: [batch(i) for i in range(4)])
     return cfg, p.method, fresh_base(cfg), ctx
 
 

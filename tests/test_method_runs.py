@@ -11,17 +11,21 @@ from bench.runner import run
 from methods.base import head_modules
 from methods.hotswap import load_adapters, switch
 from tests.conftest import needs_glue
-from tests.method_helpers import ALL_METHODS, MERGING, build, fresh_base, logits, perturb
-from tests.test_methods import expected_params_excl_head
+from tests.method_helpers import ALL_METHODS, MERGING, build, fresh_base, logits, perturb, registry_cases
+from tests.test_methods import _dims, hand_counts
+
+# A run through the runner costs seconds: the fast suite runs the yaml tuners of four kinds (a merging tuner, a
+# virtual-token one, a LoRA init that moves W, one from a data pass); every other one runs under `slow`.
+RUNNER_CASES = registry_cases(ALL_METHODS, fast={"vera", "p_tuning", "pissa", "corda"})
 
 
 @needs_glue
-@pytest.mark.parametrize("name", ALL_METHODS)
+@pytest.mark.parametrize("name", RUNNER_CASES)
 def test_every_method_runs_through_the_runner(make_cfg, name):
     cfg = make_cfg(f"method={name}", "rank=4")
     rec = run(cfg)
     assert rec["status"] == "ok", rec.get("error")
-    expected = expected_params_excl_head(name, cfg, 4)
+    expected = hand_counts(*_dims(cfg), 4).get(name)
     if expected is not None:
         assert rec["trainable_params_excl_head"] == expected
     assert rec["adapter_bytes"] > 0

@@ -9,12 +9,14 @@ import warnings
 
 import pytest
 import torch
+from peft import PromptLearningConfig
 from transformers import RobertaConfig, RobertaForSequenceClassification
 
 from bench import BenchError
 from bench.runner import plan
 from methods import REGISTRY, AttachContext, get_method
 from methods.base import count_params, head_modules, is_head_param
+from methods.peft_generic import method_yamls
 from tests.conftest import REPO
 from tests.method_helpers import (
     ALL_METHODS,
@@ -25,11 +27,13 @@ from tests.method_helpers import (
     fresh_base,
     logits,
     perturb,
+    registry_cases,
     train_steps,
     trainable,
 )
 
-# Every trainable parameter outside the head matches this, and every parameter that matches trains.
+# Every trainable parameter outside the head matches this, and every parameter that matches trains. Methods written
+# here; a yaml-only peft method (methods/peft_generic.py) is checked against its own tuner's names instead.
 TRAINS = {
     "full": r".*",
     "bitfit": r".*\.bias",
@@ -46,26 +50,43 @@ TRAINS = {
     "prefix_tuning": r"prompt_encoder\.default\.embedding\.weight",
     "ia3": r".*\.ia3_l\.default",
 }
+YAML_ONLY = sorted(set(ALL_METHODS) & set(method_yamls()))
+HAND_WRITTEN = ["full", "bitfit", "lora", "lora_fixed_alpha", "rslora", "dora", "adalora", "qlora", "ia3", "houlsby",
+                "pfeiffer", "prompt_tuning", "prefix_tuning"]
 
 
 def test_every_method_is_registered_with_a_config():
-    # qlora needs CUDA + bitsandbytes, so the CPU tests below cover the rest; its own tests are in test_measure.
-    assert sorted(REGISTRY) == sorted([*ALL_METHODS, "qlora"])
-    assert {n for n, m in REGISTRY.items() if m.merges} == MERGING | {"qlora"}
-    assert {n for n, m in REGISTRY.items() if not m.uses_rank} == {"full", "bitfit", "ia3"}
+    """The registry is the hand-written methods plus one entry per yaml that names a peft config or a LoRA init;
+    every registered method has its yaml and every yaml its method; the facts agree with what the methods do."""
     configs = {p.stem for p in (REPO / "conf" / "method").glob("*.yaml")}
     assert configs == set(REGISTRY)
+    assert set(HAND_WRITTEN) <= set(REGISTRY)
+    assert set(REGISTRY) - set(HAND_WRITTEN) - set(method_yamls()) <= {"loraplus", "dylora"}  # the other branch's
+    assert len(YAML_ONLY) >= 20
+    # qlora and loftq need CUDA + bitsandbytes, adaption_prompt a decoder: every other method runs in these tests.
+    assert set(REGISTRY) - set(ALL_METHODS) == {"qlora", "loftq", "adaption_prompt"}
+    assert {n for n, m in REGISTRY.items() if not m.uses_rank} >= {"full", "bitfit", "ia3", "vera", "oft"}
+    assert all(m.display_label != m.name or not m.label for m in REGISTRY.values())
 
 
-@pytest.mark.parametrize("name", ALL_METHODS)
+@pytest.mark.parametrize("name", registry_cases(ALL_METHODS))
 def test_exactly_the_intended_parameters_train(make_cfg, name):
     cfg, method, base, ctx = build(make_cfg, name)
     head = head_modules(cfg.model)
     model = method.attach(base, cfg.method, ctx)
     body, head_names = trainable(model, head)
-    pattern = re.compile(TRAINS[name])
-    should = {n for n, _ in model.named_parameters() if pattern.fullmatch(n) and not is_head_param(n, head)}
-    assert body and body == should
+    assert body
+    if name in TRAINS:
+        pattern = re.compile(TRAINS[name])
+        should = {n for n, _ in model.named_parameters() if pattern.fullmatch(n) and not is_head_param(n, head)}
+        assert body == should
+    elif isinstance(model.active_peft_config, PromptLearningConfig):  # P-tuning: the prompt encoder only
+        assert all(n.startswith("prompt_encoder.default.") for n in body), sorted(body)[:3]
+    else:  # a peft tuner: its own parameters (named by its prefix) inside the target modules, nothing else
+        prefix = model.base_model.prefix
+        targets = cfg.method.get("peft_args", cfg.method).get("target_modules")
+        assert all(prefix in n for n in body), (prefix, sorted(n for n in body if prefix not in n)[:3])
+        assert all(any(f".{t}." in n for t in targets) for n in body), sorted(body)[:3]
     # The whole task head trains, for every method (peft: its modules_to_save copy).
     head_numel = sum(p.numel() for n, p in fresh_base(cfg).named_parameters() if is_head_param(n, head))
     assert sum(p.numel() for n, p in model.named_parameters() if n in head_names) == head_numel
@@ -86,30 +107,32 @@ def _head_params(model, head) -> dict[str, int]:
     return out
 
 
-def test_the_same_task_head_trains_for_every_method(make_cfg):
-    """One head per model family (BERT: pooler + classifier), trained in full by every method and counted apart:
-    the counts differ between methods only by the method's own parameters."""
-    heads, counts = {}, {}
-    for name in ALL_METHODS:
-        cfg, method, base, ctx = build(make_cfg, name)
-        head = head_modules(cfg.model)
-        model = method.attach(base, cfg.method, ctx)
-        heads[name] = _head_params(model, head)
-        counts[name] = count_params(model, head)
-    reference = heads["full"]
+def _head_and_counts(make_cfg, name: str) -> tuple[dict[str, int], dict[str, int]]:
+    cfg, method, base, ctx = build(make_cfg, name)
+    head = head_modules(cfg.model)
+    model = method.attach(base, cfg.method, ctx)
+    return _head_params(model, head), count_params(model, head)
+
+
+def test_full_fine_tuning_trains_the_pooler_and_classifier_as_its_head(make_cfg):
+    reference, counts = _head_and_counts(make_cfg, "full")
     assert {n.split(".")[1] for n in reference if n.startswith("bert.")} == {"pooler"}
     assert any(n.startswith("classifier.") for n in reference)
-    assert all(h == reference for h in heads.values()), {n: sorted(h) for n, h in heads.items() if h != reference}
-    head_numel = sum(reference.values())
-    for name, c in counts.items():
-        assert c["trainable_params"] - c["trainable_params_excl_head"] == head_numel, name
     base = fresh_base(build(make_cfg, "full")[0])
-    pooler = sum(p.numel() for n, p in base.named_parameters() if n.startswith("bert.pooler."))
-    assert pooler > 0 and counts["full"]["trainable_params_excl_head"] == \
-        sum(p.numel() for p in base.parameters()) - head_numel
+    assert counts["trainable_params_excl_head"] == sum(p.numel() for p in base.parameters()) - sum(reference.values())
 
 
-@pytest.mark.parametrize("name", ALL_METHODS)
+@pytest.mark.parametrize("name", registry_cases(ALL_METHODS))
+def test_the_same_task_head_trains_for_every_method(make_cfg, name):
+    """One head per model family (BERT: pooler + classifier), trained in full by every method and counted apart:
+    the counts differ between methods only by the method's own parameters."""
+    reference, _ = _head_and_counts(make_cfg, "full")
+    head, counts = _head_and_counts(make_cfg, name)
+    assert head == reference, sorted(set(head) ^ set(reference))
+    assert counts["trainable_params"] - counts["trainable_params_excl_head"] == sum(reference.values())
+
+
+@pytest.mark.parametrize("name", registry_cases(ALL_METHODS))
 def test_identity_at_init_and_changed_after_one_step(make_cfg, name):
     cfg, method, base, ctx = build(make_cfg, name)
     head = head_modules(cfg.model)
@@ -129,7 +152,7 @@ def test_identity_at_init_and_changed_after_one_step(make_cfg, name):
     assert (logits(model) - at_init).abs().max() > 1e-7
 
 
-@pytest.mark.parametrize("name", sorted(MERGING))
+@pytest.mark.parametrize("name", registry_cases(sorted(MERGING)))
 def test_merged_equals_unmerged(make_cfg, name):
     cfg, method, base, ctx = build(make_cfg, name)
     model = method.attach(base, cfg.method, ctx)
@@ -145,12 +168,14 @@ def _dims(cfg):
     return int(c.hidden_size), int(c.num_hidden_layers), int(c.intermediate_size)
 
 
-def expected_params_excl_head(name: str, cfg, r: int) -> int:
-    """Hand counts for tiny-bert: d = hidden, L = layers, f = FFN width; LoRA targets W_q, W_v."""
-    d, L, f = _dims(cfg)
+def hand_counts(d: int, L: int, f: int, r: int) -> dict[str, int | None]:
+    """Trainable parameters outside the head by hand, for a BERT with d = hidden, L = layers, f = FFN width, at
+    rank r; LoRA-like methods target W_q, W_v. Methods without a known formula (LoKr, BOFT, RandLoRA) are absent."""
     lora = L * 2 * (d * r + r * d)  # A: r x d, B: d x r, on 2 matrices per layer
     adapter = 2 * d * r + r + d  # down (d->r, bias r) + up (r->d, bias d)
     init_r = max(math.ceil(1.5 * r), r + 1)
+    m = L * 2  # adapted matrices (W_q, W_v per layer), each d x d here
+    h = 128  # P-tuning's encoder_hidden_size (conf/method/p_tuning.yaml)
     return {
         "full": None,
         "bitfit": d + L * (4 * d + d + f + d + d),  # emb LN; q,k,v,o, LN1, FFN in, FFN out, LN2 (pooler: head)
@@ -166,16 +191,42 @@ def expected_params_excl_head(name: str, cfg, r: int) -> int:
         "prompt_tuning": r * d,
         "prefix_tuning": L * 2 * r * d,  # a key and a value prefix per layer
         "ia3": L * (d + d + f),  # l_k, l_v, l_ff
-    }[name]
+        # yaml-only peft tuners (conf/method/<name>.yaml's settings):
+        "vera": m * (d + 256),  # λ_b (d_out) + λ_d (r = 256) per matrix; the shared random projections are frozen
+        "loha": m * 4 * d * r,  # two factorisations (d x r, r x d) per matrix
+        "oft": m * (d // 32) * (32 * 31 // 2),  # d/b skew-symmetric b x b blocks, b(b-1)/2 values each
+        "fourierft": m * 1000,  # n_frequency coefficients per matrix
+        "hra": m * r * d,  # r Householder vectors of length d_in
+        "ln_tuning": (1 + 2 * L) * 2 * d,  # every LayerNorm's γ and β
+        "vblora": 90 * 64 + m * (r * d // 64 + d // 64 * r) * 90,  # the bank + top-k logits per sub-vector of A, B
+        "c3a": m * d * d // 64,  # one vector of block_size per block
+        "shira": m * r * (d + d),  # as many entries as LoRA at rank r
+        "waveft": m * 2592,  # n_frequency coefficients per matrix
+        "road": m * d,  # road_1: an angle and a scale per pair of output features
+        "delora": m * (2 * d * r + 1),  # B, A and the bound λ
+        "gralora": m * 2 * d * r,  # k^2 blocks with rank r/k: LoRA's count
+        "miss": m * r * d,  # one shard of r x d_out
+        "hira": lora,  # the same B, A as LoRA, applied entry-wise to W0
+        "pvera": m * (d + 2 * 256),  # as VeRA, λ_d holding a mean and a log-variance per projection row
+        "tinylora": m * 64,  # u values per matrix (no weight tying)
+        "unilora": 256,  # the one shared vector theta_d
+        "beft": m * d,  # one new bias per output feature
+        "p_tuning": r * d + (d * h + h) + (h * h + h) + (h * d + d),  # embeddings + the MLP encoder
+        "pissa": lora, "olora": lora, "corda": lora, "lora_ga": lora,
+        "eva": lora,  # ranks redistributed across layers, total kept; every matrix is d x d here
+    }
 
 
-@pytest.mark.parametrize("name", ALL_METHODS)
+KNOWN_COUNTS = set(hand_counts(64, 2, 128, 4))
+
+
+@pytest.mark.parametrize("name", registry_cases([n for n in ALL_METHODS if n in KNOWN_COUNTS]))
 def test_trainable_parameter_count_matches_hand_calculation(make_cfg, name):
     cfg, method, base, ctx = build(make_cfg, name, rank=4)
     total = sum(p.numel() for p in base.parameters())
     model = method.attach(base, cfg.method, ctx)
     counts = count_params(model, head_modules(cfg.model))
-    expected = expected_params_excl_head(name, cfg, 4)
+    expected = hand_counts(*_dims(cfg), 4)[name]
     if name == "full":
         assert counts["trainable_params"] == total
     else:
@@ -193,7 +244,7 @@ def test_lora_on_default_roberta_config(make_cfg, name, expected):
     assert count_params(model, "classifier")["trainable_params_excl_head"] == expected
 
 
-@pytest.mark.parametrize("name", ALL_METHODS)
+@pytest.mark.parametrize("name", registry_cases(ALL_METHODS))
 def test_save_load_round_trip_reproduces_logits(make_cfg, tmp_path, name):
     cfg, method, base, ctx = build(make_cfg, name)
     model = method.attach(base, cfg.method, ctx)
@@ -244,16 +295,16 @@ def test_adalora_eval_loss_is_the_task_loss(make_cfg):
     assert model.train()(**b).loss.item() > plain + 1e-3 or cfg.method.orth_reg_weight == 0
 
 
-@pytest.mark.parametrize("name", ["full", "bitfit", "ia3"])
+@pytest.mark.parametrize("name", registry_cases([n for n in ALL_METHODS if not REGISTRY[n].uses_rank]))
 def test_rankless_methods_ignore_rank_in_identity(make_cfg, name):
     a, b = plan(make_cfg(f"method={name}", "rank=4")), plan(make_cfg(f"method={name}", "rank=8"))
     assert a.config_hash == b.config_hash and a.run_id == b.run_id and a.rank is None
 
 
-def test_ranked_methods_differ_by_rank(make_cfg):
-    for name in sorted(set(ALL_METHODS) - {"full", "bitfit", "ia3"}):
-        a, b = plan(make_cfg(f"method={name}", "rank=4")), plan(make_cfg(f"method={name}", "rank=8"))
-        assert a.config_hash != b.config_hash, name
+@pytest.mark.parametrize("name", registry_cases([n for n in ALL_METHODS if REGISTRY[n].uses_rank]))
+def test_ranked_methods_differ_by_rank(make_cfg, name):
+    a, b = plan(make_cfg(f"method={name}", "rank=4")), plan(make_cfg(f"method={name}", "rank=8"))
+    assert a.config_hash != b.config_hash
 
 
 def test_unmatched_lora_targets_are_one_line_bench_error(make_cfg):
@@ -297,11 +348,13 @@ def test_lora_family_scaling(make_cfg, name, rank, scale):
     assert len(scalings) == 1 and scalings.pop() == pytest.approx(scale)
 
 
-@pytest.mark.parametrize("model_name", ["tiny-bert", "tiny-roberta"])
-def test_prompt_tuning_head_reads_the_real_first_token(make_cfg, tmp_path, model_name):
-    """peft puts the virtual tokens first; the pooler (RoBERTa: the classifier's dense) must read the encoder's
-    output at position num_virtual_tokens, the [CLS], after attach, after a deep copy and after loading."""
-    cfg, method, base, ctx = build(make_cfg, "prompt_tuning", f"model={model_name}", rank=3)
+@pytest.mark.parametrize(("name", "model_name"), [("prompt_tuning", "tiny-bert"), ("prompt_tuning", "tiny-roberta"),
+                                                 ("p_tuning", "tiny-bert")])
+def test_prompt_tuning_head_reads_the_real_first_token(make_cfg, tmp_path, name, model_name):
+    """peft puts the virtual tokens first (prompt tuning, P-tuning); the pooler (RoBERTa: the classifier's dense)
+    must read the encoder's output at position num_virtual_tokens, the [CLS], after attach, after a deep copy and
+    after loading."""
+    cfg, method, base, ctx = build(make_cfg, name, f"model={model_name}", rank=3)
     model = method.attach(base, cfg.method, ctx)
     method.save(model, tmp_path / "weights")
     reloaded = method.load(fresh_base(cfg), cfg.method, ctx, tmp_path / "weights")

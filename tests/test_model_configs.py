@@ -12,7 +12,7 @@ from bench.models import attach_context, load_model
 from methods import REGISTRY
 from methods.base import head_modules, is_head_param
 from tests.conftest import CONF
-from tests.method_helpers import ALL_METHODS
+from tests.method_helpers import ALL_METHODS, registry_cases
 
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 FAMILY_KEYS = ("family", "lora_targets", "layers", "ia3_targets", "ia3_feedforward", "attention_output",
@@ -33,7 +33,7 @@ def test_model_config_composes_with_its_family_module_names(name):
 
 
 @pytest.mark.parametrize("model_name", RANDOM)
-@pytest.mark.parametrize("method_name", ALL_METHODS)
+@pytest.mark.parametrize("method_name", registry_cases(ALL_METHODS))
 def test_every_method_attaches_to_every_random_init_model(model_name, method_name):
     cfg = compose_config([f"model={model_name}", f"method={method_name}", "rank=4"])
     method = REGISTRY[method_name]

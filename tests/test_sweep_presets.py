@@ -7,9 +7,11 @@ from omegaconf import OmegaConf
 
 from bench.config import compose_config
 from bench.sweep import count_jobs
+from methods import REGISTRY, in_display_order
 from tests.conftest import CONF
 
-PRESETS = {"smoke": 4, "glue_table": 11 * 7 * 3, "rank_study": 3 * 4 * 3 * 3, "lora_table2": 3 * 8 * 5}
+PRESETS = {"smoke": 4, "glue_table": 11 * 7 * 3, "rank_study": 3 * 4 * 3 * 3, "lora_table2": 3 * 8 * 5,
+           "all_methods": len(REGISTRY)}
 
 
 def compose_hydra(*overrides: str):
@@ -91,3 +93,9 @@ def test_tables_and_plots_label_each_scaling_rule_apart(tmp_path):
     assert rows == ["LoRA (α=2r, r=4)", "LoRA (α=2r, r=16)", "LoRA (α=16, r=4)", "LoRA (α=16, r=16)",
                     "rsLoRA (α=16, r=4)", "rsLoRA (α=16, r=16)"]
     assert str(metric_vs_rank(ok_frame(df), tmp_path)).endswith(".png")
+
+
+def test_all_methods_preset_runs_every_registered_method_once():
+    cfg = compose_hydra("+sweep=all_methods")
+    assert str(cfg.hydra.sweeper.params.method).split(",") == in_display_order()
+    assert (cfg.model.name, cfg.task.name, cfg.budget.name, cfg.seed) == ("minilm", "sst2", "default", 1)
