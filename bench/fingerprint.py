@@ -84,13 +84,27 @@ def _local_folder(source_cfg: Any) -> Path:
                          f"{type(exc).__name__}") from exc
 
 
+def _gguf_sha256(folder: Path, gguf_file: str) -> tuple[str, list[str]]:
+    """A GGUF holds weights, config and tokenizer in one file: its fingerprint is that file's."""
+    h = hashlib.sha256(f"{gguf_file}\0{file_sha256(folder / gguf_file)}\n".encode())
+    return h.hexdigest(), [gguf_file]
+
+
+def _files(source_cfg: Any, tokenizer: bool) -> tuple[str | None, list[str]]:
+    folder = _local_folder(source_cfg)
+    gguf = source_cfg.get("gguf_file")
+    if gguf and (folder / str(gguf)).is_file():
+        return _gguf_sha256(folder, str(gguf))
+    return files_sha256(folder, tokenizer=tokenizer)
+
+
 def model_fingerprint(model_cfg: Any) -> dict[str, Any]:
     """`model_files_sha256` (None for a random-init model) and `tokenizer_files_sha256`, with the file names."""
     out: dict[str, Any] = {"model_files_sha256": None, "model_files": []}
     if not model_cfg.get("random_init"):
-        out["model_files_sha256"], out["model_files"] = files_sha256(_local_folder(model_cfg), tokenizer=False)
-    tok_folder = _local_folder(model_cfg.get("tokenizer_from") or model_cfg)
-    out["tokenizer_files_sha256"], out["tokenizer_files"] = files_sha256(tok_folder, tokenizer=True)
+        out["model_files_sha256"], out["model_files"] = _files(model_cfg, tokenizer=False)
+    out["tokenizer_files_sha256"], out["tokenizer_files"] = _files(model_cfg.get("tokenizer_from") or model_cfg,
+                                                                   tokenizer=True)
     return out
 
 

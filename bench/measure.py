@@ -235,6 +235,55 @@ def latency_interleaved(models: dict[str, nn.Module], batch: dict[str, torch.Ten
             for name in names}
 
 
+def _timed_generate_ms(model: nn.Module, batch: dict[str, torch.Tensor], new_tokens: int, pad_id: int,
+                       device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                   pad_token_id=pad_id)
+    sync(device)
+    return (time.perf_counter() - start) * 1000.0
+
+
+def generation_interleaved(models: dict[str, nn.Module], batch: dict[str, torch.Tensor], *, new_tokens: int,
+                           pad_id: int, warmup_iters: int, iters: int, device: torch.device,
+                           autocast_dtype: torch.dtype | None = None, rounds: int = 4) -> dict[str, dict[str, Any]]:
+    """Generation with the KV cache, greedy, timed side by side as `latency_interleaved` times forward passes: per
+    model, `warmup_iters` untimed generations, then `iters` timed pairs in `rounds` rotated blocks. A pair is one
+    generation of 1 token (the prefill: one forward over the prompt, then the first token) and one of
+    `1 + new_tokens` tokens; the decode time is their difference, so the prefill and per-call costs cancel.
+    Per model: `prefill_ms` (p50 of the 1-token generations), `decode_ms_per_token` and
+    `decode_tokens_per_s` (batch rows x tokens / s) from the p50s, and the rounds' values for the ratios."""
+    names = list(models)
+    rows = int(batch["input_ids"].shape[0])
+    rounds = max(1, min(rounds, iters))
+    per_round = [iters // rounds + (1 if r < iters % rounds else 0) for r in range(rounds)]
+    one: dict[str, list[float]] = {n: [] for n in names}
+    many: dict[str, list[float]] = {n: [] for n in names}
+    round_decode: dict[str, list[float]] = {n: [] for n in names}
+    with _inference(device, autocast_dtype):
+        for name in names:
+            models[name].eval()
+            for _ in range(warmup_iters):
+                _timed_generate_ms(models[name], batch, 1 + new_tokens, pad_id, device)
+        for r, n_iters in enumerate(per_round):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                a = [_timed_generate_ms(models[name], batch, 1, pad_id, device) for _ in range(n_iters)]
+                b = [_timed_generate_ms(models[name], batch, 1 + new_tokens, pad_id, device) for _ in range(n_iters)]
+                one[name] += a
+                many[name] += b
+                round_decode[name].append((float(np.median(b)) - float(np.median(a))) / new_tokens)
+    out = {}
+    for name in names:
+        decode_ms = (float(np.median(many[name])) - float(np.median(one[name]))) / new_tokens
+        out[name] = {"prefill_ms": float(np.median(one[name])), "prefill_min_ms": float(np.min(one[name])),
+                     "generate_ms": float(np.median(many[name])), "decode_ms_per_token": decode_ms,
+                     "decode_tokens_per_s": rows * 1000.0 / decode_ms if decode_ms > 0 else None,
+                     "timed_iters": len(one[name]), "rounds": rounds,
+                     "round_p50_ms": round_decode[name]}  # per round: decode ms per token (for latency_ratios)
+    return out
+
+
 def latency_ratios(latency: dict[str, dict[str, Any]], base: str = "base", noise_tol: float = 0.05
                    ) -> dict[str, Any]:
     """Each model's latency relative to `base`, robust to a shared machine. The models are timed in interleaved
@@ -249,8 +298,9 @@ def latency_ratios(latency: dict[str, dict[str, Any]], base: str = "base", noise
     for name, stats in latency.items():
         if name == base:
             continue
-        out[f"{name}_over_base_p50_ratio"] = stats["p50_ms"] / ref["p50_ms"]
-        out[f"{name}_over_base_min_ms_ratio"] = stats["min_ms"] / ref["min_ms"]
+        if "p50_ms" in stats:
+            out[f"{name}_over_base_p50_ratio"] = stats["p50_ms"] / ref["p50_ms"]
+            out[f"{name}_over_base_min_ms_ratio"] = stats["min_ms"] / ref["min_ms"]
         rounds = np.asarray(stats["round_p50_ms"], float) / np.asarray(ref["round_p50_ms"], float)
         out[f"{name}_over_base_ratio"] = float(np.median(rounds))
         out[f"{name}_over_base_lowest_round_ratio"] = float(rounds.min())

@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bench import BenchError
+from bench.models import is_causal_lm
 from bench.record import config_hash
 from bench.schema import validate_config
 from bench.tasks import DISPLAY_KEYS, Task, task_from_config
@@ -71,8 +72,15 @@ def plan(cfg: DictConfig) -> Plan:
     lr = valid["lr"] if valid["lr"] is not None else _method_lr(cfg.method.get("lr"))
     eff_method = method.effective_config(OmegaConf.to_container(cfg.method, resolve=True), rank)
     eff_method["lr"] = lr
+    causal = is_causal_lm(cfg.model)
+    if causal and cfg.task.num_labels == 1:
+        raise BenchError(f"task '{task.name}' is regression: a causal LM scores answers as text, so it needs a "
+                         "classification task (e.g. task=sst2)")
+    # The task's prompt and the lm block only shape causal-LM runs: left out of an encoder run's identity.
+    task_keys = {k: v for k, v in OmegaConf.to_container(cfg.task, resolve=True).items()
+                 if k not in DISPLAY_KEYS and (causal or k != "prompt")}
     effective = {
-        "task": {k: v for k, v in OmegaConf.to_container(cfg.task, resolve=True).items() if k not in DISPLAY_KEYS},
+        "task": task_keys,
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "method": eff_method,
         "rank": rank,
@@ -82,6 +90,8 @@ def plan(cfg: DictConfig) -> Plan:
         "precision": precision,
         "measure": valid["measure"],
     }
+    if causal:
+        effective["lm"] = valid["lm"]
     if cfg.get("forgetting"):  # only when set, so runs without it keep their identity
         effective["forgetting"] = OmegaConf.to_container(cfg.forgetting, resolve=True)
     return _identified(Plan(cfg, task, method, device, precision, rank, lr, effective, "", "", Path()))

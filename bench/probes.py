@@ -24,7 +24,7 @@ from torch import nn
 from bench import BenchError
 from bench.config import compose_config
 from bench.data import subset
-from bench.models import resolve_source
+from bench.models import is_causal_lm, resolve_source
 from bench.precision import autocast
 from bench.tasks import get_task, load_task
 
@@ -221,37 +221,44 @@ class MlmProbe(_HeadProbe):
         return total / max(n, 1)
 
 
-class PplProbe(_HeadProbe):
+class PplProbe(Probe):
+    """Perplexity of a causal LM on held-out general English (STS-B dev sentence 1s, each scored on its own), the
+    fine-tuned model as it runs (a prompt-tuned model with its virtual tokens in front): exp of the mean token
+    cross-entropy. peft's causal-LM wrapper masks the virtual positions out of the loss."""
+
     name = "ppl"
     metric = "perplexity"
     higher_is_better = False
-    auto_class = "AutoModelForCausalLM"
-    head_kind = "causal-LM"
 
     def __init__(self, cfg: Any, model_cfg: Any, tokenizer, task: str | None = None):
+        super().__init__(cfg, model_cfg, tokenizer, task)
+        if not is_causal_lm(model_cfg):
+            raise BenchError(f"forgetting=ppl: model '{model_cfg.name}' is an encoder, not a causal LM; "
+                             f"use forgetting=sts or mlm")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        super().__init__(cfg, model_cfg, tokenizer, task)
-        if not getattr(self.lm.config, "is_decoder", False) and self.lm.config.model_type in (
-            "bert",
-            "roberta",
-        ):
-            raise BenchError(
-                f"forgetting=ppl: model '{model_cfg.name}' is an encoder, not a causal LM; "
-                f"use forgetting=sts or mlm"
-            )
+        tokenizer.padding_side = "right"
+        sentences, _, _ = _probe_sentences(cfg.get("max_sentences"))
+        self.source = f"STS-B dev: sentence 1 of {len(sentences)} pairs (a fixed subset, seed 0)"
+        bs = int(cfg.batch_size)
+        self.batches = [tokenizer(sentences[i:i + bs], padding=True, truncation=True,
+                                  max_length=int(cfg.max_seq_len), return_tensors="pt")
+                        for i in range(0, len(sentences), bs)]
 
     def measure(self, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None = None) -> float:
         total, n = 0.0, 0
-        with _eval_mode(model), self._with_backbone(model, device) as lm:
+        with _eval_mode(model):
             for enc in self.batches:
                 labels = enc["input_ids"].masked_fill(~enc["attention_mask"].bool(), -100)
                 with autocast(device, amp_dtype):
-                    out = lm(**{k: v.to(device) for k, v in enc.items()}, labels=labels.to(device))
+                    out = model(**{k: v.to(device) for k, v in enc.items()}, labels=labels.to(device))
                 k = int((labels[:, 1:] != -100).sum())
                 total += float(out.loss) * k
                 n += k
         return float(np.exp(total / max(n, 1)))
+
+    def result(self, before: float, after: float) -> dict:
+        return {**super().result(before, after), "text_source": self.source}
 
 
 PROBE_CLASSES: dict[str, type[Probe]] = {"sts": StsProbe, "mlm": MlmProbe, "ppl": PplProbe}

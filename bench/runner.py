@@ -26,6 +26,7 @@ from bench.fingerprint import lock_state
 from bench.isolate import announce
 from bench.lock import RunLock
 from bench.measure import MemoryMeter, check_gpu_start, device_name, peak_memory_summary, release_memory
+from bench.models import is_causal_lm
 from bench.oom import oom_message, with_oom_retry
 from bench.plan import Plan, identify, plan
 from bench.precision import autocast_dtype
@@ -165,10 +166,15 @@ def _execute(p: Plan, rows: steps.Rows) -> dict:
 
         probe = make_probe(cfg.forgetting, cfg.model, data.tokenizer, p.task.name)
 
+    causal = is_causal_lm(cfg.model)
+    out["model_kind"] = "causal_lm" if causal else "classifier"
     model, out["model_source"] = steps.build_model(p)
     steps.check_positions(model.config, p, [*data.train_features, *data.dev_features])
     amp = autocast_dtype(p.precision)
     forgetting_before = probe.measure(model, p.device, amp) if probe is not None else None
+    if causal:  # the pre-trained LM on the same evaluation: what fine-tuning adds over zero-shot prompting
+        out["zero_shot_metrics"] = steps.evaluate(model, data.dev_loader, p.task, p.device, p.precision)[0]
+        out["zero_shot_main_metric_value"] = out["zero_shot_metrics"][p.task.main_metric]
     if cfg.model.get("random_init"):
         out["model_note"] = "random-init test model: metrics are meaningless"
     out["full_model_bytes"] = tensor_bytes(model)
@@ -211,6 +217,10 @@ def _execute(p: Plan, rows: steps.Rows) -> dict:
         if merged is not None:
             variants["merged"] = merged
         out["latency"] = steps.time_latency(p, variants, data.tokenizer.vocab_size, meter)
+        if causal and cfg.lm.generation:
+            with meter.phase("generation"):
+                out["generation"] = steps.time_generation(p, variants, data.tokenizer.vocab_size,
+                                                          int(data.tokenizer.pad_token_id))
         del variants
     del merged
     out["memory"] = meter.phases

@@ -59,6 +59,22 @@ class Measure(_Strict):
     busy_gpu_threshold_bytes: int = Field(ge=0)
 
 
+class LM(_Strict):
+    chat_template: Literal["auto", "true", "false"]
+    loss_on: Literal["answer", "all"]
+    eval_batch_size: int = Field(gt=0)
+    generation: bool
+    gen_batch_size: int = Field(gt=0)
+    gen_prompt_len: int = Field(gt=0)
+    gen_new_tokens: int = Field(gt=0)
+    gen_iters: int = Field(gt=0)
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _text(cls, v: Any) -> Any:
+        return str(v).lower() if isinstance(v, bool) else v
+
+
 class _Group(BaseModel):
     """A config group (method, task, model, forgetting): its owner checks the keys; here it needs a name."""
 
@@ -73,6 +89,7 @@ class RunConfig(_Strict):
     forgetting: _Group | None = None
     budget: Budget
     measure: Measure
+    lm: LM | None = None  # older configs have none
     rank: int = Field(gt=0)
     seed: int = Field(ge=0)
     lr: float | None = Field(gt=0)

@@ -16,12 +16,12 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from bench import BenchError
+from bench import BenchError, lm
 from bench import metrics as glue_metrics
 from bench.data import make_loader, subset, tokenize
 from bench.fingerprint import model_fingerprint, rows_sha256
-from bench.measure import MemoryMeter, latency_batch, latency_interleaved, latency_ratios
-from bench.models import attach_context, load_model, load_tokenizer
+from bench.measure import MemoryMeter, generation_interleaved, latency_batch, latency_interleaved, latency_ratios
+from bench.models import attach_context, is_causal_lm, load_model, load_tokenizer
 from bench.plan import Plan
 from bench.precision import autocast_dtype
 from bench.record import CURVE_FILE, WEIGHTS_DIR
@@ -83,19 +83,33 @@ def load_data(task: Task, cfg: DictConfig, tokenizer=None, rows: Rows | None = N
     rows = rows or read_rows(task, budget)
     train_df, dev_df, source = rows.train, rows.dev, rows.source
     tokenizer = tokenizer or load_tokenizer(cfg.model)
-    start = time.perf_counter()
-    train_features = tokenize(train_df, tokenizer, budget.max_seq_len)
-    tokenize_s = time.perf_counter() - start
-    dev_features = tokenize(dev_df, tokenizer, budget.max_seq_len)
     info = {"source": source, "train_rows": len(train_df), "dev_rows": len(dev_df),
             "note": task.offline_note if source.startswith("glue_dir") else "", **rows.check}
-    return Data(tokenizer, train_features, dev_features, train_loader(train_features, tokenizer, cfg),
-                make_loader(dev_features, tokenizer, cfg.measure.eval_batch_size, shuffle=False, seed=0),
+    start = time.perf_counter()
+    if is_causal_lm(cfg.model):  # the task as text (bench/lm.py)
+        pr = lm.prompting(cfg.task, cfg.lm, tokenizer, task.name)
+        encoded, train_cut = lm.encode(train_df, tokenizer, pr, int(budget.max_seq_len))
+        train_features = lm.train_features(encoded, tokenizer, pr)
+        tokenize_s = time.perf_counter() - start
+        dev_features, dev_cut = lm.encode(dev_df, tokenizer, pr, int(budget.max_seq_len))
+        dev_loader = lm.dev_loader(dev_features, tokenizer, int(cfg.lm.eval_batch_size))
+        first = dev_df.iloc[0]
+        example = pr.prompt(tokenizer, str(first["text_a"]), None if pd.isna(first["text_b"]) else str(first["text_b"]))
+        info.update(prompt={"chat_template": pr.chat, "loss_on": pr.loss_on, "answers": list(pr.answers),
+                            "example": example}, prompts_cut={"train": train_cut, "dev": dev_cut})
+    else:
+        train_features = tokenize(train_df, tokenizer, budget.max_seq_len)
+        tokenize_s = time.perf_counter() - start
+        dev_features = tokenize(dev_df, tokenizer, budget.max_seq_len)
+        dev_loader = make_loader(dev_features, tokenizer, cfg.measure.eval_batch_size, shuffle=False, seed=0)
+    return Data(tokenizer, train_features, dev_features, train_loader(train_features, tokenizer, cfg), dev_loader,
                 info, tokenize_s)
 
 
 def train_loader(features: list, tokenizer, cfg: DictConfig):
     """A fresh training loader (micro-batches of the budget, shuffled by `cfg.seed`: the same order each time)."""
+    if is_causal_lm(cfg.model):
+        return lm.train_loader(features, tokenizer, int(cfg.budget.batch_size), int(cfg.seed))
     return make_loader(features, tokenizer, cfg.budget.batch_size, shuffle=True, seed=int(cfg.seed))
 
 
@@ -121,7 +135,8 @@ def check_positions(config: Any, p: Plan, features: list[dict]) -> None:
         return
     if config.model_type in ("roberta", "xlm-roberta", "camembert"):
         positions -= int(config.pad_token_id) + 1  # RoBERTa's positions start after the padding index
-    longest = max(len(f["input_ids"]) for f in features)
+    longest = max(len(f["input_ids"]) if "input_ids" in f else len(f["prompt_ids"]) + max(map(len, f["answer_ids"]))
+                  for f in features)  # a causal LM's dev feature: its prompt and answers (bench/lm.py)
     if longest + extra > positions:
         raise BenchError(f"method '{p.method.name}' adds {extra} virtual tokens, and the longest tokenised example "
                          f"has {longest}: {longest + extra} > the model's {positions} positions; set "
@@ -203,9 +218,11 @@ def evaluate_rank_variants(p: Plan, model: nn.Module, loader) -> dict[str, dict[
 def time_latency(p: Plan, variants: dict[str, nn.Module], vocab_size: int, meter: MemoryMeter) -> dict:
     """Latency of the models in `variants` (base, unmerged, merged), timed side by side (README, "Measurement")."""
     measure = p.cfg.measure
-    batch = latency_batch(vocab_size, measure.latency_batch_size, measure.latency_seq_len, p.device)
-    latency = {"batch_size": int(measure.latency_batch_size), "seq_len": int(measure.latency_seq_len),
-               "order": "interleaved"}
+    # A causal LM's forward pass over a prompt is its prefill: timed at the generation knobs' shape (lm.gen_*).
+    rows, length = ((p.cfg.lm.gen_batch_size, p.cfg.lm.gen_prompt_len) if is_causal_lm(p.cfg.model)
+                    else (measure.latency_batch_size, measure.latency_seq_len))
+    batch = latency_batch(vocab_size, int(rows), int(length), p.device)
+    latency = {"batch_size": int(rows), "seq_len": int(length), "order": "interleaved"}
     latency.update(latency_interleaved(
         variants, batch, warmup_iters=int(measure.latency_warmup_iters), iters=int(measure.latency_iters),
         device=p.device, autocast_dtype=autocast_dtype(p.precision), rounds=int(measure.latency_rounds),
@@ -214,6 +231,24 @@ def time_latency(p: Plan, variants: dict[str, nn.Module], vocab_size: int, meter
     latency.update(latency_ratios({k: v for k, v in latency.items() if k in variants},
                                   noise_tol=float(measure.latency_noise_tol)))
     return latency
+
+
+def time_generation(p: Plan, variants: dict[str, nn.Module], vocab_size: int, pad_id: int) -> dict:
+    """Generation latency of a causal LM's variants (base, unmerged, merged) with the KV cache: prefill ms and decode
+    tokens/s, timed side by side (bench/measure.py `generation_interleaved`), with each variant's decode time per
+    token relative to base per round (`<name>_over_base_ratio`, `..._too_noisy`, as for forward latency)."""
+    knobs = p.cfg.lm
+    batch = latency_batch(vocab_size, int(knobs.gen_batch_size), int(knobs.gen_prompt_len), p.device)
+    out: dict[str, Any] = {"batch_size": int(knobs.gen_batch_size), "prompt_len": int(knobs.gen_prompt_len),
+                           "new_tokens": int(knobs.gen_new_tokens), "decoding": "greedy, KV cache",
+                           "order": "interleaved"}
+    out.update(generation_interleaved(
+        variants, batch, new_tokens=int(knobs.gen_new_tokens), pad_id=pad_id,
+        warmup_iters=max(1, int(p.cfg.measure.latency_warmup_iters) // 2), iters=int(knobs.gen_iters),
+        device=p.device, autocast_dtype=autocast_dtype(p.precision), rounds=int(p.cfg.measure.latency_rounds)))
+    out.update(latency_ratios({k: v for k, v in out.items() if k in variants},
+                              noise_tol=float(p.cfg.measure.latency_noise_tol)))
+    return out
 
 
 def save(p: Plan, method: Method, model: nn.Module, curve: list[dict]) -> dict:
@@ -237,5 +272,6 @@ def write_curve(run_dir: Path, curve: list[dict]) -> None:
 
 
 __all__ = ["Data", "Rows", "attach", "build_model", "check_positions", "evaluate", "evaluate_rank_variants",
-           "fingerprints", "load_data", "read_rows", "save", "seed_everything", "time_latency", "timing_warmup",
+           "fingerprints", "load_data", "read_rows", "save", "seed_everything", "time_generation", "time_latency",
+           "timing_warmup",
            "total_steps", "train_model", "train_summary", "write_curve"]

@@ -20,13 +20,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from peft import AdaLoraConfig, PeftModel, TaskType
+from peft import AdaLoraConfig, PeftModel
 from peft.tuners.adalora import AdaLoraModel
 from torch import nn
 
 from methods.base import AttachContext, register
 from methods.errors import BenchError
-from methods.peft_common import PeftMethod
+from methods.peft_common import PeftMethod, task_type
 
 
 class _TrainOnlyRegAdaLoraModel(AdaLoraModel):
@@ -85,7 +85,7 @@ class AdaLora(PeftMethod):
             raise BenchError(f"adalora needs the number of training steps; got total_steps={ctx.total_steps}")
         tinit, tfinal = self.schedule(cfg, ctx.total_steps)
         return AdaLoraConfig(
-            task_type=TaskType.SEQ_CLS,
+            task_type=task_type(ctx.model_cfg),
             target_r=eff["target_r"],
             init_r=eff["init_r"],
             lora_alpha=eff["lora_alpha"],

@@ -4,7 +4,7 @@ An adapter is h -> h + up(act(down(h))): a down-projection to `rank` (the bottle
 non-linearity, an up-projection back, and a residual. It sits on the output of a sublayer's projection
 (`dense`), before that sublayer's dropout, residual and LayerNorm, as in Houlsby's Figure 2:
 - houlsby: after the attention output projection and after the FFN output projection of every layer,
-  and the LayerNorms train too (Houlsby et al. train them "per task");
+  and the LayerNorms train too (Houlsby et al. train them "per task"; on Llama-family models: the RMSNorms);
 - pfeiffer: after the FFN output projection only; LayerNorms frozen.
 `up` starts at exactly zero (`down` ~ N(0, 0.01²), Houlsby's near-identity init), so the model starts
 as the base model, as LoRA does with B = 0.
@@ -70,6 +70,11 @@ def _layers(model: nn.Module, model_cfg: Any) -> nn.ModuleList:
     return layers
 
 
+def _is_norm(module: nn.Module) -> bool:
+    """LayerNorm, or the RMSNorm of Llama-family models (transformers' own class, e.g. LlamaRMSNorm)."""
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith("RMSNorm")
+
+
 class BottleneckAdapter(Method):
     """Houlsby and Pfeiffer differ only in their config: `placement` and `train_layer_norm`."""
 
@@ -93,16 +98,21 @@ class BottleneckAdapter(Method):
                 except AttributeError as exc:
                     raise BenchError(f"{self.name}: layer {i} has no module '{sub_name}' (model.{placement}); "
                                      f"fix model.{placement} for this model family") from exc
-                dense = getattr(sublayer, "dense", None)
+                # The named module is the projection itself (Llama: self_attn.o_proj) or holds it as `dense` (BERT).
+                if isinstance(sublayer, nn.Linear):
+                    parent_name, _, attr = sub_name.rpartition(".")
+                    parent, dense = (layer.get_submodule(parent_name) if parent_name else layer), sublayer
+                else:
+                    parent, attr, dense = sublayer, "dense", getattr(sublayer, "dense", None)
                 if not isinstance(dense, nn.Linear) or isinstance(dense, AdapterLinear):
-                    raise BenchError(f"{self.name}: '{sub_name}.dense' of layer {i} is not a plain nn.Linear "
-                                     "(already adapted, or a different architecture)")
+                    raise BenchError(f"{self.name}: '{sub_name}' of layer {i} is not (or has no `dense` that is) a "
+                                     "plain nn.Linear (already adapted, or a different architecture)")
                 adapter = Bottleneck(dense.out_features, width, str(cfg.activation), float(cfg.init_std))
                 adapter.to(device=dense.weight.device, dtype=dense.weight.dtype)
-                sublayer.dense = AdapterLinear(dense, adapter)
+                setattr(parent, attr, AdapterLinear(dense, adapter))
         if cfg.train_layer_norm:
             for name, module in model.named_modules():
-                if isinstance(module, nn.LayerNorm) and not is_head_param(f"{name}.weight", head):
+                if _is_norm(module) and not is_head_param(f"{name}.weight", head):
                     for param in module.parameters():
                         param.requires_grad = True
         return model

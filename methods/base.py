@@ -162,11 +162,20 @@ def get_method(name: str) -> Method:
 
 
 HeadSpec = str | Sequence[str]
+CAUSAL_LM = "causal_lm"  # conf/model/family/*.yaml `kind` of a decoder LM scored through its LM head (bench/lm.py)
+
+
+def is_causal_lm(model_cfg: Any) -> bool:
+    """True for a causal LM (no task head; peft's CAUSAL_LM task type); False for a sequence classifier."""
+    return str(model_cfg.get("kind") or "classifier") == CAUSAL_LM
 
 
 def head_modules(model_cfg: Any) -> tuple[str, ...]:
-    """The task head's module names from a model config (conf/model/family/*.yaml `head`: a list, or one name)."""
-    head = model_cfg.get("head") or "classifier"
+    """The task head's module names from a model config (conf/model/family/*.yaml `head`: a list, or one name;
+    an empty list: no task head, as for a causal LM whose pre-trained LM head scores the answers)."""
+    head = model_cfg.get("head")
+    if head is None:
+        head = "classifier"
     return (str(head),) if isinstance(head, str) else tuple(str(h) for h in head)
 
 
@@ -187,7 +196,7 @@ def is_head_param(name: str, head: HeadSpec) -> bool:
     dot-separated components (`classifier`, `pooler`; also under peft's wrappers, …classifier.modules_to_save…).
     The one place that decides what the head is (counts, freezing, gradient checks, analysis)."""
     heads = (head,) if isinstance(head, str) else head
-    return any(f".{h}." in f".{name}." for h in heads)
+    return bool(heads) and any(f".{h}." in f".{name}." for h in heads)
 
 
 def param_count(param: torch.Tensor) -> int:
@@ -217,5 +226,6 @@ def tensor_bytes(model: nn.Module) -> int:
     return total
 
 
-__all__ = ["AttachContext", "Method", "REGISTRY", "register", "get_method", "freeze_all_but_head", "head_modules",
+__all__ = ["CAUSAL_LM", "is_causal_lm",
+           "AttachContext", "Method", "REGISTRY", "register", "get_method", "freeze_all_but_head", "head_modules",
            "decays", "is_head_param", "count_params", "param_count", "tensor_bytes"]

@@ -41,6 +41,11 @@ class BitFit(Method):
     rank_meaning = None
     edits_in_place = True
 
+    def validate_model(self, model_cfg: Any) -> None:
+        if model_cfg.get("biases") is False:  # conf/model/family/*.yaml: e.g. Llama has no bias terms
+            raise BenchError(f"bitfit cannot apply to model '{model_cfg.get('name')}' ({model_cfg.get('family')} "
+                             "family): it has no bias terms to train; pick another method (e.g. method=lora or ia3)")
+
     def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
         head = head_modules(ctx.model_cfg)
         freeze_all_but_head(model, head)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from peft import IA3Config, TaskType
+from peft import IA3Config
 
 from methods.base import AttachContext, register
-from methods.peft_common import PeftMethod
+from methods.peft_common import PeftMethod, task_type
 
 
 def layer_regex(layers: str, names: list[str]) -> str:
@@ -36,7 +36,7 @@ class IA3(PeftMethod):
 
     def peft_config(self, cfg: Any, ctx: AttachContext) -> IA3Config:
         layers = str(ctx.model_cfg.layers)
-        return IA3Config(task_type=TaskType.SEQ_CLS,
+        return IA3Config(task_type=task_type(ctx.model_cfg),
                          target_modules=layer_regex(layers, list(cfg.target_modules)),
                          feedforward_modules=layer_regex(layers, list(cfg.feedforward_modules)),
                          init_ia3_weights=True)

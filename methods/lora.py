@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from peft import LoraConfig, TaskType
+from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from methods.base import AttachContext, register
 from methods.errors import BenchError
-from methods.peft_common import PeftMethod
+from methods.peft_common import PeftMethod, task_type
 
 
 @register
@@ -52,7 +52,7 @@ class Lora(PeftMethod):
     def peft_config(self, cfg: Any, ctx: AttachContext) -> LoraConfig:
         eff = self.effective_config(dict(cfg), ctx.rank)
         return LoraConfig(
-            task_type=TaskType.SEQ_CLS,
+            task_type=task_type(ctx.model_cfg),
             r=eff["r"],
             lora_alpha=eff["lora_alpha"],
             lora_dropout=float(cfg.dropout),

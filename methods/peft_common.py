@@ -8,11 +8,17 @@ import re
 from pathlib import Path
 from typing import Any
 
-from peft import PeftConfig, PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 
-from methods.base import AttachContext, Method, head_modules
+from methods.base import AttachContext, Method, head_modules, is_causal_lm
 from methods.errors import BenchError
+
+
+def task_type(model_cfg: Any) -> TaskType:
+    """peft's task type for the model: CAUSAL_LM for a decoder LM (no head; labels shifted by the model), SEQ_CLS for
+    a classifier (peft adds its `classifier`/`score` to modules_to_save)."""
+    return TaskType.CAUSAL_LM if is_causal_lm(model_cfg) else TaskType.SEQ_CLS
 
 
 class PeftMethod(Method):
@@ -28,7 +34,7 @@ class PeftMethod(Method):
 
     def attach_config(self, model: nn.Module, peft_cfg: PeftConfig, ctx: AttachContext) -> nn.Module:
         """`get_peft_model` with this peft config, the task head trained in full; one line when nothing matches."""
-        peft_cfg.modules_to_save = list(head_modules(ctx.model_cfg))
+        peft_cfg.modules_to_save = list(head_modules(ctx.model_cfg)) or None
         try:
             return get_peft_model(model, peft_cfg)
         except ValueError as exc:  # e.g. "Target modules {...} not found in the base model"

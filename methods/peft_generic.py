@@ -2,7 +2,7 @@
 `peft.*Config` class) is registered here as a method, with no Python of its own.
 
 The yaml holds:
-- `peft_config`: the peft config class (`VeraConfig`, `LoHaConfig`, ...), built with `task_type=SEQ_CLS`;
+- `peft_config`: the peft config class (`VeraConfig`, `LoHaConfig`, ...), built with the model's peft task type;
 - `peft_args`: its constructor arguments (target modules from conf/model, e.g. `${model.lora_targets}`);
 - `facts`: what the registry says about the method (methods/base.py `Method`): `label`, `summary` (what trains,
   for README's table), `rank_meaning` (null: `rank` is ignored and left out of the run's identity), `rank_fills`
@@ -25,14 +25,14 @@ from typing import Any, ClassVar
 
 import peft
 from omegaconf import OmegaConf
-from peft import PeftConfig, PeftModel, TaskType
+from peft import PeftConfig, PeftModel
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 from methods.base import REGISTRY, AttachContext
 from methods.errors import BenchError
 from methods.lora import LORA_INITS, LoraInit
-from methods.peft_common import PeftMethod
+from methods.peft_common import PeftMethod, task_type
 from methods.prompt import read_real_first_token
 
 METHOD_CONF = Path(__file__).resolve().parent.parent / "conf" / "method"
@@ -71,7 +71,7 @@ class GenericPeftMethod(PeftMethod):
                                     else dict(cfg), ctx.rank)
         config_class = getattr(peft, self.peft_config_class)
         try:
-            return config_class(task_type=TaskType.SEQ_CLS, **eff["peft_args"])
+            return config_class(task_type=task_type(ctx.model_cfg), **eff["peft_args"])
         except (TypeError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BenchError(f"method '{self.name}': {self.peft_config_class}({eff['peft_args']}) failed: {first}; "

@@ -27,12 +27,12 @@ import types
 from pathlib import Path
 from typing import Any
 
-from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType
+from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit
 from torch import nn
 
-from methods.base import AttachContext, register
+from methods.base import AttachContext, is_causal_lm, register
 from methods.errors import BenchError
-from methods.peft_common import PeftMethod
+from methods.peft_common import PeftMethod, task_type
 
 _INITS = {"random": PromptTuningInit.RANDOM, "sample_vocab": PromptTuningInit.SAMPLE_VOCAB,
           "text": PromptTuningInit.TEXT}
@@ -92,7 +92,7 @@ class PromptTuning(VirtualTokens):
             if not ctx.tokenizer_path:
                 raise BenchError("prompt_tuning: init=text needs the tokenizer's path in the attach context")
             kwargs = {"prompt_tuning_init_text": str(cfg.init_text), "tokenizer_name_or_path": ctx.tokenizer_path}
-        return PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=int(eff["num_virtual_tokens"]),
+        return PromptTuningConfig(task_type=task_type(ctx.model_cfg), num_virtual_tokens=int(eff["num_virtual_tokens"]),
                                   prompt_tuning_init=_INITS[eff["init"]], **kwargs)
 
 
@@ -117,7 +117,7 @@ class PrefixTuning(VirtualTokens):
         kwargs: dict[str, Any] = {}
         if eff["prefix_projection"]:
             kwargs["encoder_hidden_size"] = int(cfg.encoder_hidden_size)
-        return PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=int(eff["num_virtual_tokens"]),
+        return PrefixTuningConfig(task_type=task_type(ctx.model_cfg), num_virtual_tokens=int(eff["num_virtual_tokens"]),
                                   prefix_projection=bool(eff["prefix_projection"]), **kwargs)
 
     def adapt(self, model: PeftModel, ctx: AttachContext) -> PeftModel:
@@ -139,6 +139,8 @@ class SkipVirtualTokens:
 def read_real_first_token(model: PeftModel, model_cfg: Any) -> PeftModel:
     """Make the head module that reads the first position (`model_cfg.first_token_reader`) read the real first
     token (module docstring). The outermost match is hooked: peft's wrapper where the module trains as head."""
+    if is_causal_lm(model_cfg):  # a causal LM reads the answer's positions, after the real sequence
+        return model
     reader = str(model_cfg.get("first_token_reader") or "")
     modules = [m for name, m in model.named_modules() if reader and f".{name}".endswith(f".{reader}")]
     if not modules:

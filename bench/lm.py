@@ -1,0 +1,193 @@
+"""Tasks as text for causal LMs (model kind `causal_lm`): prompt -> answer, trained with the LM's own loss and
+scored by the likelihood of each label's answer.
+
+- The prompt: the task's `prompt.template` (conf/task/<name>.yaml) with the row's text fields, wrapped in the
+  tokenizer's chat template as a user turn when it has one (`lm.chat_template: auto`), so the answer is the
+  assistant's reply; without a chat template the answer follows the prompt after a space.
+- Training: prompt + answer + end-of-sequence token; `lm.loss_on: answer` masks the prompt out of the loss
+  (labels -100), `all` trains on every token. This changes results, so it is a knob and part of the identity.
+- Evaluation (`lm.eval_mode: loglik`): each example is scored against every label's answer; a label's score is the
+  sum of the log-probabilities of its answer tokens after the prompt (lm-evaluation-harness's multiple-choice
+  `acc`). The prediction is the best-scoring label, so the GLUE metrics are computed as for a classifier, from
+  a scores array (examples x labels) that plays the logits' part (and `merged_max_abs_logit_diff` compares them).
+  `eval_loss` is the gold answer's mean negative log-likelihood per answer token (nats).
+- Zero-shot: the same evaluation on the pre-trained model before anything attaches (the runner records it).
+
+A prompt longer than `budget.max_seq_len` (with its answer) loses tokens from its middle, so the instruction at its
+start and the question at its end survive; the data info counts such rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from transformers import DataCollatorForSeq2Seq
+
+from bench import BenchError
+
+IGNORE = -100  # label id the loss skips
+
+
+@dataclass(frozen=True)
+class Prompting:
+    """How a task becomes text for one tokenizer."""
+
+    template: str
+    answers: tuple[str, ...]  # class id -> answer text
+    chat: bool  # wrap the prompt in the tokenizer's chat template
+    loss_on: str  # answer | all
+
+    def prompt(self, tokenizer, text_a: str, text_b: str | None) -> str:
+        user = self.template.format(text_a=text_a, text_b=text_b if text_b is not None else "")
+        if self.chat:
+            return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                                 add_generation_prompt=True)
+        return user
+
+    def answer(self, k: int) -> str:
+        return self.answers[k] if self.chat else " " + self.answers[k]
+
+
+def prompting(task_cfg: Any, lm_cfg: Any, tokenizer, task_name: str) -> Prompting:
+    """The task's prompting for this tokenizer; BenchError for a task that has no answers as text (regression)."""
+    prompt = task_cfg.get("prompt")
+    if not prompt or not prompt.get("answers"):
+        raise BenchError(f"task '{task_name}' has no answers as text (conf/task/{task_name}.yaml `prompt`): a causal "
+                         "LM cannot be scored on it; pick a classification task (e.g. task=sst2)")
+    answers = tuple(str(a) for a in prompt.answers)
+    if len(answers) != int(task_cfg.num_labels):
+        raise BenchError(f"task '{task_name}': prompt.answers has {len(answers)} texts for {task_cfg.num_labels} "
+                         "labels; give one answer per class id, in class-id order")
+    if len(set(answers)) != len(answers):
+        raise BenchError(f"task '{task_name}': prompt.answers {list(answers)} repeat a text; each label needs its own")
+    chat = str(lm_cfg.chat_template)
+    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat == "auto" else chat == "true"
+    if use_chat and not getattr(tokenizer, "chat_template", None):
+        raise BenchError("lm.chat_template=true but the tokenizer has no chat template; use auto or false")
+    return Prompting(str(prompt.template), answers, use_chat, str(lm_cfg.loss_on))
+
+
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def _fit(prompt: list[int], room: int) -> tuple[list[int], bool]:
+    """The prompt cut to `room` tokens by dropping its middle (True when cut)."""
+    if len(prompt) <= room:
+        return prompt, False
+    head = room // 2
+    return prompt[:head] + prompt[len(prompt) - (room - head):], True
+
+
+def encode(df: pd.DataFrame, tokenizer, pr: Prompting, max_seq_len: int) -> tuple[list[dict], int]:
+    """(features, rows whose prompt was cut). A feature: the prompt's ids, every answer's ids and the gold label;
+    `train_features` and the choice collator build sequences from them."""
+    answers = [_ids(tokenizer, pr.answer(k), False) for k in range(len(pr.answers))]
+    longest = max(len(a) for a in answers) + 1  # + end of sequence
+    if longest >= max_seq_len:
+        raise BenchError(f"budget.max_seq_len={max_seq_len} leaves no room for a prompt before the answers")
+    text_b = df["text_b"].tolist() if not df["text_b"].isna().all() else [None] * len(df)
+    features, cut = [], 0
+    for a, b, label in zip(df["text_a"].tolist(), text_b, df["label"].tolist()):
+        ids, was_cut = _fit(_ids(tokenizer, pr.prompt(tokenizer, a, b), not pr.chat), max_seq_len - longest)
+        cut += was_cut
+        features.append({"prompt_ids": ids, "answer_ids": answers, "label": int(label)})
+    return features, cut
+
+
+def train_features(features: list[dict], tokenizer, pr: Prompting) -> list[dict]:
+    """Prompt + gold answer + end of sequence, with labels masked to the answer (`loss_on=answer`) or not."""
+    eos = [tokenizer.eos_token_id]
+    out = []
+    for f in features:
+        answer = f["answer_ids"][f["label"]] + eos
+        ids = f["prompt_ids"] + answer
+        labels = ([IGNORE] * len(f["prompt_ids"]) + answer) if pr.loss_on == "answer" else list(ids)
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return out
+
+
+def train_loader(features: list[dict], tokenizer, batch_size: int, seed: int) -> DataLoader:
+    """Shuffled by `seed`; right padding, padded labels ignored (transformers' seq2seq collator pads both)."""
+    tokenizer.padding_side = "right"
+    return DataLoader(features, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
+                      collate_fn=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE,
+                                                        return_tensors="pt"))
+
+
+class ChoiceCollator:
+    """A batch of examples as every (example, label) sequence: prompt + that label's answer, right-padded.
+    `answer_mask` marks the answer tokens; `labels` holds the gold class ids (one per example).
+    Where every answer is one token, the batch is the prompts alone, left-padded, with `answer_ids`: one forward
+    pass per example gives every label's score at the last position (the same quantity, K times cheaper)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        if all(len(a) == 1 for a in features[0]["answer_ids"]):
+            return self._prompts_only(features)
+        seqs, masks = [], []
+        for f in features:
+            for answer in f["answer_ids"]:
+                seqs.append(f["prompt_ids"] + answer)
+                masks.append([0] * len(f["prompt_ids"]) + [1] * len(answer))
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(seqs), width), dtype=torch.long)
+        answer_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+        for i, (s, m) in enumerate(zip(seqs, masks)):
+            ids[i, :len(s)] = torch.tensor(s)
+            attn[i, :len(s)] = 1
+            answer_mask[i, :len(m)] = torch.tensor(m, dtype=torch.bool)
+        return {"input_ids": ids, "attention_mask": attn, "answer_mask": answer_mask,
+                "labels": torch.tensor([f["label"] for f in features]),
+                "n_choices": torch.tensor(len(features[0]["answer_ids"]))}
+
+
+    def _prompts_only(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(f["prompt_ids"]) for f in features)
+        ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(features), width), dtype=torch.long)
+        for i, f in enumerate(features):  # left padding: every prompt ends at the last position
+            ids[i, width - len(f["prompt_ids"]):] = torch.tensor(f["prompt_ids"])
+            attn[i, width - len(f["prompt_ids"]):] = 1
+        return {"input_ids": ids, "attention_mask": attn, "answer_mask": torch.zeros_like(ids, dtype=torch.bool),
+                "answer_ids": torch.tensor([a[0] for a in features[0]["answer_ids"]]),
+                "labels": torch.tensor([f["label"] for f in features]), "n_choices": torch.tensor(0)}
+
+
+def dev_loader(features: list[dict], tokenizer, batch_size: int) -> DataLoader:
+    return DataLoader(features, batch_size=batch_size, shuffle=False, collate_fn=ChoiceCollator(tokenizer.pad_token_id))
+
+
+def is_choice_batch(batch: dict) -> bool:
+    return "answer_mask" in batch
+
+
+def score_choices(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores: examples x labels, the sum of each answer's token log-probabilities; the gold answer's mean
+    negative log-likelihood per token, per example). Methods that prepend virtual tokens (prompt tuning) return
+    logits for them too: only the last `width` positions are the sequence's."""
+    ids, answer_mask = batch["input_ids"], batch["answer_mask"]
+    if "answer_ids" in batch:  # one-token answers: the prompts alone, left-padded (ChoiceCollator)
+        # Left padding shifts a sequence's positions uniformly; rotary attention depends on relative positions only.
+        last = model(input_ids=ids, attention_mask=batch["attention_mask"], logits_to_keep=1).logits[:, -1]
+        scores = last.float().log_softmax(-1)[:, batch["answer_ids"]]
+        return scores, -scores.gather(1, batch["labels"].unsqueeze(1)).squeeze(1)
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, -ids.shape[1]:]
+    # the token at position t is predicted at t - 1
+    target_mask = answer_mask[:, 1:]
+    picked = logits[:, :-1][target_mask].float().log_softmax(-1)
+    token_lp = picked.gather(-1, ids[:, 1:][target_mask].unsqueeze(-1)).squeeze(-1)
+    rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(target_mask)[target_mask]
+    seq_lp = torch.zeros(ids.shape[0], device=ids.device).index_add_(0, rows, token_lp)
+    n_tokens = target_mask.sum(1).clamp(min=1)
+    k = int(batch["n_choices"])
+    scores = seq_lp.view(-1, k)
+    gold = batch["labels"]
+    gold_nll = -(seq_lp / n_tokens).view(-1, k).gather(1, gold.unsqueeze(1)).squeeze(1)
+    return scores, gold_nll
