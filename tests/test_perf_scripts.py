@@ -26,11 +26,14 @@ def test_perf_overhead_quick_trains_all_three_ways_on_the_same_batches(capsys):
 @pytest.mark.slow
 @needs_glue
 def test_perf_gpu_script_runs_and_skips_what_cannot_run_here(tmp_path, capsys):
-    perf_gpu.main(["--out", str(tmp_path), "--models", "tiny-bert", "--methods", "full,lora,qlora", "--steps", "4",
-                   "--batch-size", "8", "measure.latency_iters=3", "measure.latency_max_warmup_s=0.5",
+    perf_gpu.main(["--out", str(tmp_path), "--models", "tiny-bert,tiny-llama", "--methods", "full,lora,qlora",
+                   "--llm-methods", "lora,qlora", "--steps", "4", "--batch-size", "8", "lm.gen_iters=2",
+                   "lm.gen_new_tokens=4", "lm.gen_prompt_len=16", "measure.latency_iters=3",
+                   "measure.latency_max_warmup_s=0.5",
                    "measure.latency_batch_size=4", "measure.latency_seq_len=16", "budget.eval_samples=32"])
     summary = (tmp_path / "summary.md").read_text()
     assert "| tiny-bert | full | ok |" in summary and "| tiny-bert | lora | ok |" in summary
+    assert "| tiny-llama | lora | ok |" in summary  # a causal LM, with its decode speed
     assert "qlora" in summary  # run on a GPU with bitsandbytes, or a note saying why it was skipped
 
 

