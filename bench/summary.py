@@ -43,6 +43,12 @@ def print_summary(rec: dict, path: Path) -> None:
         f"  train {rec['train']['steps']} steps in {rec['train']['wall_s']:.1f} s, "
         f"{rec['train_samples_per_s']:.1f} samples/s; {peak_label} during training {_fmt_bytes(peak)}",
     ]
+    if "zero_shot_main_metric_value" in rec:  # a causal LM: the pre-trained model on the same evaluation
+        lines.append(f"  zero-shot (before training) {rec['main_metric']} = {rec['zero_shot_main_metric_value']:.4f}")
+    if rec.get("forgetting"):
+        f = rec["forgetting"]
+        lines.append(f"  forgetting ({f['metric']}): before {f['before']:.4g}, after {f['after']:.4g}, "
+                     f"lost {f['forgetting']:.4g}")
     if rec.get("rank_metrics"):  # one training run evaluated at several ranks (DyLoRA)
         at = ", ".join(f"r={r} {m[rec['main_metric']]:.4f}" for r, m in rec["rank_metrics"].items())
         lines.append(f"  {rec['main_metric']} at each evaluated rank: {at}")
@@ -54,6 +60,13 @@ def print_summary(rec: dict, path: Path) -> None:
             line += f", merged {lat['merged']['p50_ms']:.1f} ms (max |logit diff| {diff:.1e})"
         ratios = [_ratio(lat, name) for name in ("unmerged", "merged") if name in lat]
         lines += [line, f"  latency vs base, per interleaved round (median): {', '.join(ratios)}"]
+    gen = rec.get("generation") or {}
+    if "base" in gen:  # a causal LM's KV-cache generation
+        speeds = ", ".join(f"{name} {gen[name]['prefill_ms']:.1f} ms / {gen[name]['decode_tokens_per_s']:.1f} tok/s"
+                           for name in ("base", "unmerged", "merged")
+                           if name in gen and gen[name]["decode_tokens_per_s"])
+        lines.append(f"  generation (batch {gen['batch_size']}, prompt {gen['prompt_len']}, {gen['new_tokens']} new "
+                     f"tokens) prefill / decode: {speeds}")
     for flag in rec.get("gpu_start", {}).get("flags", []):
         lines.append(f"  WARNING (GPU at run start): {flag}")
     if "adapter_bytes" in rec:
