@@ -89,8 +89,7 @@ def sequential(run_dir, task_b: str, max_steps: int | None = None, train_samples
     p_b = plan(_on_cpu(cfg, _task_conf(task_b), budget))
     data_a = steps.load_data(p_a.task, p_a.cfg)
     data_b = steps.load_data(p_b.task, p_b.cfg, tokenizer=data_a.tokenizer)
-    head = head_modules(cfg.model)
-    output = head[-1]  # the head's output layer (conf/model/family: the last of `head`)
+    head = head_modules(cfg.model)  # empty for a causal LM: its LM head answers both tasks as text, untouched here
 
     def main_metric(model, p, data) -> float:
         return steps.evaluate(model, data.dev_loader, p.task, p.device, p.precision)[0][p.task.main_metric]
@@ -109,14 +108,16 @@ def sequential(run_dir, task_b: str, max_steps: int | None = None, train_samples
     head_a = {path: copy.deepcopy(module) for path, module in model.named_modules()
               if any(path == h or path.endswith(f".{h}") for h in head)}
     steps.seed_everything(int(record["seed"]))
-    set_head(model, {output: _fresh_head(model.get_submodule(output), p_b.task.num_labels)}, p_b.task)
+    if head:  # the head's output layer (conf/model/family: the last of `head`) gets B's labels
+        set_head(model, {head[-1]: _fresh_head(model.get_submodule(head[-1]), p_b.task.num_labels)}, p_b.task)
     n_steps = steps.total_steps(len(data_b.train_loader), p_b.cfg.budget)
     model, _ = steps.attach(p_b, model, n_steps, data_b)
     steps.train_model(p_b, model, data_b.train_loader, n_steps)
     metric_b = main_metric(model, p_b, data_b)
     if method.merges and not method.edits_in_place:
         model = method.merged(model)
-    set_head(model, head_a, p_a.task)
+    if head:
+        set_head(model, head_a, p_a.task)
     after = main_metric(model, p_a, data_a)
     task_a = p_a.task
     return {

@@ -107,9 +107,16 @@ def test_the_prompt_and_lm_knobs_are_not_part_of_an_encoder_runs_identity(make_c
     assert plan(make_cfg(*LLAMA, "lm.loss_on=all")).config_hash != plan(make_cfg(*LLAMA)).config_hash
 
 
+@pytest.fixture(scope="module")
+def causal_run(tmp_path_factory):
+    from tests.conftest import compose_cfg
+
+    return run(compose_cfg(*LLAMA, "method=lora", "rank=4", "lr=1e-2", results_dir=tmp_path_factory.mktemp("runs")))
+
+
 @needs_glue
-def test_a_causal_lm_run_records_zero_shot_scores_and_generation(make_cfg):
-    rec = run(make_cfg(*LLAMA, "method=lora", "rank=4", "lr=1e-2"))
+def test_a_causal_lm_run_records_zero_shot_scores_and_generation(causal_run):
+    rec = causal_run
     assert rec["status"] == "ok", rec.get("error")
     assert rec["model_kind"] == "causal_lm"
     assert rec["trainable_params"] == rec["trainable_params_excl_head"] > 0  # no task head
@@ -123,3 +130,20 @@ def test_a_causal_lm_run_records_zero_shot_scores_and_generation(make_cfg):
     assert "merged_over_base_ratio" in gen and rec["latency"]["seq_len"] == 16  # forward latency = the prefill
     assert rec["data"]["prompt"]["answers"] == ["negative", "positive"]
     assert rec["data"]["prompt"]["example"].startswith("<|im_start|>system")
+
+
+@needs_glue
+def test_sequential_forgetting_runs_on_a_causal_lm(causal_run):
+    """Task A (SST-2) after training on task B (RTE) as text: no head to swap, the LM head answers both."""
+    from analysis.forgetting import sequential
+
+    out = sequential(_run_dir(causal_run), "rte", max_steps=2, train_samples=16)
+    assert out["task_a"] == "sst2" and out["steps_b"] == 2 and 0 <= out["task_b_accuracy"] <= 1
+    assert out["forgetting"] == pytest.approx(out["before"] - out["after"])
+    assert out["before"] == pytest.approx(causal_run["metrics"]["accuracy"])  # the merged run on A, as recorded
+
+
+def _run_dir(record: dict):
+    from pathlib import Path
+
+    return Path(record["config"]["results_dir"]) / record["run_id"]
