@@ -33,6 +33,12 @@ class Full(Method):
 
     def save(self, model: nn.Module, out_dir: Path) -> None:
         # The fine-tuned model *is* the artefact: every tensor, buffers included.
+        # Tied tensors (a causal LM's lm_head.weight is its embed_tokens.weight) are stored once, under the first
+        # name: safetensors refuses shared memory, and loading that name restores both through the tie.
         out_dir.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        state, seen = {}, set()
+        for k, v in model.state_dict().items():
+            if v.data_ptr() not in seen:
+                seen.add(v.data_ptr())
+                state[k] = v.detach().cpu().contiguous()
         save_file(state, str(out_dir / "trainable.safetensors"))
