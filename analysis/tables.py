@@ -418,7 +418,9 @@ def _col(g: pd.DataFrame, name: str) -> pd.Series:
 
 def _fmt_rate(values: pd.Series) -> str:
     v = values.dropna()
-    return DASH if v.empty else f"{v.median():,.0f}"
+    if v.empty:
+        return DASH
+    return f"{v.median():,.0f}" if v.median() >= 100 else f"{v.median():.3g}"
 
 
 def causal_lm_tables(df: pd.DataFrame) -> list[Table]:
