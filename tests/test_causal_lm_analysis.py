@@ -5,6 +5,7 @@ The fast tests build records in the test from the real composed configs (tiny-ll
 tiny-llama runs through the runner is marked slow."""
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -21,9 +22,17 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 VOCAB, HIDDEN = 49152, 64  # conf/model/tiny-llama.yaml
 
 
-def _causal_record(make_cfg, method: str, accuracy: float, *, rank: int | None = None, trainable: int = 3584,
-                   seq: int = 40, extra: tuple[str, ...] = ()) -> dict:
-    p = plan(make_cfg("model=tiny-llama", f"method={method}", *((f"rank={rank}",) if rank else ()), *extra))
+@functools.cache
+def _plan(method: str, rank: int | None):
+    """The real composed config's plan (nothing is written), once per test module: planning takes seconds here."""
+    from tests.conftest import compose_cfg
+
+    return plan(compose_cfg("model=tiny-llama", f"method={method}", *((f"rank={rank}",) if rank else ())))
+
+
+def _causal_record(method: str, accuracy: float, *, rank: int | None = None, trainable: int = 3584,
+                   seq: int = 40) -> dict:
+    p = _plan(method, rank)
     return {
         "schema_version": 1, "run_id": p.run_id, "config_hash": p.config_hash, "status": "ok", "task": "sst2",
         "model": "tiny-llama", "method": method, "rank": p.rank, "seed": 42, "budget": "smoke",
@@ -46,10 +55,10 @@ def _write(root, rec: dict) -> None:
     write_json_atomic(root / rec["run_id"] / RECORD_FILE, json.loads(json.dumps(rec, default=str)))
 
 
-def test_report_shows_causal_lm_runs_in_their_own_section_with_their_figures(make_cfg, tmp_path):
+def test_report_shows_causal_lm_runs_in_their_own_section_with_their_figures(tmp_path):
     runs = tmp_path / "runs"
-    lora = _causal_record(make_cfg, "lora", 0.75, rank=8)
-    full = _causal_record(make_cfg, "full", 0.625, trainable=3_219_776)
+    lora = _causal_record("lora", 0.75, rank=8)
+    full = _causal_record("full", 0.625, trainable=3_219_776)
     for rec in (lora, full):
         _write(runs, rec)
     index = build_report(runs, tmp_path / "report", analyse=False, table=None)
@@ -69,8 +78,8 @@ def test_report_shows_causal_lm_runs_in_their_own_section_with_their_figures(mak
     assert 'id="causal-lm"' in html and "Zero-shot" in html
 
 
-def test_old_records_without_model_kind_are_encoders(make_cfg):
-    causal = _causal_record(make_cfg, "lora", 0.75, rank=8)
+def test_old_records_without_model_kind_are_encoders():
+    causal = _causal_record("lora", 0.75, rank=8)
     old = {k: v for k, v in causal.items() if k not in ("model_kind", "zero_shot_main_metric_value", "generation")}
     old.update(run_id="old-encoder", model="tiny-bert")
     df = to_frame([causal, old])
@@ -101,17 +110,17 @@ def test_estimator_counts_a_llama_shape_and_the_logits_over_the_vocabulary():
     assert doubled["peak_bytes"] - lora["peak_bytes"] > 12 * tokens * VOCAB * 0.99  # the vocabulary term grows
 
 
-def test_record_estimate_for_causal_lm_runs_of_any_method(make_cfg):
-    lora = mem.record_estimate(_causal_record(make_cfg, "lora", 0.7, rank=8, seq=40))
+def test_record_estimate_for_causal_lm_runs_of_any_method():
+    lora = mem.record_estimate(_causal_record("lora", 0.7, rank=8, seq=40))
     arch = mem.resolve_arch("tiny-llama", None)
     by_hand = mem.estimate(arch, mem.Setting(method="lora", rank=8, targets=("q_proj", "v_proj"), batch=8, seq=40,
                                              precision="fp32", fused_attention=False,
                                              optimizer_impl="single_tensor"))
     assert lora["causal_lm"] and lora["estimate_bytes"] == by_hand["peak_bytes"]
     assert lora["measured_rss_bytes"] == 900 * 2**20 and "estimate_over_measured_ratio" not in lora  # CPU: no ratio
-    ia3 = mem.record_estimate(_causal_record(make_cfg, "ia3", 0.7, trainable=384))
+    ia3 = mem.record_estimate(_causal_record("ia3", 0.7, trainable=384))
     assert ia3["parts"]["trainable_params"] == 384 and "frozen base" in ia3["modelled_as"]
-    prompt = mem.record_estimate(_causal_record(make_cfg, "prompt_tuning", 0.7, rank=10, trainable=640, seq=40))
+    prompt = mem.record_estimate(_causal_record("prompt_tuning", 0.7, rank=10, trainable=640, seq=40))
     assert prompt["seq"] == 50 and prompt["estimate_bytes"] > ia3["estimate_bytes"]  # + 10 virtual tokens
 
 
