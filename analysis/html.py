@@ -283,6 +283,10 @@ def write_html(path: Path, *, title: str, generated: str, df: pd.DataFrame, reco
             frame = method_task_frame(t)
             main.append(f"<h3>{_e(t.title)}</h3>" + datatable(frame, table_id=f"main-{len(main)}")
                         + "".join(f'<p class="note">{_e(n)}</p>' for n in t.notes))
+        causal = [f"<h3>{_e(t.title)}</h3>"
+                  + datatable(pd.DataFrame(t.rows, columns=t.header), table_id=f"causal-lm-{i}")
+                  + "".join(f'<p class="note">{_e(n)}</p>' for n in t.notes)
+                  for i, t in enumerate(tables.causal_lm_tables(df))]
         pareto = _pareto_section(ok, work)
         runs_index = pd.DataFrame([{
             "Run": f'<a href="#run-{_slug(r.get("run_id"))}">{_e(r.get("run_id"))}</a>',
@@ -317,6 +321,7 @@ def write_html(path: Path, *, title: str, generated: str, df: pd.DataFrame, reco
 {'<p class="warn">Some runs use a random-init test model: their metrics are meaningless.</p>' if random_init else ''}
 <h2 id="tables">Method × task</h2>
 {''.join(main) or '<p>No ok runs.</p>'}
+{'<h2 id="causal-lm">Causal language models</h2>' + ''.join(causal) if causal else ''}
 <h2 id="reproduction">Reproduction of published results</h2>
 {_reproduction_section(reproductions)}
 <h2 id="pareto">Pareto: metric vs trainable parameters and vs peak memory</h2>

@@ -10,7 +10,10 @@
    beside our runs (`analysis.reproduce`, `--table`), the claims checked with their figures, and the runs that
    failed; `index.html`: the same as one self-contained page to browse (`analysis.html`: sortable tables, the
    reproduction, Pareto plots with filters, claims, failed runs, a section per run).
-Runs of different models or training budgets are reported as separate groups, never mixed.
+Runs of different models or training budgets are reported as separate groups, never mixed; causal-LM runs
+(record `model_kind: causal_lm`) get their own section after the encoders' (`causal_lm_section`): accuracy beside
+the zero-shot score, trainable parameters, peak memory beside the estimator's figure, training and decode tokens/s,
+perplexity forgetting and intruders. Records without `model_kind` are encoders.
 """
 
 from __future__ import annotations
@@ -159,6 +162,54 @@ def intruder_section(part: pd.DataFrame, analyses: dict[str, dict]) -> tuple[str
     return text, pd.DataFrame(curves)
 
 
+def add_memory_estimates(df: pd.DataFrame, records: list[dict]) -> pd.DataFrame:
+    """`memory_estimate_bytes` (bench/memory_estimate.py `record_estimate`) for each ok causal-LM run; left empty
+    where the record cannot be estimated (e.g. its model's config is not available offline)."""
+    from bench.memory_estimate import record_estimate
+
+    estimates = {}
+    for rec in records:
+        if rec.get("status") != "ok" or rec.get("model_kind") != tables.CAUSAL_LM or "effective_config" not in rec:
+            continue
+        try:
+            estimates[rec["run_id"]] = record_estimate(rec)["estimate_bytes"]
+        except (BenchError, KeyError, ValueError, OSError) as exc:
+            print(f"warning: no memory estimate for {rec.get('run_id')}: {exc}", file=sys.stderr)
+    if estimates and "run_id" in df.columns:
+        df = df.assign(memory_estimate_bytes=df["run_id"].map(estimates))
+    return df
+
+
+def causal_lm_section(ok: pd.DataFrame, analyses: dict[str, dict], out: Path) -> list[str]:
+    """Markdown lines for the causal-LM runs: one table per (model, budget), then their intruders and spectrum."""
+    causal = ok[tables.kind_of(ok) == tables.CAUSAL_LM]
+    if causal.empty:
+        return []
+    lines = ["## Causal language models", "",
+             ("Decoder LMs answer each task as text; runs are compared with each other, never with the encoders "
+              "above."), ""]
+    lm_tables = tables.causal_lm_tables(causal)
+    groups = list(causal.groupby(["model", "budget_sig"], dropna=False))
+    for gi, ((model, _sig), part) in enumerate(groups):
+        suffix = "" if len(groups) == 1 else f"_{gi + 1}"
+        budget_desc = str(part["budget_desc"].iloc[0])
+        lines += [f"### {model}, budget {budget_desc}", "",
+                  (f"{len(part)} ok runs; tasks: {', '.join(sorted(part['task'].unique()))}; methods: "
+                   f"{', '.join(sorted(part['method'].unique()))}."), ""]
+        if part.get("model_note") is not None and part["model_note"].notna().any():
+            lines += ["> **Random-init test model: every metric in this group is meaningless** "
+                      "(the group shows that the pipeline works, not how methods compare).", ""]
+        table = next((t for t in lm_tables if t.title == f"Causal LM: {model} · budget {budget_desc}"), None)
+        if table is not None:
+            table.write(out / "tables", f"causal_lm{suffix}")
+            lines += [table.markdown(), "", f"Files: `tables/causal_lm{suffix}.md`, `.csv`, `.tex`.", ""]
+        intr_text, _ = intruder_section(part, analyses)
+        lines += ["#### Intruder dimensions and ΔW spectrum (q, k, v, o, gate, up, down projections)", "",
+                  intr_text.replace("except embeddings, pooler and task head", "except the embeddings and the "
+                                    "LM head (tied to the embeddings)"), ""]
+    return lines
+
+
 def build_report(
     results: str | Path, out: str | Path | None = None, force: bool = False, analyse: bool = True,
     table: str | None = "lora-table2",
@@ -176,8 +227,10 @@ def build_report(
     if df.empty:
         print(f"error: no run records under {results}", file=sys.stderr)
         raise SystemExit(2)
+    df = add_memory_estimates(df, records)
     df.to_csv(out / "runs.csv", index=False)
     ok = tables.ok_frame(df)
+    encoders = ok[tables.kind_of(ok) != tables.CAUSAL_LM]
     failed = df[df["status"] != "ok"]
     analyses = _analysis_files(ok)
 
@@ -190,8 +243,8 @@ def build_report(
         + ". All runs in one table: `runs.csv`.",
         "",
     ]
-    groups = list(ok.groupby(["model", "budget_sig"], dropna=False)) if not ok.empty else []
-    if not groups:
+    groups = list(encoders.groupby(["model", "budget_sig"], dropna=False)) if not encoders.empty else []
+    if ok.empty:
         lines += ["No ok runs: nothing to compare.", ""]
     main_tables = {t.title: t for t in tables.method_task_tables(df)}
     rank_tables = tables.rank_tables(df)
@@ -282,6 +335,8 @@ def build_report(
         ]
         for c in claims.check_all(part):
             lines += [c.markdown()]
+
+    lines += causal_lm_section(ok, analyses, out)
 
     reproductions = reproduce.reproduce(df, reproduce.load_published(table)) if table else []
     for rep in reproductions:

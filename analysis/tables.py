@@ -402,6 +402,111 @@ def rank_tables(df: pd.DataFrame) -> list[Table]:
     return tables
 
 
+CAUSAL_LM = "causal_lm"
+
+
+def kind_of(df: pd.DataFrame) -> pd.Series:
+    """Each run's model kind: `causal_lm` or `classifier` (records without `model_kind` are encoders)."""
+    if "model_kind" not in df.columns:
+        return pd.Series("classifier", index=df.index, dtype=object)
+    return df["model_kind"].astype(object).where(df["model_kind"].notna(), "classifier")
+
+
+def _col(g: pd.DataFrame, name: str) -> pd.Series:
+    return pd.to_numeric(g[name], errors="coerce") if name in g.columns else pd.Series(np.nan, index=g.index)
+
+
+def _fmt_rate(values: pd.Series) -> str:
+    v = values.dropna()
+    if v.empty:
+        return DASH
+    return f"{v.median():,.0f}" if v.median() >= 100 else f"{v.median():.3g}"
+
+
+def causal_lm_tables(df: pd.DataFrame) -> list[Table]:
+    """Per (model, budget) of causal-LM runs: task, method -> accuracy (the task's main metric from label
+    log-likelihood scoring) and the pre-trained model's zero-shot score on the same evaluation, trainable
+    parameters, peak training memory (and the estimator's figure, column `memory_estimate_bytes` when the
+    caller added it), training tokens/s, decode tokens/s with the KV cache (record `generation`), perplexity
+    forgetting (probe `ppl`) and intruder dimensions."""
+    df = ok_frame(df)
+    df = df[kind_of(df) == CAUSAL_LM]
+    out = []
+    for model, budget_desc, part in _groups(df):
+        kinds = sorted(part["memory_kind"].dropna().unique())
+        header = ["Task", "Method", "Accuracy", "Zero-shot", "Trainable params", "Peak train memory (MiB)",
+                  "Estimated peak (MiB)", "Train tokens/s", "Decode tokens/s (unmerged / merged)",
+                  "PPL before → after", "Intruders (ε=0.5)", "Runs"]
+        rows, numbers = [], []
+        groups = part.groupby(["task", "method", "method_label", "rank_key"], dropna=False)
+        for (task, method, label, rank), g in sorted(
+            groups, key=lambda kv: (TASK_ORDER.index(kv[0][0]) if kv[0][0] in TASK_ORDER else 99,
+                                    _method_sort_key(kv[0][1]), kv[0][2], kv[0][3])):
+            metric = METRIC_ABBR.get(g["main_metric"].iloc[0], g["main_metric"].iloc[0])
+            zero = _col(g, "zero_shot_main_metric_value") * 100
+            mem = g["peak_train_memory_bytes"] / 2**20
+            est = _col(g, "memory_estimate_bytes") / 2**20
+            unmerged = _col(g, "generation.unmerged.decode_tokens_per_s")
+            merged = _col(g, "generation.merged.decode_tokens_per_s")
+            ppl = g["forgetting.probe"] == "ppl" if "forgetting.probe" in g else pd.Series(False, index=g.index)
+            before, after = _col(g, "forgetting.before")[ppl], _col(g, "forgetting.after")[ppl]
+            intr = g["intruders"]
+            status = g.get("analysis.status")
+            if intr.notna().any():
+                intr_text = fmt_mean_std(intr, 1) if intr.nunique() > 1 else f"{int(intr.dropna().iloc[0])}"
+            elif status is not None and (status == "n/a").any():
+                intr_text = "n/a"
+            else:
+                intr_text = DASH
+            rows.append([
+                TASK_LABEL.get(task, task),
+                method_label(method, rank if rank >= 0 else np.nan, None, label),
+                f"{fmt_mean_std(g['metric_pct'])} ({metric})",
+                fmt_mean_std(zero),
+                fmt_params(g["trainable_params"].astype(float).median()),
+                fmt_mean_std(mem, 0),
+                fmt_mean_std(est, 0),
+                _fmt_rate(_col(g, "train_tokens_per_s")),
+                f"{_fmt_rate(unmerged)} / {_fmt_rate(merged)}",
+                f"{before.median():.1f} → {after.median():.1f}" if before.notna().any() else DASH,
+                intr_text,
+                str(len(g)),
+            ])
+            numbers.append({
+                "model": model, "budget": budget_desc, "task": task, "method": method, "method_label": label,
+                "rank": rank if rank >= 0 else None, "metric": g["main_metric"].iloc[0],
+                "metric_pct_mean": g["metric_pct"].mean(), "zero_shot_pct_mean": zero.mean(),
+                "trainable_params": g["trainable_params"].astype(float).median(),
+                "peak_train_memory_mib_mean": mem.mean(), "estimated_peak_mib_mean": est.mean(),
+                "train_tokens_per_s_median": _col(g, "train_tokens_per_s").median(),
+                "decode_tokens_per_s_unmerged_median": unmerged.median(),
+                "decode_tokens_per_s_merged_median": merged.median(),
+                "ppl_before_median": before.median(), "ppl_after_median": after.median(),
+                "intruders_mean": intr.mean(), "runs": len(g),
+            })
+        base = _col(part, "generation.base.decode_tokens_per_s")
+        notes = [
+            "Accuracy: the task's main metric x 100, each label scored by the log-likelihood of its answer text "
+            "(mean ± std over seeds); zero-shot: the pre-trained LM scored the same way before training. "
+            "Trainable parameters: a causal LM has no task head, so all of them count.",
+            "Decode: greedy generation with the KV cache, tokens/s (median over runs); "
+            + (f"the base model decodes {base.median():,.0f} tokens/s here. " if base.notna().any() else "")
+            + "PPL: perplexity of the forgetting probe's held-out text before → after fine-tuning (lower is "
+            "better; a rise is ability lost).",
+        ]
+        if kinds:
+            notes.append(f"Memory: {', '.join(kinds)} during training"
+                         + (" (whole process: model, data, Python; the estimate counts tensors only, so it is "
+                            "not comparable on CPU)." if any("CPU" in k for k in kinds) else ".")
+                         + " Estimate: bench/memory_estimate.py (weights, gradients, optimiser states, "
+                         "activations with the logits over the vocabulary).")
+        if part.get("model_note") is not None and part["model_note"].notna().any():
+            notes.append("Random-init test model: the metrics are meaningless.")
+        out.append(Table(f"Causal LM: {model} · budget {budget_desc}", header, rows, set(), notes,
+                         pd.DataFrame(numbers)))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="?", default="results/runs")

@@ -47,6 +47,19 @@ What is counted, in bytes (P = all parameters, T = trainable ones):
       None during the forward pass: zero_grad(set_to_none=True)), and
   (b) gradients + the optimiser step's working memory.
 
+- causal LMs (conf/model/family/llama.yaml, SmolLM2, the Llama presets): parameters counted from the config
+  on the meta device (tied LM head counted once; no task head, so LoRA trains only its adapters); the layers as
+  above with the SwiGLU MLP; and the loss over the vocabulary, usually the largest activation: log_softmax keeps
+  fp32 log-probabilities of every position, 4 bytes x tokens x vocab (kept until the backward pass), and the
+  backward pass starts with two fp32 tokens x vocab gradients at once, 8 bytes x tokens x vocab (the backward
+  working memory when larger than one layer's). Measured on tiny-llama, fp32 on the CPU, with
+  `bench.perf.memory` (live tensor bytes of the suite's loop): full 115.4 MB measured vs 115.8 MB estimated,
+  LoRA 89.4 vs 89.7 MB (batch 4 x 32 tokens, vocabulary 49152). Under autocast the logits are 16-bit before the
+  fp32 cast; that path (CUDA) has not been measured for causal LMs. Tokens are the run's batch x its longest
+  padded batch (`train.max_batch_seq_len`), as every position gets logits even with the loss on the answer only.
+  A run record of another method than full/lora/qlora (IA3, prompt tuning, ...) is modelled as a frozen base with
+  the record's trainable count (`record_setting`).
+
 Not counted: the CUDA context (~0.3-0.6 GiB, outside PyTorch's allocator), cuBLAS workspaces, the caching
 allocator's fragmentation (measured as reserved - allocated), and the data batch. So compare with
 `peak_allocated_bytes`, not with nvidia-smi.
@@ -75,6 +88,12 @@ GPUS_GIB = {"t4": 16, "l4": 24, "rtx4090": 24, "a10g": 24, "a100-40gb": 40, "a10
 PRESETS = {"7b": (4096, 32, 32, 32, 11008, 32000), "13b": (5120, 40, 40, 40, 13824, 32000),
            "70b": (8192, 80, 64, 8, 28672, 32000)}
 NF4_BYTES = 0.5
+# A causal LM's loss over the vocabulary (transformers' ForCausalLMLoss: fp32 logits -> cross entropy), bytes per
+# token x vocabulary entry, measured on tiny-llama with bench.perf.memory (fp32, CPU): log_softmax keeps its fp32
+# output for the backward pass (4); the backward pass starts with two dense fp32 tokens x vocab gradients alive at
+# once (the loss's gradient w.r.t. the log-probabilities and w.r.t. the logits: 8).
+LOGITS_KEPT_BYTES = 4.0
+LOGITS_BACKWARD_BYTES = 8.0
 QUANT_CONST_BYTES = {True: 1 / 64 + 4 / (64 * 256), False: 4 / 64}  # double quantisation on / off
 
 
@@ -166,8 +185,13 @@ def arch_from_model_conf(model_cfg: dict, num_labels: int = 2) -> Arch:
     if model_cfg.get("random_init"):
         cfg = AutoConfig.for_model(model_cfg["family"], num_labels=num_labels, **dict(model_cfg.get("config") or {}))
         return arch_from_config(cfg, model_cfg["name"])
-    folder = package_model_dir(model_cfg["package"], model_cfg.get("package_subdir", "model")) \
+    gguf = model_cfg.get("gguf_file")
+    folder = package_model_dir(model_cfg["package"], model_cfg.get("package_subdir", "model"), gguf) \
         if model_cfg.get("package") else None
+    if folder is not None and gguf:  # a GGUF (SmolLM2): its config from the file's metadata, no dequantising
+        from transformers import AutoConfig
+
+        return arch_from_config(AutoConfig.from_pretrained(str(folder), gguf_file=gguf), model_cfg["name"])
     source = str(folder) if folder else model_cfg.get("hub_id")
     return arch_from_config(_offline_config(source, num_labels), model_cfg["name"])
 
@@ -254,7 +278,8 @@ def optimizer_working_bytes(arch: Arch, method: str, rank: int, targets: Iterabl
     if method == "full":
         return 8.0 * arch.largest_param
     lora = [rank * max(i, o) for i, o in lora_targets(arch, targets)]
-    head = [i * o for n, (i, o, _) in arch.linears.items() if _is_head(n)]
+    # a causal LM's LM head is frozen under LoRA (no task head trains); a classifier's head trains
+    head = [] if arch.causal_lm else [i * o for n, (i, o, _) in arch.linears.items() if _is_head(n)]
     return 8.0 * max(lora + head + [0])
 
 
@@ -271,6 +296,7 @@ class Setting:
     fused_attention: bool = True
     grad_checkpointing: bool = False
     double_quant: bool = True
+    trainable: int | None = None  # a method's own trainable count (record_setting); None: counted for the method
 
 
 def estimate(arch: Arch, s: Setting) -> dict[str, float]:
@@ -279,6 +305,8 @@ def estimate(arch: Arch, s: Setting) -> dict[str, float]:
         raise ValueError(f"method {s.method}: choose one of {METHODS}")
     if s.method == "full":
         trainable = arch.params
+    elif s.trainable is not None:
+        trainable = s.trainable
     else:
         trainable = lora_trainable(arch, s.rank, s.targets) + arch.head_params
     out: dict[str, float] = {"total_params": float(arch.params), "trainable_params": float(trainable)}
@@ -300,43 +328,78 @@ def estimate(arch: Arch, s: Setting) -> dict[str, float]:
     # outside the layers: embeddings (+12 s*b*h); with frozen embeddings nothing before the first adapter is
     # kept, which also trims the first layer (-4 s*b*h, measured)
     outside = (12.0 if s.method == "full" else -4.0) * tokens * arch.hidden \
-        + (8.0 * tokens * arch.vocab if arch.causal_lm else 0.0)
+        + (LOGITS_KEPT_BYTES * tokens * arch.vocab if arch.causal_lm else 0.0)
     if s.grad_checkpointing:
         layers_kept = arch.layers * 4.0 * tokens * arch.hidden + per_layer
     else:
         layers_kept = arch.layers * per_layer
     out["activations_bytes"] = layers_kept + outside
     out["autocast_weight_copies_bytes"] = copies
-    out["backward_working_bytes"] = per_layer
+    # a causal LM's backward starts at the loss over the vocabulary: two fp32 tokens x vocab gradients at once
+    head_working = LOGITS_BACKWARD_BYTES * tokens * arch.vocab if arch.causal_lm else 0.0
+    out["backward_working_bytes"] = max(per_layer, head_working)
     out["optimizer_step_working_bytes"] = optimizer_working_bytes(arch, s.method, s.rank, s.targets, trainable,
                                                                   s.optimizer, s.optimizer_impl)
+    if s.trainable is not None:  # a method's own tensors, shapes unknown here: at most 8 bytes per trainable one
+        out["optimizer_step_working_bytes"] = min(out["optimizer_step_working_bytes"], 8.0 * trainable)
     fixed = out["weights_bytes"] + out["master_weights_bytes"] + out["optimizer_bytes"]
-    backward = max(out["activations_bytes"] + copies, out["gradients_bytes"]) + per_layer
+    backward = max(out["activations_bytes"] + copies, out["gradients_bytes"]) + out["backward_working_bytes"]
     out["peak_bytes"] = fixed + max(backward, out["gradients_bytes"] + out["optimizer_step_working_bytes"])
     out["sum_of_parts_bytes"] = fixed + out["gradients_bytes"] + out["activations_bytes"] + copies
     return out
 
 
-def record_estimate(rec: dict) -> dict[str, Any]:
-    """Estimate vs measured training peak for one ok record of a full/lora/qlora run (measured:
-    memory.train.peak_allocated_bytes, on CUDA only)."""
-    mem = (rec.get("memory") or {}).get("train") or {}
+# Methods that prepend `rank` virtual tokens to every sequence (the activations grow with them).
+VIRTUAL_TOKEN_METHODS = ("prompt_tuning", "p_tuning")
+
+
+def record_setting(rec: dict) -> tuple[Setting, str]:
+    """The estimator's setting for an ok run record, and what the run's method is modelled as.
+
+    full, lora and qlora are modelled as themselves. Any other method (IA3, prompt tuning, DoRA, adapters, ...)
+    is modelled as a frozen base model with the record's own `trainable_params` (weights, gradients and AdamW
+    states exact from that count; activations those of LoRA, i.e. of a frozen base, plus the virtual tokens
+    prompt tuning prepends): the extra activations a method keeps itself (DoRA's norms, adapters' bottlenecks,
+    IA3's scaled copies) are not modelled."""
     eff = rec["effective_config"]
     method_cfg = eff["method"]
-    arch = arch_from_model_conf(eff["model"], num_labels=record_num_labels(rec))
-    st = Setting(method=rec["method"], rank=rec.get("rank") or 8,
+    method = str(rec["method"])
+    seq = int((rec.get("train") or {}).get("max_batch_seq_len") or eff["budget"]["max_seq_len"])
+    trainable = None
+    modelled_as = method
+    if method not in METHODS:
+        trainable = int(rec["trainable_params"])
+        modelled_as = "frozen base + the record's trainable parameters"
+        if method in VIRTUAL_TOKEN_METHODS and rec.get("rank"):
+            seq += int(rec["rank"])
+            modelled_as += f" (+{int(rec['rank'])} virtual tokens)"
+    device_type = str(eff.get("device_type") or "cpu")
+    st = Setting(method=method if method in METHODS else "lora", rank=rec.get("rank") or 8,
                  targets=tuple(method_cfg.get("target_modules") or ()), batch=int(eff["budget"]["batch_size"]),
-                 seq=int(rec["train"].get("max_batch_seq_len") or eff["budget"]["max_seq_len"]),
-                 precision="fp32" if eff["precision"] == "fp32" else "amp",
-                 fused_attention=eff["device_type"] == "cuda",
+                 seq=seq, precision="fp32" if eff["precision"] == "fp32" else "amp",
+                 fused_attention=device_type == "cuda",
                  # bench.train: fused AdamW on CUDA, torch's default (single-tensor) elsewhere
-                 optimizer_impl="fused" if eff["device_type"] == "cuda" else "single_tensor",
+                 optimizer_impl="fused" if device_type == "cuda" else "single_tensor",
                  grad_checkpointing=bool(method_cfg.get("gradient_checkpointing", False)),
-                 double_quant=bool(method_cfg.get("double_quant", True)))
+                 double_quant=bool(method_cfg.get("double_quant", True)), trainable=trainable)
+    return st, modelled_as
+
+
+def record_estimate(rec: dict) -> dict[str, Any]:
+    """Estimate vs measured training peak for one ok record (measured: memory.train.peak_allocated_bytes, on
+    CUDA only; a CPU record's peak RSS is given as `measured_rss_bytes`, not compared: it holds the Python
+    process, the data and the allocator's free lists too). Methods other than full/lora/qlora: `record_setting`."""
+    mem = (rec.get("memory") or {}).get("train") or {}
+    eff = rec["effective_config"]
+    arch = arch_from_model_conf(eff["model"], num_labels=record_num_labels(rec))
+    st, modelled_as = record_setting(rec)
     est = estimate(arch, st)
     row = {"run_id": rec["run_id"], "method": rec["method"], "params": arch.params, "batch": st.batch,
-           "seq": st.seq, "estimate_bytes": est["peak_bytes"], "kind": mem.get("kind")}
+           "seq": st.seq, "estimate_bytes": est["peak_bytes"], "kind": mem.get("kind"), "modelled_as": modelled_as,
+           "causal_lm": arch.causal_lm, "parts": est}
     if mem.get("kind") == "cuda":
         row["measured_bytes"] = mem["peak_allocated_bytes"]
         row["estimate_over_measured_ratio"] = est["peak_bytes"] / mem["peak_allocated_bytes"]
+    elif mem.get("peak_rss_bytes"):
+        row["measured_rss_bytes"] = mem["peak_rss_bytes"]
     return row

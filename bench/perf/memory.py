@@ -103,7 +103,11 @@ def measure(cfg: DictConfig, steps: int) -> dict:
     batch_size, seq = int(cfg.budget.batch_size), int(cfg.budget.max_seq_len)
     model = fresh_model(p, steps)
     batch = latency_batch(model.config.vocab_size, batch_size, seq, device)
-    batch["labels"] = torch.arange(batch_size, device=device) % 2
+    if getattr(model.config, "is_decoder", False) or "ForCausalLM" in type(model).__name__ \
+            or any("ForCausalLM" in type(m).__name__ for m in model.modules()):
+        batch["labels"] = batch["input_ids"].clone()  # a causal LM: next-token loss on every position
+    else:
+        batch["labels"] = torch.arange(batch_size, device=device) % 2
     tracker = TensorBytes(model)
     start = time.perf_counter()
     try:
