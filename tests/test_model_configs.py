@@ -5,50 +5,90 @@ from __future__ import annotations
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from bench import BenchError
 from bench.config import compose_config
 from bench.models import attach_context, load_model
-from methods import REGISTRY
-from methods.base import head_modules, is_head_param
+from methods import REGISTRY, in_display_order
+from methods.base import head_modules, is_causal_lm, is_head_param
 from methods.lora import LoraInit
 from tests.conftest import CONF
-from tests.method_helpers import ALL_METHODS, batch, registry_cases
+from tests.method_helpers import batch, registry_cases
 
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
-FAMILY_KEYS = ("family", "lora_targets", "layers", "ia3_targets", "ia3_feedforward", "attention_output",
-               "ffn_output", "head", "first_token_reader")
 RANDOM = [m for m in MODELS if OmegaConf.load(CONF / "model" / f"{m}.yaml").get("random_init")]
 TINY = [m for m in RANDOM if m.startswith("tiny-")]
 
 
+def _runs_here(method) -> bool:
+    try:
+        method.validate(torch.device("cpu"))
+    except BenchError:
+        return False
+    return True
+
+
+# Every method this machine can run (qlora and loftq need CUDA); whether it applies to a model is the test's to ask.
+ON_CPU = [name for name in in_display_order() if _runs_here(REGISTRY[name])]
+
+
+def _family(name: str) -> dict:
+    """conf/model/family/<name>.yaml with the family yamls it builds on (its defaults list) merged in first."""
+    own = OmegaConf.load(CONF / "model" / "family" / f"{name}.yaml")
+    merged = OmegaConf.create()
+    for parent in own.get("defaults") or []:
+        if parent != "_self_":
+            merged = OmegaConf.merge(merged, _family(str(parent)))
+    return OmegaConf.to_container(OmegaConf.merge(merged, {k: v for k, v in own.items() if k != "defaults"}))
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_model_config_composes_with_its_family_module_names(name):
-    model = compose_config([f"model={name}"]).model
-    family = OmegaConf.load(CONF / "model" / "family" / "bert.yaml")
-    own = OmegaConf.load(CONF / "model" / "family" / f"{model.family}.yaml")
-    family = OmegaConf.merge(family, {k: v for k, v in own.items() if k != "defaults"})
-    assert model.name == name
-    for key in FAMILY_KEYS[1:]:
-        assert model[key] == family[key], (name, key)  # roberta keeps BERT's module names, except its task head
+    """Each model has exactly its own family's module names (roberta: BERT's, except its task head; llama: its own)."""
+    model = OmegaConf.to_container(compose_config([f"model={name}"]).model)
+    family = _family(str(model["family"]))
+    assert model["name"] == name
+    assert {"family", "layers", "head"} <= set(family)
+    for key, value in family.items():
+        assert model[key] == value, (name, key)
 
 
 @pytest.mark.parametrize("model_name", RANDOM)
-@pytest.mark.parametrize("method_name", registry_cases(ALL_METHODS))
+@pytest.mark.parametrize("method_name", registry_cases(ON_CPU))
 def test_every_method_attaches_to_every_random_init_model(model_name, method_name):
+    """Every method attaches to every random-init model, or refuses it at plan time with one line (validate_model:
+    BitFit on bias-free Llama, adaption prompt on encoders)."""
     cfg = compose_config([f"model={model_name}", f"method={method_name}", "rank=4"])
     method = REGISTRY[method_name]
+    try:
+        method.validate_model(cfg.model)
+    except BenchError as exc:
+        assert str(exc).strip() and "\n" not in str(exc)
+        pytest.skip(f"refuses at plan time: {exc}")
+    causal = is_causal_lm(cfg.model)
     ctx = attach_context(cfg.model, 4 if method.uses_rank else None, 2, 10,
-                         calibration=lambda: [batch(i) for i in range(2)])  # EVA, CorDA, LoRA-GA's data pass
+                         calibration=lambda: [_calibration(i, causal) for i in range(2)])  # EVA, CorDA, LoRA-GA
     if model_name not in TINY and isinstance(method, LoraInit):
         pytest.skip("a LoRA initialisation computes from W or data: it needs real tensors, not meta shapes")
     if model_name in TINY:
         torch.manual_seed(0)
         model, _ = load_model(cfg.model, 2)
     else:  # big: shapes only, no memory and no init time
-        config = AutoConfig.for_model(cfg.model.family, num_labels=2, **dict(cfg.model.config))
+        head_kwargs = {} if causal else {"num_labels": 2}
+        config = AutoConfig.for_model(cfg.model.family, **head_kwargs, **dict(cfg.model.config))
         with torch.device("meta"):
-            model = AutoModelForSequenceClassification.from_config(config)
+            model = (AutoModelForCausalLM if causal else AutoModelForSequenceClassification).from_config(config)
     model = method.attach(model, cfg.method, ctx)
     head = head_modules(cfg.model)
     assert any(p.requires_grad for n, p in model.named_parameters() if not is_head_param(n, head))
+
+
+def _calibration(seed: int, causal: bool) -> dict:
+    """A training batch of the model's kind: BERT pairs (token_type_ids), or a causal LM's ids with answer labels."""
+    b = batch(seed)
+    if not causal:
+        return b
+    labels = torch.full_like(b["input_ids"], -100)
+    labels[:, -2:] = b["input_ids"][:, -2:]
+    return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": labels}
