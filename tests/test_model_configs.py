@@ -14,7 +14,7 @@ from methods import REGISTRY, in_display_order
 from methods.base import head_modules, is_causal_lm, is_head_param
 from methods.lora import LoraInit
 from tests.conftest import CONF
-from tests.method_helpers import batch, registry_cases
+from tests.method_helpers import FAST_YAML, batch, registry_cases
 
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 RANDOM = [m for m in MODELS if OmegaConf.load(CONF / "model" / f"{m}.yaml").get("random_init")]
@@ -54,8 +54,20 @@ def test_model_config_composes_with_its_family_module_names(name):
         assert model[key] == value, (name, key)
 
 
-@pytest.mark.parametrize("model_name", RANDOM)
-@pytest.mark.parametrize("method_name", registry_cases(ON_CPU))
+def _attach_cases() -> list:
+    """(model, method) for every random-init model and method. The yaml tuners outside FAST_YAML are slow
+    everywhere (registry_cases); on the big Llama shapes every yaml tuner is: some build their structures per layer
+    even on meta tensors (FourierFT's spectral indices: ~2 min on the 8B shape)."""
+    out = []
+    for model in RANDOM:
+        big_decoder = model not in TINY and model.startswith("llama-")
+        for case in registry_cases(ON_CPU, fast=set() if big_decoder else FAST_YAML):
+            name, marks = (case, ()) if isinstance(case, str) else (case.values[0], case.marks)
+            out.append(pytest.param(model, name, marks=marks, id=f"{name}-{model}"))
+    return out
+
+
+@pytest.mark.parametrize("model_name, method_name", _attach_cases())
 def test_every_method_attaches_to_every_random_init_model(model_name, method_name):
     """Every method attaches to every random-init model, or refuses it at plan time with one line (validate_model:
     BitFit on bias-free Llama, adaption prompt on encoders)."""
