@@ -324,14 +324,7 @@ def rank_tables(df: pd.DataFrame) -> list[Table]:
             ),
         ):
             metric = METRIC_ABBR.get(g["main_metric"].iloc[0], g["main_metric"].iloc[0])
-            intr = g["intruders"]
-            status = g.get("analysis.status")
-            if intr.notna().any():
-                intr_text = fmt_mean_std(intr, 1) if intr.nunique() > 1 else f"{int(intr.dropna().iloc[0])}"
-            elif status is not None and (status == "n/a").any():
-                intr_text = "n/a"
-            else:
-                intr_text = DASH
+            intr_text = _intruders_text(g)
             mem = g["peak_train_memory_bytes"] / 2**20
             rows.append(
                 [
@@ -356,7 +349,7 @@ def rank_tables(df: pd.DataFrame) -> list[Table]:
                     "rank": rank if rank >= 0 else None,
                     "metric": g["main_metric"].iloc[0],
                     "metric_pct_mean": g["metric_pct"].mean(),
-                    "intruders_mean": intr.mean(),
+                    "intruders_mean": g["intruders"].mean(),
                     "forgetting_x100_mean": (g["forgetting_value"] * 100).mean(),
                     "peak_train_memory_mib_mean": mem.mean(),
                     "trainable_params_excl_head": g["trainable_params_excl_head"].median(),
@@ -412,6 +405,18 @@ def kind_of(df: pd.DataFrame) -> pd.Series:
     return df["model_kind"].astype(object).where(df["model_kind"].notna(), "classifier")
 
 
+def _intruders_text(g: pd.DataFrame) -> str:
+    """A group's intruder count: mean ± std over its runs (one value when they agree), "n/a" where the analysis
+    does not apply (weights unchanged), a dash where it has not run."""
+    intr = g["intruders"]
+    status = g.get("analysis.status")
+    if intr.notna().any():
+        return fmt_mean_std(intr, 1) if intr.nunique() > 1 else f"{int(intr.dropna().iloc[0])}"
+    if status is not None and (status == "n/a").any():
+        return "n/a"
+    return DASH
+
+
 def _col(g: pd.DataFrame, name: str) -> pd.Series:
     return pd.to_numeric(g[name], errors="coerce") if name in g.columns else pd.Series(np.nan, index=g.index)
 
@@ -450,14 +455,7 @@ def causal_lm_tables(df: pd.DataFrame) -> list[Table]:
             merged = _col(g, "generation.merged.decode_tokens_per_s")
             ppl = g["forgetting.probe"] == "ppl" if "forgetting.probe" in g else pd.Series(False, index=g.index)
             before, after = _col(g, "forgetting.before")[ppl], _col(g, "forgetting.after")[ppl]
-            intr = g["intruders"]
-            status = g.get("analysis.status")
-            if intr.notna().any():
-                intr_text = fmt_mean_std(intr, 1) if intr.nunique() > 1 else f"{int(intr.dropna().iloc[0])}"
-            elif status is not None and (status == "n/a").any():
-                intr_text = "n/a"
-            else:
-                intr_text = DASH
+            intr_text = _intruders_text(g)
             rows.append([
                 TASK_LABEL.get(task, task),
                 method_label(method, rank if rank >= 0 else np.nan, None, label),
@@ -482,7 +480,7 @@ def causal_lm_tables(df: pd.DataFrame) -> list[Table]:
                 "decode_tokens_per_s_unmerged_median": unmerged.median(),
                 "decode_tokens_per_s_merged_median": merged.median(),
                 "ppl_before_median": before.median(), "ppl_after_median": after.median(),
-                "intruders_mean": intr.mean(), "runs": len(g),
+                "intruders_mean": g["intruders"].mean(), "runs": len(g),
             })
         base = _col(part, "generation.base.decode_tokens_per_s")
         notes = [
