@@ -15,11 +15,12 @@ from analysis import tables
 from analysis.collect import to_frame
 from analysis.report import build_report
 from bench import memory_estimate as mem
+from bench.config import compose_config
 from bench.record import RECORD_FILE, write_json_atomic
 from bench.runner import plan
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-VOCAB, HIDDEN = 49152, 64  # conf/model/tiny-llama.yaml
+VOCAB, HIDDEN = 49152, 128  # conf/model/tiny-llama.yaml
 
 
 @functools.cache
@@ -91,21 +92,25 @@ def test_old_records_without_model_kind_are_encoders():
 
 def test_estimator_counts_a_llama_shape_and_the_logits_over_the_vocabulary():
     arch = mem.resolve_arch("tiny-llama", None)
-    # by hand: embeddings (tied with the LM head, counted once) + 2 layers of q, k, v, o (4 query heads, 2 kv
-    # heads of 16), a SwiGLU MLP (3 x 64 x 128) and two RMSNorms, + the final norm
-    per_layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 64
+    shape = compose_config(["model=tiny-llama"]).model.config
+    h, ffn = int(shape.hidden_size), int(shape.intermediate_size)
+    kv = h // int(shape.num_attention_heads) * int(shape.num_key_value_heads)  # k and v outputs
+    assert HIDDEN == h
+    # by hand: embeddings (tied with the LM head, counted once) + 2 layers of q, k, v, o (grouped-query: k and v
+    # project to kv), a SwiGLU MLP (3 x h x ffn) and two RMSNorms, + the final norm
+    per_layer = h * h + 2 * h * kv + h * h + 3 * h * ffn + 2 * h
     assert arch.causal_lm and arch.head_params == 0
-    assert arch.params == VOCAB * HIDDEN + 2 * per_layer + 64
+    assert arch.params == VOCAB * HIDDEN + 2 * per_layer + h
     setting = mem.Setting(method="lora", rank=8, targets=("q_proj", "v_proj"), batch=4, seq=32, precision="fp32",
                           fused_attention=False, optimizer_impl="single_tensor")
     lora = mem.estimate(arch, setting)
     tokens = 4 * 32
-    assert lora["trainable_params"] == 2 * (8 * (64 + 64) + 8 * (64 + 32))  # q: 64 -> 64, v: 64 -> 32, 2 layers
+    assert lora["trainable_params"] == 2 * (8 * (h + h) + 8 * (h + kv))  # q: h -> h, v: h -> kv, 2 layers
     assert lora["backward_working_bytes"] == 8 * tokens * VOCAB  # two fp32 tokens x vocab gradients
     layers = mem.activation_bytes_per_layer(arch, 4, 32, "fp32", False, lora=True)
     assert lora["activations_bytes"] == 2 * layers + 4 * tokens * VOCAB - 4 * tokens * HIDDEN
-    # the LM head is frozen under LoRA: the largest trainable tensor is a LoRA matrix (8 x 64), not 49152 x 64
-    assert lora["optimizer_step_working_bytes"] == 8 * 8 * 64
+    # the LM head is frozen under LoRA: the largest trainable tensor is a LoRA matrix (8 x h), not 49152 x h
+    assert lora["optimizer_step_working_bytes"] == 8 * 8 * h
     doubled = mem.estimate(arch, mem.Setting(**{**setting.__dict__, "seq": 64}))
     assert doubled["peak_bytes"] - lora["peak_bytes"] > 12 * tokens * VOCAB * 0.99  # the vocabulary term grows
 
