@@ -443,11 +443,16 @@ def causal_lm_tables(df: pd.DataFrame) -> list[Table]:
                   "Estimated peak (MiB)", "Train tokens/s", "Decode tokens/s (unmerged / merged)",
                   "PPL before → after", "Intruders (ε=0.5)", "Runs"]
         rows, numbers = [], []
-        groups = part.groupby(["task", "method", "method_label", "rank_key"], dropna=False)
-        for (task, method, label, rank), g in sorted(
+        # lm.eval_mode (records before it existed scored by log-likelihood): its runs are not pooled with the other's
+        mode_col = "data.prompt.eval_mode"
+        part = part.assign(eval_mode=part[mode_col].fillna("loglik") if mode_col in part else "loglik")
+        groups = part.groupby(["task", "method", "method_label", "rank_key", "eval_mode"], dropna=False)
+        for (task, method, label, rank, mode), g in sorted(
             groups, key=lambda kv: (TASK_ORDER.index(kv[0][0]) if kv[0][0] in TASK_ORDER else 99,
-                                    _method_sort_key(kv[0][1]), kv[0][2], kv[0][3])):
+                                    _method_sort_key(kv[0][1]), kv[0][2], kv[0][3], kv[0][4])):
             metric = METRIC_ABBR.get(g["main_metric"].iloc[0], g["main_metric"].iloc[0])
+            if mode == "generate":
+                metric += ", greedy exact match"
             zero = _col(g, "zero_shot_main_metric_value") * 100
             mem = g["peak_train_memory_bytes"] / 2**20
             est = _col(g, "memory_estimate_bytes") / 2**20
@@ -472,7 +477,7 @@ def causal_lm_tables(df: pd.DataFrame) -> list[Table]:
             ])
             numbers.append({
                 "model": model, "budget": budget_desc, "task": task, "method": method, "method_label": label,
-                "rank": rank if rank >= 0 else None, "metric": g["main_metric"].iloc[0],
+                "rank": rank if rank >= 0 else None, "metric": g["main_metric"].iloc[0], "eval_mode": mode,
                 "metric_pct_mean": g["metric_pct"].mean(), "zero_shot_pct_mean": zero.mean(),
                 "trainable_params": g["trainable_params"].astype(float).median(),
                 "peak_train_memory_mib_mean": mem.mean(), "estimated_peak_mib_mean": est.mean(),
@@ -485,7 +490,9 @@ def causal_lm_tables(df: pd.DataFrame) -> list[Table]:
         base = _col(part, "generation.base.decode_tokens_per_s")
         notes = [
             "Accuracy: the task's main metric x 100, each label scored by the log-likelihood of its answer text "
-            "(mean ± std over seeds); zero-shot: the pre-trained LM scored the same way before training. "
+            "(mean ± std over seeds), or, marked 'greedy exact match' (lm.eval_mode=generate), the label whose answer "
+            "greedy decoding produced exactly (no match counts as wrong); zero-shot: the pre-trained LM scored the "
+            "same way before training. "
             "Trainable parameters: a causal LM has no task head, so all of them count.",
             "Decode: greedy generation with the KV cache, tokens/s (median over runs); "
             + (f"the base model decodes {base.median():,.0f} tokens/s here. " if base.notna().any() else "")

@@ -6,11 +6,16 @@ scored by the likelihood of each label's answer.
   assistant's reply; without a chat template the answer follows the prompt after a space.
 - Training: prompt + answer + end-of-sequence token; `lm.loss_on: answer` masks the prompt out of the loss
   (labels -100), `all` trains on every token. This changes results, so it is a knob and part of the identity.
-- Evaluation (`lm.eval_mode: loglik`): each example is scored against every label's answer; a label's score is the
-  sum of the log-probabilities of its answer tokens after the prompt (lm-evaluation-harness's multiple-choice
+- Evaluation, `lm.eval_mode: loglik` (default): each example is scored against every label's answer; a label's score
+  is the sum of the log-probabilities of its answer tokens after the prompt (lm-evaluation-harness's multiple-choice
   `acc`). The prediction is the best-scoring label, so the GLUE metrics are computed as for a classifier, from
   a scores array (examples x labels) that plays the logits' part (and `merged_max_abs_logit_diff` compares them).
   `eval_loss` is the gold answer's mean negative log-likelihood per answer token (nats).
+- Evaluation, `lm.eval_mode: generate`: the model decodes greedily from the prompt (KV cache, at most the longest
+  answer plus its end-of-sequence token) and a label is predicted only when the decoded tokens, up to the first
+  end-of-sequence, are exactly that label's answer tokens. Anything else counts as wrong and is counted in
+  `no_answer_fraction`. The scores array is then a match indicator (1 for the matched label), so the merged-vs-
+  unmerged difference is 0 when both decode the same answers. `eval_loss` is the same teacher-forced gold NLL.
 - Zero-shot: the same evaluation on the pre-trained model before anything attaches (the runner records it).
 
 A prompt longer than `budget.max_seq_len` (with its answer) loses tokens from its middle, so the instruction at its
@@ -130,6 +135,9 @@ class ChoiceCollator:
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         if all(len(a) == 1 for a in features[0]["answer_ids"]):
             return self._prompts_only(features)
+        return self._choices(features)
+
+    def _choices(self, features: list[dict]) -> dict[str, torch.Tensor]:
         seqs, masks = [], []
         for f in features:
             for answer in f["answer_ids"]:
@@ -147,25 +155,87 @@ class ChoiceCollator:
                 "labels": torch.tensor([f["label"] for f in features]),
                 "n_choices": torch.tensor(len(features[0]["answer_ids"]))}
 
-
     def _prompts_only(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(f["prompt_ids"]) for f in features)
-        ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(features), width), dtype=torch.long)
-        for i, f in enumerate(features):  # left padding: every prompt ends at the last position
-            ids[i, width - len(f["prompt_ids"]):] = torch.tensor(f["prompt_ids"])
-            attn[i, width - len(f["prompt_ids"]):] = 1
+        ids, attn = left_padded([f["prompt_ids"] for f in features], self.pad_id)
         return {"input_ids": ids, "attention_mask": attn, "answer_mask": torch.zeros_like(ids, dtype=torch.bool),
                 "answer_ids": torch.tensor([a[0] for a in features[0]["answer_ids"]]),
                 "labels": torch.tensor([f["label"] for f in features]), "n_choices": torch.tensor(0)}
 
 
-def dev_loader(features: list[dict], tokenizer, batch_size: int) -> DataLoader:
-    return DataLoader(features, batch_size=batch_size, shuffle=False, collate_fn=ChoiceCollator(tokenizer.pad_token_id))
+def left_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) with every sequence ending at the last position."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        attn[i, width - len(s):] = 1
+    return ids, attn
+
+
+class GenerateCollator(ChoiceCollator):
+    """The choice batch (for the teacher-forced `eval_loss`) plus the prompts left-padded for greedy decoding
+    (`gen_*`): `gen_answers` holds every label's answer tokens, padded with -100, `gen_eos` the stop token, `gen_pad`
+    the padding."""
+
+    def __init__(self, pad_id: int, eos_id: int):
+        super().__init__(pad_id)
+        self.eos_id = eos_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = super().__call__(features)
+        batch["gen_input_ids"], batch["gen_attention_mask"] = left_padded([f["prompt_ids"] for f in features],
+                                                                          self.pad_id)
+        answers = features[0]["answer_ids"]
+        batch["gen_answers"] = torch.full((len(answers), max(len(a) for a in answers)), IGNORE, dtype=torch.long)
+        for k, a in enumerate(answers):
+            batch["gen_answers"][k, :len(a)] = torch.tensor(a)
+        batch["gen_eos"], batch["gen_pad"] = torch.tensor(self.eos_id), torch.tensor(self.pad_id)
+        return batch
+
+
+def dev_loader(features: list[dict], tokenizer, batch_size: int, eval_mode: str = "loglik") -> DataLoader:
+    collate = (GenerateCollator(tokenizer.pad_token_id, tokenizer.eos_token_id) if eval_mode == "generate"
+               else ChoiceCollator(tokenizer.pad_token_id))
+    return DataLoader(features, batch_size=batch_size, shuffle=False, collate_fn=collate)
 
 
 def is_choice_batch(batch: dict) -> bool:
     return "answer_mask" in batch
+
+
+def is_generate_batch(batch: dict) -> bool:
+    return "gen_input_ids" in batch
+
+
+def greedy_answers(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> list[tuple[int, ...]]:
+    """Each prompt's greedy continuation (KV cache), at most the longest answer + 1 tokens, cut before the first
+    end-of-sequence token."""
+    prompt, eos = batch["gen_input_ids"], int(batch["gen_eos"])
+    out = model.generate(input_ids=prompt, attention_mask=batch["gen_attention_mask"], do_sample=False,
+                         max_new_tokens=batch["gen_answers"].shape[1] + 1, eos_token_id=eos,
+                         pad_token_id=int(batch["gen_pad"]))
+    return [tuple(toks[:toks.index(eos)] if eos in toks else toks) for toks in out[:, prompt.shape[1]:].tolist()]
+
+
+def generate_choices(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Greedy decoding scored by exact match: examples x labels, 1 where the decoded answer (up to the first
+    end-of-sequence token) is exactly that label's answer tokens. A row matching no label gets -1 at its gold label
+    and 0 elsewhere, so that its prediction (the arg-max) is a wrong label: no answer counts as a wrong answer."""
+    answers = [tuple(a[a != IGNORE].tolist()) for a in batch["gen_answers"]]
+    decoded = greedy_answers(model, batch)
+    scores = torch.zeros((len(decoded), len(answers)))
+    for i, toks in enumerate(decoded):
+        if toks in answers:
+            scores[i, answers.index(toks)] = 1.0
+        else:
+            scores[i, int(batch["labels"][i])] = -1.0
+    return scores.to(batch["gen_input_ids"].device)
+
+
+def no_answer_fraction(scores) -> float:
+    """The share of rows whose greedy answer matched no label (`generate_choices`' rows without a 1)."""
+    return float((scores.max(1) < 1).mean())
 
 
 def score_choices(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -62,6 +62,7 @@ class Measure(_Strict):
 class LM(_Strict):
     chat_template: Literal["auto", "true", "false"]
     loss_on: Literal["answer", "all"]
+    eval_mode: Literal["loglik", "generate"]
     eval_batch_size: int = Field(gt=0)
     generation: bool
     gen_batch_size: int = Field(gt=0)

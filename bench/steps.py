@@ -92,10 +92,11 @@ def load_data(task: Task, cfg: DictConfig, tokenizer=None, rows: Rows | None = N
         train_features = lm.train_features(encoded, tokenizer, pr)
         tokenize_s = time.perf_counter() - start
         dev_features, dev_cut = lm.encode(dev_df, tokenizer, pr, int(budget.max_seq_len))
-        dev_loader = lm.dev_loader(dev_features, tokenizer, int(cfg.lm.eval_batch_size))
+        dev_loader = lm.dev_loader(dev_features, tokenizer, int(cfg.lm.eval_batch_size), str(cfg.lm.eval_mode))
         first = dev_df.iloc[0]
         example = pr.prompt(tokenizer, str(first["text_a"]), None if pd.isna(first["text_b"]) else str(first["text_b"]))
-        info.update(prompt={"chat_template": pr.chat, "loss_on": pr.loss_on, "answers": list(pr.answers),
+        info.update(prompt={"chat_template": pr.chat, "loss_on": pr.loss_on, "eval_mode": str(cfg.lm.eval_mode),
+                            "answers": list(pr.answers),
                             "example": example}, prompts_cut={"train": train_cut, "dev": dev_cut})
     else:
         train_features = tokenize(train_df, tokenizer, budget.max_seq_len)
@@ -202,7 +203,10 @@ def evaluate(model: nn.Module, loader, task: Task, device: torch.device, precisi
     """(the task's metrics and eval_loss on `loader`, the logits)."""
     logits, labels, loss = predict(model, loader, device, precision)
     preds = to_predictions(logits, task.is_regression)
-    return {**glue_metrics.compute(list(task.metrics), preds, labels), "eval_loss": loss}, logits
+    metrics = {**glue_metrics.compute(list(task.metrics), preds, labels), "eval_loss": loss}
+    if isinstance(getattr(loader, "collate_fn", None), lm.GenerateCollator):  # lm.eval_mode=generate
+        metrics["no_answer_fraction"] = lm.no_answer_fraction(logits)
+    return metrics, logits
 
 
 def evaluate_rank_variants(p: Plan, model: nn.Module, loader) -> dict[str, dict[str, float]]:

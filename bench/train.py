@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from bench import BenchError
-from bench.lm import is_choice_batch, score_choices
+from bench.lm import generate_choices, is_choice_batch, is_generate_batch, score_choices
 from bench.measure import sync
 from bench.precision import autocast, autocast_dtype
 from methods.base import HeadSpec, Method, is_head_param
@@ -236,6 +236,8 @@ def predict(model: nn.Module, loader, device: torch.device, precision: str) -> t
         with autocast(device, amp_dtype):
             if is_choice_batch(batch):  # a causal LM scoring each label's answer text (bench/lm.py)
                 scores, gold_nll = score_choices(model, batch)
+                if is_generate_batch(batch):  # lm.eval_mode=generate: greedy answers matched exactly
+                    scores = generate_choices(model, batch)
                 batch_logits, batch_loss = scores, gold_nll.mean()
             else:
                 out = model(**batch)

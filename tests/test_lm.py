@@ -90,6 +90,47 @@ def test_label_scores_equal_each_answers_own_log_likelihood(llama):
     torch.testing.assert_close(scores, _brute_force(model, feats), atol=1e-4, rtol=0)
 
 
+class _Scripted(torch.nn.Module):
+    """A stand-in LM whose greedy output per row is scripted (new tokens after the prompt)."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.outputs = outputs
+
+    def generate(self, input_ids, max_new_tokens, **_):
+        new = torch.tensor([row[:max_new_tokens] for row in self.outputs])
+        return torch.cat([input_ids, new], 1)
+
+
+def test_generated_answers_count_only_when_exact_and_ended():
+    eos, pad = 9, 0
+    feats = [{"prompt_ids": [5, 6], "answer_ids": [[1], [2, 3]], "label": lab} for lab in (0, 1, 1, 0, 1)]
+    batch = lm.GenerateCollator(pad, eos)(feats)
+    outputs = [[1, 9, 0], [2, 3, 9],  # label 0 and label 1, each answer then end of sequence
+               [2, 9, 0],  # a prefix of label 1's answer: no answer
+               [1, 4, 9],  # label 0's answer followed by more text: no answer
+               [2, 3, 3]]  # never ends within the answer's length + 1: no answer
+    scores = lm.generate_choices(_Scripted(outputs), batch)
+    assert scores.tolist() == [[1, 0], [0, 1], [0, -1], [-1, 0], [0, -1]]
+    assert scores.argmax(1).tolist() == [0, 1, 0, 1, 0]  # a row without an answer predicts a wrong label
+    assert lm.no_answer_fraction(scores.numpy()) == pytest.approx(3 / 5)
+
+
+def test_greedy_answers_of_left_padded_prompts_are_those_of_unpadded_greedy_decoding(llama):
+    cfg, tok, model = llama
+    feats, _ = lm.encode(ROWS, tok, _prompting(cfg, tok), 128)
+    batch = lm.GenerateCollator(tok.pad_token_id, tok.eos_token_id)(feats)
+    assert batch["gen_attention_mask"][:, 0].tolist().count(0) == 1  # the shorter prompt is padded on the left
+    with torch.no_grad():
+        got = lm.greedy_answers(model, batch)
+        for f, tokens in zip(feats, got):
+            ids = torch.tensor([f["prompt_ids"]])
+            for _ in range(2):  # one-token answers: 2 new tokens; arg-max and append, no padding, no cache
+                ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], 1)
+            alone = ids[0, -2:].tolist()
+            assert tokens == tuple(alone[:alone.index(tok.eos_token_id)] if tok.eos_token_id in alone else alone)
+
+
 def test_a_regression_task_or_bad_answers_stop_at_plan_time(make_cfg, llama):
     with pytest.raises(BenchError, match="regression"):
         plan(make_cfg(*LLAMA, "task=stsb"))
@@ -147,3 +188,19 @@ def _run_dir(record: dict):
     from pathlib import Path
 
     return Path(record["config"]["results_dir"]) / record["run_id"]
+
+
+@needs_glue
+def test_generate_mode_records_exact_match_metrics(tmp_path):
+    """lm.eval_mode=generate: the seeded random Llama decodes no label's answer, so every row counts as wrong
+    (accuracy 0, not the share of one class), before and after training; the mode is in the record."""
+    from tests.conftest import compose_cfg
+
+    rec = run(compose_cfg(*LLAMA, "method=lora", "lm.eval_mode=generate", "measure.latency=false",
+                          results_dir=tmp_path))
+    assert rec["status"] == "ok", rec.get("error")
+    assert rec["data"]["prompt"]["eval_mode"] == "generate"
+    assert rec["zero_shot_metrics"]["no_answer_fraction"] == 1.0 and rec["zero_shot_metrics"]["accuracy"] == 0.0
+    for metrics in (rec["metrics"], rec["merged_metrics"]):
+        assert metrics["accuracy"] <= 1 - metrics["no_answer_fraction"]
+    assert rec["merged_metrics"]["accuracy"] == rec["metrics"]["accuracy"]
