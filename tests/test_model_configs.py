@@ -104,3 +104,13 @@ def _calibration(seed: int, causal: bool) -> dict:
     labels = torch.full_like(b["input_ids"], -100)
     labels[:, -2:] = b["input_ids"][:, -2:]
     return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": labels}
+
+
+def test_smollm2_brings_its_own_cpu_budget_and_an_explicit_budget_wins():
+    """A 135M-parameter causal LM at the encoders' 400 x 32 would take hours on a CPU: its yaml picks llm_cpu."""
+    from tests.conftest import compose_cfg
+
+    assert compose_cfg("model=smollm2", tiny=False).budget.name == "llm_cpu"
+    assert compose_cfg("model=smollm2", "budget=default", tiny=False).budget.max_steps == 400
+    assert compose_cfg("model=minilm", tiny=False).budget.name == "default"
+    assert compose_cfg("model=tiny-llama", "budget=smoke", tiny=False).budget.name == "smoke"
