@@ -106,11 +106,14 @@ def _calibration(seed: int, causal: bool) -> dict:
     return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": labels}
 
 
-def test_smollm2_brings_its_own_cpu_budget_and_an_explicit_budget_wins():
+def test_smollm2_brings_its_own_cpu_budget_and_ppl_probe_and_explicit_choices_win():
     """A 135M-parameter causal LM at the encoders' 400 x 32 would take hours on a CPU: its yaml picks llm_cpu."""
     from tests.conftest import compose_cfg
 
-    assert compose_cfg("model=smollm2", tiny=False).budget.name == "llm_cpu"
+    smol = compose_cfg("model=smollm2", tiny=False)
+    assert smol.budget.name == "llm_cpu" and smol.forgetting.probe == "ppl"
+    assert compose_cfg("model=smollm2", "~forgetting", tiny=False).get("forgetting") is None
     assert compose_cfg("model=smollm2", "budget=default", tiny=False).budget.max_steps == 400
-    assert compose_cfg("model=minilm", tiny=False).budget.name == "default"
+    minilm = compose_cfg("model=minilm", tiny=False)
+    assert minilm.budget.name == "default" and minilm.get("forgetting") is None
     assert compose_cfg("model=tiny-llama", "budget=smoke", tiny=False).budget.name == "smoke"
