@@ -71,6 +71,22 @@ def test_loraplus_ratio_is_part_of_the_runs_identity(make_cfg):
     assert other.effective["method"]["loraplus_lr_ratio"] == 4.0 and other.config_hash != default.config_hash
 
 
+# ---------------------------------------------------------------- LoRA-FA
+
+
+def test_lora_fa_keeps_a_at_its_init_and_trains_b(make_cfg):
+    cfg, method, base, ctx = build(make_cfg, "lora_fa")
+    model = method.attach(base, cfg.method, ctx)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
+    train_steps(model, method, cfg, steps=3, lr=1e-2)
+    after = dict(model.named_parameters())
+    a = [n for n in before if ".lora_A." in n]
+    b = [n for n in before if ".lora_B." in n]
+    assert a and len(a) == len(b)
+    assert all(torch.equal(after[n], before[n]) and not after[n].requires_grad for n in a)
+    assert all(before[n].abs().max() == 0 and after[n].abs().max() > 0 for n in b)  # B = 0 at init, then trained
+
+
 # ---------------------------------------------------------------- DyLoRA
 
 

@@ -41,6 +41,7 @@ TRAINS = {
     "lora_fixed_alpha": r".*\.lora_[AB]\.default\.weight",
     "rslora": r".*\.lora_[AB]\.default\.weight",
     "loraplus": r".*\.lora_[AB]\.default\.weight",
+    "lora_fa": r".*\.lora_B\.default\.weight",  # A frozen at its init
     "dylora": r".*\.lora_[AB]\.default\.weight",
     "dora": r".*\.(lora_[AB]|lora_magnitude_vector)\.default\.weight",
     "adalora": r".*\.lora_[ABE]\.default",
@@ -61,7 +62,7 @@ def test_every_method_is_registered_with_a_config():
     configs = {p.stem for p in (REPO / "conf" / "method").glob("*.yaml")}
     assert configs == set(REGISTRY)
     assert set(HAND_WRITTEN) <= set(REGISTRY)
-    assert set(REGISTRY) - set(HAND_WRITTEN) - set(method_yamls()) <= {"loraplus", "dylora"}  # the other branch's
+    assert set(REGISTRY) - set(HAND_WRITTEN) - set(method_yamls()) <= {"loraplus", "dylora", "lora_fa"}
     assert len(YAML_ONLY) >= 20
     # qlora and loftq need CUDA + bitsandbytes, adaption_prompt a decoder: every other method runs in these tests.
     assert set(REGISTRY) - set(ALL_METHODS) == {"qlora", "loftq", "adaption_prompt"}
@@ -183,6 +184,7 @@ def hand_counts(d: int, L: int, f: int, r: int) -> dict[str, int | None]:
         "lora_fixed_alpha": lora,
         "rslora": lora,
         "loraplus": lora,
+        "lora_fa": lora // 2,  # B only (d x r per matrix)
         "dylora": lora,  # at the maximum rank r
         "dora": lora + L * 2 * d,  # + one magnitude entry per output feature of each adapted matrix
         "adalora": L * 2 * (init_r * d + d * init_r + init_r),  # P, Q and the singular values Λ at init_r

@@ -1,0 +1,39 @@
+"""LoRA-FA (Zhang et al. 2023, arXiv:2308.03303): LoRA whose down-projection A is frozen at its random init, so only
+B trains. Half of LoRA's parameters (and their optimiser state), and less activation memory: a frozen A needs no
+copy of its input for a weight gradient, only the r-wide output A·x is kept (for B's gradient). The update
+ΔW = (α/r)·B·A then lives in the fixed r-dimensional row space of A. Everything else is LoRA's: targets, B = 0 at
+init (the model starts as the base model), scaling, merging, the saved adapter (A included: it is part of ΔW).
+
+peft ships a `create_lorafa_optimizer` that also projects B's gradient with (AᵀA)⁻¹ (a later refinement) inside
+its own AdamW variant; the suite keeps its one shared AdamW for every method (bench/train.py), so this is the
+paper's LoRA-FA, not that optimiser."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from methods.base import AttachContext, register
+from methods.errors import BenchError
+from methods.lora import Lora
+
+
+@register
+class LoraFA(Lora):
+    name = "lora_fa"
+    label = "LoRA-FA"
+    display_order = 4
+    summary = "as lora with A frozen at its random init: only B (d_out x r per matrix) trains"
+    lr_source = "guess (LoRA's), not swept"
+    defaults_source = "paper (A frozen), guess (lr)"
+
+    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
+        model = super().attach(model, cfg, ctx)
+        frozen = 0
+        for name, param in model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
+                frozen += 1
+        if not frozen:
+            raise BenchError(f"method '{self.name}': LoRA attached no lora_A to freeze; check method.target_modules")
+        return model
