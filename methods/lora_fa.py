@@ -4,9 +4,9 @@ copy of its input for a weight gradient, only the r-wide output A·x is kept (fo
 ΔW = (α/r)·B·A then lives in the fixed r-dimensional row space of A. Everything else is LoRA's: targets, B = 0 at
 init (the model starts as the base model), scaling, merging, the saved adapter (A included: it is part of ΔW).
 
-peft ships a `create_lorafa_optimizer` that also projects B's gradient with (AᵀA)⁻¹ (a later refinement) inside
-its own AdamW variant; the suite keeps its one shared AdamW for every method (bench/train.py), so this is the
-paper's LoRA-FA, not that optimiser."""
+peft ships a `create_lorafa_optimizer` that also multiplies B's gradient by (A·Aᵀ)⁻¹ (r x r) inside its own AdamW
+variant; the suite keeps its one shared AdamW for every method (bench/train.py), so this is frozen-A LoRA trained by
+that AdamW, not peft's optimiser."""
 from __future__ import annotations
 
 from typing import Any
