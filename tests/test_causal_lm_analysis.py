@@ -169,19 +169,17 @@ def test_intruders_and_spectrum_of_tiny_llama_runs(method, tmp_path):
     assert res["spectrum"]["changed_layers"] == (4 if method == "lora" else 14)
 
 
-# Full FT: one run here measured 89.6 MB of live tensors against the estimate's 115.8 MB (an earlier hand check gave
-# 115.4 MB measured); not yet explained, so the case stays visible as an expected failure.
-UNEXPLAINED = pytest.mark.xfail(reason="full FT on tiny-llama: measured 89.6 MB vs estimated 115.8 MB, unexplained")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [pytest.param("full", marks=UNEXPLAINED), "lora"])
+@pytest.mark.parametrize("method", ["full", "lora"])
 def test_causal_lm_estimate_matches_the_tensor_memory_the_training_loop_holds(method):
     from bench.config import compose_config
     from bench.perf.memory import estimate_for, measure
 
     cfg = compose_config(["model=tiny-llama", f"method={method}", "rank=8", "budget.batch_size=4",
                           "budget.max_seq_len=32", "device=cpu"])
-    measured = measure(cfg, steps=1)
+    # Two steps: AdamW creates its states in the first step, so only from the second backward on are they alive
+    # beside the activations, the steady-state peak the estimate models. With one step, full FT's peak is the first
+    # optimiser step (at hidden 64: 89.6 MB measured vs 115.8 MB estimated; two steps: 115.4 MB).
+    measured = measure(cfg, steps=2)
     est = estimate_for(cfg, measured["precision"], fused_attention=False, device_type="cpu")
     assert est["peak_bytes"] == pytest.approx(measured["peak_bytes"], rel=0.05)
