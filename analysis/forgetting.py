@@ -24,7 +24,7 @@ model, under peft's wrapper when there is one) with the method's changes in plac
 adapters and BitFit biases count; prompt and prefix tuning only add inputs, so their encoder is untouched
 and their forgetting on `sts`/`mlm`/`ppl` is 0 by construction.
 
-The in-run probes live in bench/probes.py (the run measures them); this module runs them on finished runs
+The in-run probes live in bench/measure/probes.py (the run measures them); this module runs them on finished runs
 from saved weights and holds the `sequential` experiment. Probes run under `torch.random.fork_rng`, so
 turning forgetting on does not change the run's training.
 
@@ -43,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from bench import BenchError
-from bench.probes import PROBES, make_probe, probe_config
+from bench.measure.probes import PROBES, make_probe, probe_config
 from methods import get_method
 from methods.base import head_modules
 
@@ -54,7 +54,7 @@ def probe_run(run_dir, probe: str = "sts", **overrides: Any) -> dict:
     """Forgetting of a finished run from its saved weights: the probe on the rebuilt base model and on the
     rebuilt fine-tuned model (unmerged, as trained)."""
     from analysis.weights import base_model, read_run, tuned_model
-    from bench.models import load_tokenizer
+    from bench.model import load_tokenizer
 
     record, cfg = read_run(run_dir)
     probe_obj = make_probe(
@@ -76,8 +76,12 @@ def sequential(run_dir, task_b: str, max_steps: int | None = None, train_samples
     again. Methods that do not merge (adapters, prompt tuning) are not supported: their trained modules
     would have to be stacked, which is a different experiment."""
     from analysis.weights import read_run, tuned_model
-    from bench import steps
+    from bench.data import load_data
+    from bench.loop.evaluate import evaluate
+    from bench.loop.train import total_steps
+    from bench.model import seed_everything
     from bench.plan import plan
+    from bench.recipe import attach, train_model
 
     record, cfg = read_run(run_dir)
     method = get_method(record["method"])
@@ -87,12 +91,12 @@ def sequential(run_dir, task_b: str, max_steps: int | None = None, train_samples
     # Task A as the run had it (older records: completed from conf/task), task B from conf/task; both on CPU.
     p_a = plan(_on_cpu(cfg, OmegaConf.merge(_task_conf(record["task"]), cfg.task), budget))
     p_b = plan(_on_cpu(cfg, _task_conf(task_b), budget))
-    data_a = steps.load_data(p_a.task, p_a.cfg)
-    data_b = steps.load_data(p_b.task, p_b.cfg, tokenizer=data_a.tokenizer)
+    data_a = load_data(p_a.task, p_a.cfg)
+    data_b = load_data(p_b.task, p_b.cfg, tokenizer=data_a.tokenizer)
     head = head_modules(cfg.model)  # empty for a causal LM: its LM head answers both tasks as text, untouched here
 
     def main_metric(model, p, data) -> float:
-        return steps.evaluate(model, data.dev_loader, p.task, p.device, p.precision)[0][p.task.main_metric]
+        return evaluate(model, data.dev_loader, p.task, p.device, p.precision)[0][p.task.main_metric]
 
     def set_head(model, modules: dict[str, nn.Module], task):
         for path, module in modules.items():
@@ -107,12 +111,12 @@ def sequential(run_dir, task_b: str, max_steps: int | None = None, train_samples
     # fresh output layer.
     head_a = {path: copy.deepcopy(module) for path, module in model.named_modules()
               if any(path == h or path.endswith(f".{h}") for h in head)}
-    steps.seed_everything(int(record["seed"]))
+    seed_everything(int(record["seed"]))
     if head:  # the head's output layer (conf/model/family: the last of `head`) gets B's labels
         set_head(model, {head[-1]: _fresh_head(model.get_submodule(head[-1]), p_b.task.num_labels)}, p_b.task)
-    n_steps = steps.total_steps(len(data_b.train_loader), p_b.cfg.budget)
-    model, _ = steps.attach(p_b, model, n_steps, data_b)
-    steps.train_model(p_b, model, data_b.train_loader, n_steps)
+    n_steps = total_steps(len(data_b.train_loader), p_b.cfg.budget)
+    model, _ = attach(p_b, model, n_steps, data_b)
+    train_model(p_b, model, data_b.train_loader, n_steps)
     metric_b = main_metric(model, p_b, data_b)
     if method.merges and not method.edits_in_place:
         model = method.merged(model)

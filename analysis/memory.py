@@ -6,7 +6,7 @@ named preset, and estimate vs measured for CUDA run records.
     python -m analysis.memory --params 3e9 --plot memory.png --gpu h100-80gb
     python -m analysis.memory --records results/runs          # estimate vs measured peak for CUDA runs
 
-The estimator's arithmetic (what is counted and how) is bench/memory_estimate.py; this module is its
+The estimator's arithmetic (what is counted and how) is bench/tools/memory_estimate.py; this module is its
 command line, the peak-vs-size plot and the estimate vs measured comparison over run records.
 """
 from __future__ import annotations
@@ -16,7 +16,8 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from bench.memory_estimate import (
+from bench.record import load_records
+from bench.tools.memory_estimate import (
     GIB,
     GPUS_GIB,
     METHODS,
@@ -36,7 +37,6 @@ from bench.memory_estimate import (
     resolve_arch,
     training_state_bytes,
 )
-from bench.record import load_records
 
 __all__ = ["GIB", "GPUS_GIB", "METHODS", "OPTIMIZER_IMPLS", "OPTIMIZERS", "PRECISIONS", "PRESETS", "Arch",
            "Setting", "arch_from_config", "arch_from_model_conf", "estimate", "llama_like", "lora_targets",

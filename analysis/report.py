@@ -163,9 +163,9 @@ def intruder_section(part: pd.DataFrame, analyses: dict[str, dict]) -> tuple[str
 
 
 def add_memory_estimates(df: pd.DataFrame, records: list[dict]) -> pd.DataFrame:
-    """`memory_estimate_bytes` (bench/memory_estimate.py `record_estimate`) for each ok causal-LM run; left empty
+    """`memory_estimate_bytes` (bench/tools/memory_estimate.py `record_estimate`) for each ok causal-LM run; left empty
     where the record cannot be estimated (e.g. its model's config is not available offline)."""
-    from bench.memory_estimate import record_estimate
+    from bench.tools.memory_estimate import record_estimate
 
     estimates = {}
     for rec in records:

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.collect import add_derived, collect
-from bench.tasks import TASKS
+from bench.data.tasks import TASKS
 from methods import REGISTRY, in_display_order
 
 # Display facts come from their owners: each method's class attributes (methods/), each task's yaml (conf/task/).
@@ -167,8 +167,8 @@ def chance_level(task: str, eval_samples: int | None = None) -> float | None:
     """What a model that learned nothing scores on the task's dev set (x 100): the majority class's share for
     accuracy, 0 for Matthews correlation and Pearson. None when the dev data cannot be read."""
     from bench import BenchError
-    from bench.data import subset
-    from bench.tasks import get_task, load_task
+    from bench.data.encode import subset
+    from bench.data.tasks import get_task, load_task
 
     try:
         t = get_task(task)
@@ -503,7 +503,7 @@ def causal_lm_tables(df: pd.DataFrame) -> list[Table]:
             notes.append(f"Memory: {', '.join(kinds)} during training"
                          + (" (whole process: model, data, Python; the estimate counts tensors only, so it is "
                             "not comparable on CPU)." if any("CPU" in k for k in kinds) else ".")
-                         + " Estimate: bench/memory_estimate.py (weights, gradients, optimiser states, "
+                         + " Estimate: bench/tools/memory_estimate.py (weights, gradients, optimiser states, "
                          "activations with the logits over the vocabulary).")
         if part.get("model_note") is not None and part["model_note"].notna().any():
             notes.append("Random-init test model: the metrics are meaningless.")

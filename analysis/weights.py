@@ -3,7 +3,7 @@
     python -m analysis.weights <run dir>      # lists the (layer, shape, ||ΔW||_F / ||W0||_F) it finds
 
 A run folder holds `record.json` and `weights/`. The pre-trained model is rebuilt from the record's model
-config (`bench.models.load_model`); the fine-tuned one is that model plus the method's saved weights through
+config (`bench.model.load_model`); the fine-tuned one is that model plus the method's saved weights through
 the method registry (`get_method(name).load(...)`), merged into the base weights where the method merges
 (`full` is already the model). Random-init test models are rebuilt by seeding with the run's seed before
 building the model, as the runner does.
@@ -66,7 +66,7 @@ def read_run(run_dir: str | Path) -> tuple[dict, DictConfig]:
 
 
 def task_num_labels(record: dict) -> int:
-    from bench.tasks import record_num_labels
+    from bench.data.tasks import record_num_labels
 
     return record_num_labels(record)
 
@@ -91,8 +91,7 @@ def cannot_rebuild(record: dict) -> str | None:
 def base_model(record: dict, cfg: DictConfig) -> nn.Module:
     """The pre-trained model the run started from, loaded as the run loaded it (e.g. 4-bit for qlora; same seed,
     so random-init test models match too). BenchError when this machine cannot (`cannot_rebuild`)."""
-    from bench.models import load_model
-    from bench.steps import seed_everything
+    from bench.model import load_model, seed_everything
     from methods import get_method
 
     reason = cannot_rebuild(record)
@@ -106,7 +105,7 @@ def base_model(record: dict, cfg: DictConfig) -> nn.Module:
 
 
 def attach_context(record: dict, cfg: DictConfig):
-    from bench.models import attach_context as context
+    from bench.model import attach_context as context
 
     steps = int((record.get("train") or {}).get("steps") or cfg.budget.get("max_steps") or 1)
     return context(cfg.model, record.get("rank"), task_num_labels(record), steps)

@@ -24,14 +24,14 @@ def _is_multirun() -> bool:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def app(cfg: DictConfig) -> dict:
-    """Returns (in multirun) the job's outcome for the sweep progress callback (bench/sweep.py):
-    run_id, status, skipped, record path. In multirun each run is its own process (bench/isolate.py)."""
-    from bench.runner import job_outcome, run  # imported here so `--help` and config errors stay fast
+    """Returns (in multirun) the job's outcome for the sweep progress callback (bench/orchestrate/sweep.py):
+    run_id, status, skipped, record path. In multirun each run is its own process (bench/orchestrate/isolate.py)."""
+    from bench.orchestrate.runner import job_outcome, run  # imported here so `--help` and config errors stay fast
 
     multirun = _is_multirun()
     isolate = cfg.get("isolate_runs", "auto")
     if isolate is True or (isolate == "auto" and multirun):
-        from bench.isolate import run_isolated
+        from bench.orchestrate.isolate import run_isolated
 
         return run_isolated(cfg)
     try:

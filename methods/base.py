@@ -1,7 +1,7 @@
 """The method interface and its name registry.
 
 A method says how to attach itself to a model and what trains; it never contains a training loop.
-The shared loop (bench/train.py) builds one AdamW from `optimizer_param_groups` (the same for every method unless
+The shared loop (bench/loop/train.py) builds one AdamW from `optimizer_param_groups` (the same for every method unless
 a method's learning rates differ per parameter, as LoRA+'s do) and calls `on_step` after every optimiser step,
 before zero_grad. After training the runner evaluates the model as trained and, for a method whose one training
 run gives models of several ranks (DyLoRA), each of `rank_variants`.
@@ -53,7 +53,7 @@ class Method:
     trains_all_weights: ClassVar[bool] = False  # every weight trains (no "attached nothing" check)
     identity_at_init: ClassVar[bool] = True  # the attached model computes what the base model does, before training
     saved_format: ClassVar[str] = "trainable tensors (trainable.safetensors)"  # what `save` writes
-    # README's method table (bench/method_table.py): what trains besides the head, and how the defaults were set
+    # README's method table (bench/tools/method_table.py): what trains besides the head, and how the defaults were set
     # (paper / peft example / our lr sweep / guess) with the learning rate's source.
     summary: ClassVar[str] = ""
     defaults_source: ClassVar[str] = ""
@@ -162,7 +162,7 @@ def get_method(name: str) -> Method:
 
 
 HeadSpec = str | Sequence[str]
-CAUSAL_LM = "causal_lm"  # conf/model/family/*.yaml `kind` of a decoder LM scored through its LM head (bench/lm.py)
+CAUSAL_LM = "causal_lm"  # conf/model/family/*.yaml `kind`: a decoder LM scored through its LM head (bench/data/text.py)
 
 
 def is_causal_lm(model_cfg: Any) -> bool:

@@ -5,8 +5,8 @@ copy of its input for a weight gradient, only the r-wide output A·x is kept (fo
 init (the model starts as the base model), scaling, merging, the saved adapter (A included: it is part of ΔW).
 
 peft ships a `create_lorafa_optimizer` that also multiplies B's gradient by (A·Aᵀ)⁻¹ (r x r) inside its own AdamW
-variant; the suite keeps its one shared AdamW for every method (bench/train.py), so this is frozen-A LoRA trained by
-that AdamW, not peft's optimiser."""
+variant; the suite keeps its one shared AdamW for every method (bench/loop/train.py), so this is frozen-A LoRA
+trained by that AdamW, not peft's optimiser."""
 from __future__ import annotations
 
 from typing import Any

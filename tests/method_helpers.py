@@ -8,9 +8,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from bench import BenchError
-from bench.models import load_model
+from bench.loop.train import TrainSettings, train
+from bench.model import load_model
 from bench.plan import plan
-from bench.train import TrainSettings, train
 from methods import REGISTRY, AttachContext, Method, in_display_order
 from methods.base import HeadSpec, head_modules, is_head_param
 from methods.peft_generic import method_yamls

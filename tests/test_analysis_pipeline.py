@@ -20,8 +20,8 @@ from analysis.html import external_urls
 from analysis.tables import method_task_tables, ok_frame, rank_tables
 from analysis.weights import read_run, tuned_model, weight_pairs
 from bench import BenchError
+from bench.orchestrate.runner import run
 from bench.record import RECORD_FILE
-from bench.runner import run
 from tests.conftest import GLUE_DIR, compose_cfg
 
 pytestmark = pytest.mark.skipif(not GLUE_DIR, reason="GLUE_DIR not set and ../shared/data/glue missing")
@@ -49,10 +49,10 @@ def _run_dir(results: Path, method: str, rank: int | None = None) -> Path:
 
 
 def _dev_loss(model, record) -> float:
-    from bench.data import make_loader, subset, tokenize
-    from bench.models import load_tokenizer
-    from bench.tasks import get_task, load_task
-    from bench.train import predict
+    from bench.data.encode import make_loader, subset, tokenize
+    from bench.data.tasks import get_task, load_task
+    from bench.loop.evaluate import predict
+    from bench.model import load_tokenizer
 
     _, cfg = read_run(Path(record["record_dir"]))
     _, dev, _ = load_task(get_task(record["task"]))
@@ -113,7 +113,7 @@ def test_analysis_is_cached_per_run(runs):
 def test_forgetting_of_the_base_model_against_itself_is_zero(runs):
     from analysis.forgetting import make_probe, probe_config
     from analysis.weights import base_model
-    from bench.models import load_tokenizer
+    from bench.model import load_tokenizer
 
     record, cfg = read_run(_run_dir(runs, "full"))
     probe = make_probe(
@@ -140,7 +140,7 @@ def test_forgetting_from_saved_weights_matches_the_in_run_measurement(runs):
 
 def test_mlm_probe_on_a_model_without_mlm_head_is_a_clear_error():
     from analysis.forgetting import make_probe, probe_config
-    from bench.models import load_tokenizer
+    from bench.model import load_tokenizer
 
     cfg = compose_cfg()
     with pytest.raises(BenchError, match="no pre-trained masked-LM head"):

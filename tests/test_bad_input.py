@@ -15,11 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf, open_dict
 
-from bench import BenchError, steps
+from bench import BenchError
+from bench.data import read_rows
+from bench.data.tasks import get_task
+from bench.orchestrate.runner import run
 from bench.plan import plan
+from bench.plan.fingerprint import fingerprints
 from bench.record import FAILED_ATTEMPT_FILE, RECORD_FILE, read_record
-from bench.runner import run
-from bench.tasks import get_task
 from tests.conftest import GLUE_DIR, REPO, compose_cfg, needs_glue
 
 FAST = ("measure.latency=false", "save_weights=none")
@@ -114,7 +116,7 @@ def test_a_broken_data_file_names_the_file_and_the_line(tmp_path, monkeypatch, k
     (folder / "dev.tsv").write_bytes(broken if isinstance(broken, bytes) else broken.encode())
     monkeypatch.setenv("GLUE_DIR", str(tmp_path / "glue"))
     with pytest.raises(BenchError) as err:
-        steps.read_rows(get_task("sst2"), compose_cfg().budget)
+        read_rows(get_task("sst2"), compose_cfg().budget)
     message = str(err.value)
     assert str(folder / "dev.tsv") in message and expected in message and "\n" not in message
     if kind not in ("random bytes", "empty", "header only", "wrong header"):
@@ -173,7 +175,7 @@ def steps_identity(cfg) -> Path:
     from bench.plan import identify
 
     p = plan(cfg)
-    return identify(p, steps.fingerprints(steps.read_rows(p.task, cfg.budget), cfg.model)).run_dir
+    return identify(p, fingerprints(read_rows(p.task, cfg.budget), cfg.model)).run_dir
 
 
 @needs_glue

@@ -16,8 +16,8 @@ from analysis.collect import to_frame
 from analysis.report import build_report
 from bench import memory_estimate as mem
 from bench.config import compose_config
+from bench.plan import plan
 from bench.record import RECORD_FILE, write_json_atomic
-from bench.runner import plan
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VOCAB, HIDDEN = 49152, 128  # conf/model/tiny-llama.yaml
@@ -152,7 +152,7 @@ def test_analysed_layers_of_a_llama_are_its_seven_projections(make_cfg):
 def test_intruders_and_spectrum_of_tiny_llama_runs(method, tmp_path):
     from analysis.analyse import analyse_run
     from analysis.weights import weight_pairs
-    from bench.runner import run
+    from bench.orchestrate.runner import run
     from tests.conftest import compose_cfg
 
     rec = run(compose_cfg("model=tiny-llama", f"method={method}", "measure.latency=false", "budget.max_steps=2",
@@ -173,7 +173,7 @@ def test_intruders_and_spectrum_of_tiny_llama_runs(method, tmp_path):
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_causal_lm_estimate_matches_the_tensor_memory_the_training_loop_holds(method):
     from bench.config import compose_config
-    from bench.perf.memory import estimate_for, measure
+    from bench.tools.perf.memory import estimate_for, measure
 
     cfg = compose_config(["model=tiny-llama", f"method={method}", "rank=8", "budget.batch_size=4",
                           "budget.max_seq_len=32", "device=cpu"])

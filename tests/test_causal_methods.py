@@ -18,9 +18,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from bench import BenchError
-from bench.models import load_model
+from bench.loop.train import TrainSettings, train
+from bench.model import load_model
 from bench.plan import plan
-from bench.train import TrainSettings, train
 from methods import REGISTRY, AttachContext, Method, in_display_order
 from methods.base import head_modules, is_head_param
 from tests.conftest import compose_cfg
@@ -79,7 +79,7 @@ def fresh_base(cfg: DictConfig) -> nn.Module:
 
 
 def causal_batch(seed: int = 0, size: int = 4, length: int = 12, answer: int = 2) -> dict[str, torch.Tensor]:
-    """A training batch as bench/lm.py makes them: prompt + answer, right-padded; labels are the input ids on the
+    """A training batch as bench/data/text.py makes them: prompt + answer, right-padded; labels are the input ids on the
     answer tokens and -100 on the prompt and the padding (the model shifts them)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (size, length), generator=g)

@@ -1,4 +1,4 @@
-"""Content fingerprints of data, model files and the environment lock (bench/fingerprint.py)."""
+"""Content fingerprints of data, model files and the environment lock (bench/plan/fingerprint.py)."""
 from __future__ import annotations
 
 import os
@@ -8,8 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.fingerprint import files_sha256, lock_state, model_fingerprint, read_lock, rows_sha256
-from bench.models import package_model_dir
+from bench.model import package_model_dir
+from bench.plan.fingerprint import files_sha256, model_fingerprint, rows_sha256
+from bench.record.provenance import lock_state, read_lock
 from tests.conftest import REPO, compose_cfg
 
 

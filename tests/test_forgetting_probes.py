@@ -11,8 +11,8 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from analysis.forgetting import make_probe, probe_config
-from bench.models import load_model, load_tokenizer
-from bench.runner import run
+from bench.model import load_model, load_tokenizer
+from bench.orchestrate.runner import run
 from tests.conftest import GLUE_DIR
 
 pytestmark = pytest.mark.skipif(not GLUE_DIR, reason="GLUE_DIR not set and ../shared/data/glue missing")

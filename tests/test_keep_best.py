@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.train import TrainSettings, copy_trainable_to_cpu, train
+from bench.loop.train import TrainSettings, copy_trainable_to_cpu, train
 from methods.base import head_modules
 from tests.method_helpers import batch, build, fresh_base, logits
 

@@ -1,4 +1,4 @@
-"""Causal LMs (bench/lm.py): tasks as text, answer-only loss, label log-likelihood scoring, and a run's record,
+"""Causal LMs (bench/data/text.py): tasks as text, answer-only loss, label log-likelihood scoring, and a run's record,
 on the tiny random Llama composed from the real configs (its accuracy is meaningless; its numbers are exact)."""
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bench import BenchError, lm
-from bench.models import load_model, load_tokenizer
+from bench import BenchError
+from bench.data import text as lm
+from bench.model import load_model, load_tokenizer
+from bench.orchestrate.runner import run
 from bench.plan import plan
-from bench.runner import run
 from tests.conftest import needs_glue
 
 LLAMA = ["model=tiny-llama", "lm.gen_iters=2", "lm.gen_new_tokens=4", "lm.gen_prompt_len=16"]

@@ -22,7 +22,7 @@ def test_lora_param_count_roberta_base_qv_r8(make_cfg):
 
 
 def test_lora_starts_as_base_and_only_adapters_and_head_get_gradients(make_cfg):
-    from bench.models import load_model
+    from bench.model import load_model
 
     cfg = make_cfg("method=lora", "rank=4")
     torch.manual_seed(0)

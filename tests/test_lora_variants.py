@@ -11,8 +11,8 @@ from analysis import plots
 from analysis.collect import collect
 from analysis.tables import ok_frame
 from bench import BenchError
+from bench.orchestrate.runner import run
 from bench.plan import plan
-from bench.runner import run
 from methods import get_method
 from methods.base import decays, head_modules, is_head_param
 from methods.dylora import rank_state, truncated

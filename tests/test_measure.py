@@ -11,7 +11,7 @@ from torch import nn
 
 from bench import BenchError
 from bench import measure as M
-from bench.runner import run
+from bench.orchestrate.runner import run
 from methods.base import param_count
 from tests.conftest import needs_glue
 

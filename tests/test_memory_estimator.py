@@ -10,8 +10,8 @@ from peft import LoraConfig, TaskType, get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, RobertaConfig
 
 from analysis import memory as mem
+from bench.plan import plan
 from bench.record import RECORD_FILE, write_json_atomic
-from bench.runner import plan
 
 
 def test_full_finetuning_fp32_adam_is_16_bytes_per_param():
@@ -138,7 +138,7 @@ def test_adamw_step_temporaries_by_implementation():
 
 
 def test_tensor_bytes_counts_live_storages_once():
-    from bench.perf.memory import TensorBytes
+    from bench.tools.perf.memory import TensorBytes
 
     model = torch.nn.Linear(10, 10)  # 110 fp32 parameters = 440 bytes
     with TensorBytes(model) as tracker:
@@ -157,7 +157,7 @@ def test_tensor_bytes_counts_live_storages_once():
 def test_estimate_matches_the_tensor_memory_the_training_loop_holds(method):
     """The estimator against a measurement of the suite's own loop (fp32 CPU; the autocast path needs a GPU)."""
     from bench.config import compose_config
-    from bench.perf.memory import estimate_for, measure
+    from bench.tools.perf.memory import estimate_for, measure
 
     cfg = compose_config(["model=tiny-bert", f"method={method}", "rank=8", "budget.batch_size=8",
                        "budget.max_seq_len=32", "device=cpu"])

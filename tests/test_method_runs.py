@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from bench import BenchError
+from bench.orchestrate.runner import run
 from bench.record import RECORD_FILE
-from bench.runner import run
 from methods.base import head_modules
 from methods.hotswap import load_adapters, switch
 from tests.conftest import needs_glue
@@ -105,7 +105,7 @@ def test_hot_swap_refuses_non_peft_folders(make_cfg, tmp_path):
 
 
 def test_hot_swap_benchmark_script_runs(capsys):
-    from bench.perf.hotswap import main
+    from bench.tools.perf.hotswap import main
 
     main(["--iters", "5", "--n-adapters", "2", "--seq-len", "16", "--batch-size", "2", "--device", "cpu"])
     out = capsys.readouterr().out

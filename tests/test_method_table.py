@@ -1,13 +1,13 @@
-"""README's method table is the one generated from the registry and the yamls (bench/method_table.py)."""
+"""README's method table is the one generated from the registry and the yamls (bench/tools/method_table.py)."""
 from __future__ import annotations
 
-from bench.method_table import main, method_table, readme_table
+from bench.tools.method_table import main, method_table, readme_table
 from methods import REGISTRY
 
 
 def test_readme_method_table_is_the_generated_one():
     table = method_table()
-    assert readme_table() == table, "README's method table is stale: run python -m bench.method_table --write"
+    assert readme_table() == table, "README's method table is stale: run python -m bench.tools.method_table --write"
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     assert len(rows) == len(REGISTRY)
     # Every row says how its defaults were set; the learning rate is the composed yaml's.
@@ -18,7 +18,7 @@ def test_readme_method_table_is_the_generated_one():
 def test_check_mode_exits_1_on_a_stale_table(tmp_path, monkeypatch, capsys):
     stale = tmp_path / "README.md"
     stale.write_text(readme_table().replace("| `vera` |", "| `vera-old` |"))
-    monkeypatch.setattr("bench.method_table.README", stale)
+    monkeypatch.setattr("bench.tools.method_table.README", stale)
     assert main(["--check"]) == 1
-    assert "run python -m bench.method_table --write" in capsys.readouterr().err
+    assert "run python -m bench.tools.method_table --write" in capsys.readouterr().err
     assert main(["--write"]) == 0 and main(["--check"]) == 0

@@ -13,7 +13,7 @@ from peft import PromptLearningConfig
 from transformers import RobertaConfig, RobertaForSequenceClassification
 
 from bench import BenchError
-from bench.runner import plan
+from bench.plan import plan
 from methods import REGISTRY, AttachContext, get_method
 from methods.base import count_params, head_modules, is_head_param
 from methods.peft_generic import method_yamls

@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from bench import BenchError
 from bench.config import compose_config
-from bench.models import attach_context, load_model
+from bench.model import attach_context, load_model
 from methods import REGISTRY, in_display_order
 from methods.base import head_modules, is_causal_lm, is_head_param
 from methods.lora import LoraInit

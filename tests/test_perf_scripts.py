@@ -5,9 +5,9 @@ import re
 
 import pytest
 
-from bench.perf import gpu as perf_gpu
-from bench.perf import memory as perf_memory
-from bench.perf import overhead as perf_overhead
+from bench.tools.perf import gpu as perf_gpu
+from bench.tools.perf import memory as perf_memory
+from bench.tools.perf import overhead as perf_overhead
 from tests.conftest import needs_glue
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bench import BenchError
-from bench.runner import plan
+from bench.plan import plan
 from methods import get_method
 from tests.conftest import REPO
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import shutil
 
+from bench.orchestrate.runner import run
 from bench.record import read_record
-from bench.runner import run
 from tests.conftest import GLUE_DIR, needs_glue
 
 FAST = ("measure.latency=false", "save_weights=none")

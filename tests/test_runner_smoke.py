@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bench.orchestrate.runner import run
 from bench.record import RECORD_FILE
-from bench.runner import run
 from tests.conftest import needs_glue
 
 

@@ -14,8 +14,8 @@ import pytest
 
 from bench import lock as run_lock
 from bench import oom, runner
+from bench.orchestrate.runner import run
 from bench.record import RECORD_FILE, read_record
-from bench.runner import run
 from tests.conftest import REPO, needs_glue
 
 SWEEP = ["--multirun", "model=tiny-bert", "budget=smoke", "measure.latency=false", "save_weights=none",
@@ -35,9 +35,9 @@ def records(results: Path) -> dict[int, dict]:
 
 @needs_glue
 def test_four_run_sweep_with_raise_nan_kill_then_resume(tmp_path):
-    """Each run of a sweep is its own process (bench/isolate.py): the SIGKILLed run becomes an error record and the
-    sweep goes on; before, SIGKILL ended the basic launcher's process with the rest of the sweep. (Four runs, not
-    six as before: one ok run shows the skip as well as three, and each run is a process start of ~15 s.)"""
+    """Each run of a sweep is its own process (bench/orchestrate/isolate.py): the SIGKILLed run becomes an error
+    record and the sweep goes on. Four runs: one ok run shows the skip as well as three, and each run is a process
+    start of ~15 s."""
     results = tmp_path / "runs"
     args = [*SWEEP, f"results_dir={results}"]
     first = bench(*args, f"hydra.sweep.dir={tmp_path / 'sweep1'}", env={"BENCH_INJECT_FAULT": FAULTS})
@@ -169,7 +169,7 @@ def _umask() -> int:
 
 
 def test_gpu_claims_are_exclusive_per_process(tmp_path):
-    from bench.sweep import claim_gpu
+    from bench.model.device import claim_gpu
 
     n_gpus = 3
     code = ("import sys, time; from pathlib import Path; from bench.sweep import claim_gpu; "
@@ -189,7 +189,7 @@ def test_gpu_claims_are_exclusive_per_process(tmp_path):
 
 
 def test_summary_is_one_screen_for_long_sweeps():
-    from bench.sweep import SUMMARY_MAX_ROWS, summary_table
+    from bench.orchestrate.sweep import SUMMARY_MAX_ROWS, summary_table
 
     recs = sorted((REPO / "results" / "baselines" / "cpu-smoke").glob(f"*/{RECORD_FILE}"))
     jobs = [{"status": "ok", "record": str(p), "skipped": False} for p in recs]

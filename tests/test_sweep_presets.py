@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from bench.config import compose_config
-from bench.sweep import count_jobs
+from bench.orchestrate.sweep import count_jobs
 from methods import REGISTRY, in_display_order
 from tests.conftest import CONF
 

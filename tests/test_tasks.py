@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from bench import BenchError
-from bench.tasks import TASKS, get_task, load_task
+from bench.data.tasks import TASKS, get_task, load_task
 from tests.conftest import GLUE_DIR, needs_glue
 
 OFFLINE = [name for name, task in TASKS.items() if task.offline_rows]
@@ -40,7 +40,7 @@ def test_unknown_task_lists_choices():
 
 
 def test_a_task_yaml_without_its_facts_is_one_clear_error():
-    from bench.tasks import task_from_config
+    from bench.data.tasks import task_from_config
 
     with pytest.raises(BenchError, match=r"conf/task/toy.yaml lacks folder, text_fields"):
         task_from_config({"name": "toy", "metrics": ["accuracy"]})

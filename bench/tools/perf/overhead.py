@@ -1,9 +1,9 @@
 """Overhead benchmark: the suite's training loop vs a minimal hand-written PEFT loop vs transformers' Trainer.
 
-    python -m bench.perf.overhead                 # 200 LoRA steps of MiniLM on SST-2, each way
-    python -m bench.perf.overhead --steps 100 --repeats 2
-    python -m bench.perf.overhead --quick         # tiny random-init model, 20 steps: checks the script runs
-    python -m bench.perf.overhead --data-only     # tokenisation and loader time vs step time
+    python -m bench.tools.perf.overhead                 # 200 LoRA steps of MiniLM on SST-2, each way
+    python -m bench.tools.perf.overhead --steps 100 --repeats 2
+    python -m bench.tools.perf.overhead --quick         # tiny random-init model, 20 steps: checks the script runs
+    python -m bench.tools.perf.overhead --data-only     # tokenisation and loader time vs step time
 
 Same model (fresh copy per way), same LoRA config, same tokenised rows, batch size, sequence cap, learning
 rate schedule, gradient clipping, precision and seed. All three draw the same batches in the same order (Trainer
@@ -28,10 +28,11 @@ import torch
 from omegaconf import DictConfig
 
 from bench.config import compose_config
-from bench.data import make_loader
+from bench.data import load_data, train_loader
+from bench.data.encode import make_loader
+from bench.model.precision import autocast, autocast_dtype
 from bench.plan import plan
-from bench.precision import autocast, autocast_dtype
-from bench.steps import fresh_model, load_data, train_loader, train_model
+from bench.recipe import fresh_model, train_model
 
 
 class CountingCollator:
@@ -85,7 +86,7 @@ def _sync(device: torch.device) -> None:
 
 
 def run_suite(s: Setup, steps: int) -> tuple[float, float]:
-    """The run's training step (bench.steps.train_model), exactly as a run calls it (no evaluation).
+    """The run's training step (bench.recipe.train_model), exactly as a run calls it (no evaluation).
     Returns (wall s, CPU s)."""
     model = s.model()
     cpu0 = time.process_time()

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from bench.measure import release_memory
+from bench.measure.memory import release_memory
 from bench.plan import Plan
 
 

@@ -18,8 +18,8 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from bench import BenchError
-from bench.datafile import read_tsv
-from bench.record import REPO_ROOT
+from bench.config import REPO_ROOT
+from bench.data.files import read_tsv
 
 HUB_DATASET = "nyu-mll/glue"
 TASK_CONF = REPO_ROOT / "conf" / "task"

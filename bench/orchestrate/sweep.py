@@ -14,10 +14,7 @@ SIGKILL), so nothing stale is left behind. With one visible GPU (a Slurm task, a
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,43 +28,6 @@ from bench.record import read_record, write_json_atomic
 JOB_FILE = "bench_job.json"
 SWEEP_FILE = "bench_sweep.json"
 SUMMARY_MAX_ROWS = 30  # beyond this the summary groups seeds: one row per config
-
-_gpu_lock_fds: dict[int, int] = {}  # GPU index -> open lock fd, held for the life of this process
-
-
-def claim_gpu(n_gpus: int, lock_dir: Path | None = None, names: list[str] | None = None) -> int | None:
-    """Claim the first of `n_gpus` GPUs that no other process holds; the claim lasts until the process ends.
-    `names` are the GPUs' machine-wide ids (what CUDA_VISIBLE_DEVICES lists; default 0..n-1), so that
-    processes with different visible sets still see each other's claims. Returns the (visible) index, or
-    None when all are taken."""
-    lock_dir = lock_dir or Path(tempfile.gettempdir()) / "peft-bench-gpu-locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    names = names or [str(i) for i in range(n_gpus)]
-    for index in range(n_gpus):
-        fd = os.open(lock_dir / f"gpu{names[index]}.lock", os.O_CREAT | os.O_RDWR, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        _gpu_lock_fds[index] = fd
-        return index
-    return None
-
-
-def auto_cuda_index(n_gpus: int) -> int:
-    """The GPU this process uses for `device=auto`: its earlier claim, else a fresh one (see module doc)."""
-    if n_gpus <= 1:
-        return 0
-    if _gpu_lock_fds:
-        return next(iter(_gpu_lock_fds))
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    index = claim_gpu(n_gpus, names=visible if len(visible) == n_gpus else None)
-    if index is None:
-        index = os.getpid() % n_gpus
-        print(f"warning: all {n_gpus} GPUs are claimed by other bench processes; sharing cuda:{index}")
-    return index
-
 
 def count_jobs(config: DictConfig) -> int | None:
     """Number of jobs the basic sweeper will launch for this multirun config (None for other sweepers)."""

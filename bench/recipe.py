@@ -1,117 +1,140 @@
-"""The steps of a run, each a function: load data, build the model, attach the method, train, evaluate, time
-the latency, save. bench/runner.py calls them in order; the sequential-forgetting experiment
-(analysis/forgetting.py) and the overhead benchmark (bench/perf/overhead.py) call the same ones."""
+"""One run, as a recipe a reader follows top to bottom: setup -> train -> evaluate -> measure -> save.
+
+`Recipe(plan, rows).run()` does the work of one attempt and returns the record's measured part; everything
+around it (planning, skipping what is done, locking, out-of-memory retries, the record itself) is the runner's
+(bench/orchestrate/runner.py). The recipe's building blocks are functions below it, also used on their own by the
+sequential-forgetting experiment and the benchmark scripts (bench/tools/perf/): `build_model`, `attach`,
+`train_model`, `fresh_model`.
+"""
 from __future__ import annotations
 
 import csv
-import random
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
-import torch
-from omegaconf import DictConfig
 from torch import nn
 
-from bench import BenchError, lm
-from bench import metrics as glue_metrics
-from bench.data import make_loader, subset, tokenize
-from bench.fingerprint import model_fingerprint, rows_sha256
-from bench.measure import MemoryMeter, generation_interleaved, latency_batch, latency_interleaved, latency_ratios
-from bench.models import attach_context, is_causal_lm, load_model, load_tokenizer
+from bench import BenchError
+from bench.data import Data, Rows, load_data, train_loader
+from bench.loop.evaluate import evaluate, evaluate_rank_variants
+from bench.loop.faults import injected_faults
+from bench.loop.train import TrainResult, TrainSettings, total_steps, train
+from bench.measure.latency import generation_interleaved, latency_batch, latency_interleaved, latency_ratios
+from bench.measure.memory import MemoryMeter, check_gpu_start, peak_memory_summary
+from bench.model import attach_context, is_causal_lm, load_model, seed_everything
+from bench.model.precision import autocast_dtype
 from bench.plan import Plan
-from bench.precision import autocast_dtype
 from bench.record import CURVE_FILE, WEIGHTS_DIR
-from bench.tasks import Task, load_task
-from bench.train import TrainResult, TrainSettings, predict, to_predictions, total_steps, train
 from methods import Method
-from methods.base import count_params, head_modules
+from methods.base import count_params, head_modules, tensor_bytes
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
+class Recipe:
+    """One attempt at a planned run. Each step adds its figures to `out` (the record's measured part)."""
 
+    def __init__(self, p: Plan, rows: Rows) -> None:
+        self.p, self.rows = p, rows
+        self.causal = is_causal_lm(p.cfg.model)
+        self.out: dict[str, Any] = {}
 
-@dataclass
-class Data:
-    tokenizer: Any
-    train_features: list[dict]
-    dev_features: list[dict]
-    train_loader: Any
-    dev_loader: Any
-    info: dict  # for the record: source, rows, note
-    tokenize_s: float  # time to tokenise the train rows
+    def run(self) -> dict[str, Any]:
+        self.setup()
+        self.train()
+        self.evaluate()
+        self.measure()
+        self.save()
+        return self.out
 
+    def setup(self) -> None:
+        """Data, the pre-trained model and what it scores before training (forgetting probe, a causal LM's
+        zero-shot metrics), then the method attached."""
+        p, cfg, out = self.p, self.p.cfg, self.out
+        gpu_start = check_gpu_start(p.device, str(cfg.measure.busy_gpu), int(cfg.measure.busy_gpu_threshold_bytes))
+        if gpu_start is not None:
+            out["gpu_start"] = gpu_start
+        seed_everything(int(cfg.seed))
+        self.data = load_data(p.task, cfg, rows=self.rows)
+        out["data"] = self.data.info
+        self.probe = None
+        if cfg.get("forgetting"):  # the same probe before attaching and after training (bench/measure/probes.py)
+            from bench.measure.probes import make_probe
 
-@dataclass
-class Rows:
-    """The rows a run trains and evaluates on (after the budget's caps), and where they came from."""
-    train: pd.DataFrame
-    dev: pd.DataFrame
-    source: str
-    check: dict  # for the record: files with fewer rows than the task expects (`rows_below_expected`)
+            self.probe = make_probe(cfg.forgetting, cfg.model, self.data.tokenizer, p.task.name)
+        out["model_kind"] = "causal_lm" if self.causal else "classifier"
+        model, out["model_source"] = build_model(p)
+        check_positions(model.config, p, [*self.data.train_features, *self.data.dev_features])
+        self.amp = autocast_dtype(p.precision)
+        self.forgetting_before = self.probe.measure(model, p.device, self.amp) if self.probe is not None else None
+        if self.causal:  # the pre-trained LM on the same evaluation: what fine-tuning adds over zero-shot prompting
+            out["zero_shot_metrics"] = self._evaluate(model)[0]
+            out["zero_shot_main_metric_value"] = out["zero_shot_metrics"][p.task.main_metric]
+        if cfg.model.get("random_init"):
+            out["model_note"] = "random-init test model: metrics are meaningless"
+        out["full_model_bytes"] = tensor_bytes(model)
+        self.meter = MemoryMeter(p.device)
+        self.steps = total_steps(len(self.data.train_loader), cfg.budget)
+        self.model, counts = attach(p, model, self.steps, self.data)
+        out.update(counts)
 
+    def train(self) -> None:
+        """The shared loop; throughput excludes the timing warm-up steps and any evaluation."""
+        warmup = timing_warmup(self.p, self.steps)
+        with self.meter.phase("train"):
+            tr = train_model(self.p, self.model, self.data.train_loader, self.steps, warmup,
+                             evaluate_fn=lambda: self._evaluate(self.model)[0])
+        self.curve = tr.curve
+        self.out["train"] = train_summary(tr, warmup)
+        self.out["train_samples_per_s"] = self.out["train"]["samples_per_s"]
+        self.out["train_tokens_per_s"] = self.out["train"]["tokens_per_s"]
 
-def read_rows(task: Task, budget: Any) -> Rows:
-    """The task's train and dev rows, capped by the budget (a fixed subset, the same for every method and seed).
-    A data file with fewer rows than the task's yaml expects is a warning and a note in the record, not an error
-    (a deliberately cut file is a legitimate, differently fingerprinted run)."""
-    train_df, dev_df, source = load_task(task)
-    check = task.row_check({"train": len(train_df), "dev": len(dev_df)}, source)
-    for split, (n, expected) in check.get("rows_below_expected", {}).items():
-        print(f"warning: task '{task.name}': the {split} file has {n} rows, {expected} expected ({source})")
-    return Rows(subset(train_df, budget.train_samples), subset(dev_df, budget.eval_samples), source, check)
+    def evaluate(self) -> None:
+        """Dev metrics of the trained model (and of each rank it also stands for), forgetting, and the merged
+        model's metrics beside the unmerged one's."""
+        p, out = self.p, self.out
+        with self.meter.phase("eval"):
+            out["metrics"], logits = self._evaluate(self.model)
+        out["main_metric"] = p.task.main_metric
+        out["main_metric_value"] = out["metrics"][p.task.main_metric]
+        rank_metrics = evaluate_rank_variants(p.method, self.model, self.data.dev_loader, p.task, p.device,
+                                              p.precision)
+        if rank_metrics:  # a method whose one trained model is also a model of other ranks (DyLoRA)
+            out["rank_metrics"] = rank_metrics
+        if self.probe is not None:
+            out["forgetting"] = self.probe.result(self.forgetting_before,
+                                                  self.probe.measure(self.model, p.device, self.amp))
+        self.merged = None
+        if p.method.merges:
+            self.merged = p.method.merged(self.model)
+            out["merged_metrics"], merged_logits = self._evaluate(self.merged)
+            out["merged_max_abs_logit_diff"] = float(np.abs(merged_logits - logits).max())
 
+    def measure(self) -> None:
+        """Latency (and a causal LM's generation speed) of base, unmerged and merged, timed side by side at the end
+        (base: a fresh copy of the base model), so the machine's drift over the run does not masquerade as a
+        method's overhead; then the memory of every phase."""
+        p, cfg, out = self.p, self.p.cfg, self.out
+        if cfg.measure.latency:
+            variants = {"base": build_model(p)[0], "unmerged": self.model}
+            if self.merged is not None:
+                variants["merged"] = self.merged
+            tokenizer = self.data.tokenizer
+            out["latency"] = time_latency(p, variants, tokenizer.vocab_size, self.meter)
+            if self.causal and cfg.lm.generation:
+                with self.meter.phase("generation"):
+                    out["generation"] = time_generation(p, variants, tokenizer.vocab_size, int(tokenizer.pad_token_id))
+            del variants
+        self.merged = None
+        out["memory"] = self.meter.phases
+        out.update(peak_memory_summary(self.meter.phases, "train"))
+        out["method_info"] = p.method.info(self.model)
 
-def fingerprints(rows: Rows, model_cfg: Any) -> dict[str, Any]:
-    """The content fingerprints of a run (bench/fingerprint.py): sha256 of the rows and of the model's and
-    tokenizer's files (these join the identity), with the names of the files hashed."""
-    return {"train_rows_sha256": rows_sha256(rows.train), "dev_rows_sha256": rows_sha256(rows.dev),
-            **model_fingerprint(model_cfg)}
+    def save(self) -> None:
+        """The weights (unless save_weights=none) and the loss curve, into the run folder."""
+        self.out.update(save(self.p, self.p.method, self.model, self.curve))
 
-
-def load_data(task: Task, cfg: DictConfig, tokenizer=None, rows: Rows | None = None) -> Data:
-    """The task's train and dev rows (capped by the budget; `rows` when already read), tokenised, and their
-    loaders: train shuffled by `cfg.seed`, dev in order."""
-    budget = cfg.budget
-    rows = rows or read_rows(task, budget)
-    train_df, dev_df, source = rows.train, rows.dev, rows.source
-    tokenizer = tokenizer or load_tokenizer(cfg.model)
-    info = {"source": source, "train_rows": len(train_df), "dev_rows": len(dev_df),
-            "note": task.offline_note if source.startswith("glue_dir") else "", **rows.check}
-    start = time.perf_counter()
-    if is_causal_lm(cfg.model):  # the task as text (bench/lm.py)
-        pr = lm.prompting(cfg.task, cfg.lm, tokenizer, task.name)
-        encoded, train_cut = lm.encode(train_df, tokenizer, pr, int(budget.max_seq_len))
-        train_features = lm.train_features(encoded, tokenizer, pr)
-        tokenize_s = time.perf_counter() - start
-        dev_features, dev_cut = lm.encode(dev_df, tokenizer, pr, int(budget.max_seq_len))
-        dev_loader = lm.dev_loader(dev_features, tokenizer, int(cfg.lm.eval_batch_size), str(cfg.lm.eval_mode))
-        first = dev_df.iloc[0]
-        example = pr.prompt(tokenizer, str(first["text_a"]), None if pd.isna(first["text_b"]) else str(first["text_b"]))
-        info.update(prompt={"chat_template": pr.chat, "loss_on": pr.loss_on, "eval_mode": str(cfg.lm.eval_mode),
-                            "answers": list(pr.answers),
-                            "example": example}, prompts_cut={"train": train_cut, "dev": dev_cut})
-    else:
-        train_features = tokenize(train_df, tokenizer, budget.max_seq_len)
-        tokenize_s = time.perf_counter() - start
-        dev_features = tokenize(dev_df, tokenizer, budget.max_seq_len)
-        dev_loader = make_loader(dev_features, tokenizer, cfg.measure.eval_batch_size, shuffle=False, seed=0)
-    return Data(tokenizer, train_features, dev_features, train_loader(train_features, tokenizer, cfg), dev_loader,
-                info, tokenize_s)
-
-
-def train_loader(features: list, tokenizer, cfg: DictConfig):
-    """A fresh training loader (micro-batches of the budget, shuffled by `cfg.seed`: the same order each time)."""
-    if is_causal_lm(cfg.model):
-        return lm.train_loader(features, tokenizer, int(cfg.budget.batch_size), int(cfg.seed))
-    return make_loader(features, tokenizer, cfg.budget.batch_size, shuffle=True, seed=int(cfg.seed))
+    def _evaluate(self, model: nn.Module) -> tuple[dict[str, float], np.ndarray]:
+        return evaluate(model, self.data.dev_loader, self.p.task, self.p.device, self.p.precision)
 
 
 def fresh_model(p: Plan, steps: int) -> nn.Module:
@@ -137,7 +160,7 @@ def check_positions(config: Any, p: Plan, features: list[dict]) -> None:
     if config.model_type in ("roberta", "xlm-roberta", "camembert"):
         positions -= int(config.pad_token_id) + 1  # RoBERTa's positions start after the padding index
     longest = max(len(f["input_ids"]) if "input_ids" in f else len(f["prompt_ids"]) + max(map(len, f["answer_ids"]))
-                  for f in features)  # a causal LM's dev feature: its prompt and answers (bench/lm.py)
+                  for f in features)  # a causal LM's dev feature: its prompt and answers (bench/data/text.py)
     if longest + extra > positions:
         raise BenchError(f"method '{p.method.name}' adds {extra} virtual tokens, and the longest tokenised example "
                          f"has {longest}: {longest + extra} > the model's {positions} positions; set "
@@ -172,9 +195,7 @@ def train_settings(p: Plan, steps: int, timing_warmup_steps: int = 0) -> TrainSe
 
 def train_model(p: Plan, model: nn.Module, loader, steps: int, timing_warmup_steps: int = 0,
                 evaluate_fn=None) -> TrainResult:
-    """The shared loop with the run's settings (and the test-only fault hooks of bench/faults.py)."""
-    from bench.faults import injected_faults
-
+    """The shared loop with the run's settings (and the test-only fault hooks of bench/loop/faults.py)."""
     return train(model, p.method, loader, train_settings(p, steps, timing_warmup_steps), evaluate_fn=evaluate_fn,
                  hooks=injected_faults(p.run_id))
 
@@ -198,27 +219,6 @@ def train_summary(tr: TrainResult, warmup: int) -> dict:
     }
 
 
-def evaluate(model: nn.Module, loader, task: Task, device: torch.device, precision: str
-             ) -> tuple[dict[str, float], np.ndarray]:
-    """(the task's metrics and eval_loss on `loader`, the logits)."""
-    logits, labels, loss = predict(model, loader, device, precision)
-    preds = to_predictions(logits, task.is_regression)
-    metrics = {**glue_metrics.compute(list(task.metrics), preds, labels), "eval_loss": loss}
-    if isinstance(getattr(loader, "collate_fn", None), lm.GenerateCollator):  # lm.eval_mode=generate
-        metrics["no_answer_fraction"] = lm.no_answer_fraction(logits)
-    return metrics, logits
-
-
-def evaluate_rank_variants(p: Plan, model: nn.Module, loader) -> dict[str, dict[str, float]]:
-    """{rank: metrics} of the trained model evaluated as each of the method's `rank_variants` (DyLoRA: truncated to
-    each eval rank); empty for methods without them."""
-    out = {}
-    for rank, variant in p.method.rank_variants(model):
-        with variant:
-            out[str(rank)] = evaluate(model, loader, p.task, p.device, p.precision)[0]
-    return out
-
-
 def time_latency(p: Plan, variants: dict[str, nn.Module], vocab_size: int, meter: MemoryMeter) -> dict:
     """Latency of the models in `variants` (base, unmerged, merged), timed side by side (README, "Measurement")."""
     measure = p.cfg.measure
@@ -239,8 +239,8 @@ def time_latency(p: Plan, variants: dict[str, nn.Module], vocab_size: int, meter
 
 def time_generation(p: Plan, variants: dict[str, nn.Module], vocab_size: int, pad_id: int) -> dict:
     """Generation latency of a causal LM's variants (base, unmerged, merged) with the KV cache: prefill ms and decode
-    tokens/s, timed side by side (bench/measure.py `generation_interleaved`), with each variant's decode time per
-    token relative to base per round (`<name>_over_base_ratio`, `..._too_noisy`, as for forward latency)."""
+    tokens/s, timed side by side (bench/measure/latency.py `generation_interleaved`), with each variant's decode time
+    per token relative to base per round (`<name>_over_base_ratio`, `..._too_noisy`, as for forward latency)."""
     knobs = p.cfg.lm
     batch = latency_batch(vocab_size, int(knobs.gen_batch_size), int(knobs.gen_prompt_len), p.device)
     out: dict[str, Any] = {"batch_size": int(knobs.gen_batch_size), "prompt_len": int(knobs.gen_prompt_len),
@@ -273,9 +273,3 @@ def write_curve(run_dir: Path, curve: list[dict]) -> None:
         writer = csv.DictWriter(fh, fieldnames=["step", "loss", "lr", "elapsed_s"])
         writer.writeheader()
         writer.writerows(curve)
-
-
-__all__ = ["Data", "Rows", "attach", "build_model", "check_positions", "evaluate", "evaluate_rank_variants",
-           "fingerprints", "load_data", "read_rows", "save", "seed_everything", "time_generation", "time_latency",
-           "timing_warmup",
-           "total_steps", "train_model", "train_summary", "write_curve"]

@@ -1,6 +1,6 @@
 """Training-memory estimator (the arithmetic): full fine-tuning vs LoRA vs QLoRA, from a model config, a
 parameter count or a named preset. Its command line and the estimate-vs-records comparison are
-analysis/memory.py; the benchmark scripts in bench/perf/ use this module directly.
+analysis/memory.py; the benchmark scripts in bench/tools/perf/ use this module directly.
 
     python -m analysis.memory --model minilm --batch-size 32 --seq-len 128 --rank 8
     python -m analysis.memory --model 7b --batch-size 1 --seq-len 2048 --precision amp --grad-checkpointing
@@ -40,7 +40,7 @@ What is counted, in bytes (P = all parameters, T = trainable ones):
 - optimiser step working memory: fused AdamW (this suite on CUDA) and 8-bit AdamW update in place, 0; the
   foreach implementation takes one fp32 temporary per trainable parameter (the square root of the second
   moment, for all tensors at once), 4 T; the single-tensor one (PyTorch's choice on CPU) two temporaries of the
-  largest trainable tensor, 8 bytes per element of it (measured: `python -m bench.perf.memory`).
+  largest trainable tensor, 8 bytes per element of it (measured: `python -m bench.tools.perf.memory`).
 - peak = weights + master + optimiser + the larger of
   (a) max(activations + autocast copies, gradients) + one layer's activations as backward working memory:
       activations are freed and gradients created as the backward pass walks down the layers (gradients are
@@ -53,7 +53,7 @@ What is counted, in bytes (P = all parameters, T = trainable ones):
   fp32 log-probabilities of every position, 4 bytes x tokens x vocab (kept until the backward pass), and the
   backward pass starts with two fp32 tokens x vocab gradients at once, 8 bytes x tokens x vocab (the backward
   working memory when larger than one layer's). Measured on tiny-llama, fp32 on the CPU, with
-  `bench.perf.memory` (live tensor bytes of the suite's loop): full 115.4 MB measured vs 115.8 MB estimated,
+  `bench.tools.perf.memory` (live tensor bytes of the suite's loop): full 115.4 MB measured vs 115.8 MB estimated,
   LoRA 89.4 vs 89.7 MB (batch 4 x 32 tokens, vocabulary 49152). Under autocast the logits are 16-bit before the
   fp32 cast; that path (CUDA) has not been measured for causal LMs. Tokens are the run's batch x its longest
   padded batch (`train.max_batch_seq_len`), as every position gets logits even with the loss on the answer only.
@@ -73,8 +73,8 @@ from typing import Any
 
 from bench import BenchError
 from bench.config import compose_config
-from bench.models import package_model_dir
-from bench.tasks import record_num_labels
+from bench.data.tasks import record_num_labels
+from bench.model import package_model_dir
 
 GIB = 2**30
 REPO = Path(__file__).resolve().parent.parent
@@ -89,7 +89,7 @@ PRESETS = {"7b": (4096, 32, 32, 32, 11008, 32000), "13b": (5120, 40, 40, 40, 138
            "70b": (8192, 80, 64, 8, 28672, 32000)}
 NF4_BYTES = 0.5
 # A causal LM's loss over the vocabulary (transformers' ForCausalLMLoss: fp32 logits -> cross entropy), bytes per
-# token x vocabulary entry, measured on tiny-llama with bench.perf.memory (fp32, CPU): log_softmax keeps its fp32
+# token x vocabulary entry, measured on tiny-llama with bench.tools.perf.memory (fp32, CPU): log_softmax keeps its fp32
 # output for the backward pass (4); the backward pass starts with two dense fp32 tokens x vocab gradients alive at
 # once (the loss's gradient w.r.t. the log-probabilities and w.r.t. the logits: 8).
 LOGITS_KEPT_BYTES = 4.0

@@ -1,6 +1,6 @@
-"""Planning a run: validate the composed config (bench/schema.py) and work out the effective config and the run's
+"""Planning a run: validate the composed config (bench/plan/schema.py) and work out the effective config and the run's
 identity (the hash of the effective config), before anything is loaded; then `identify` adds the content
-fingerprints of the data and model files (bench/fingerprint.py) to that identity."""
+fingerprints of the data and model files (bench/plan/fingerprint.py) to that identity."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,10 +12,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bench import BenchError
-from bench.models import is_causal_lm
-from bench.record import config_hash
-from bench.schema import validate_config
-from bench.tasks import DISPLAY_KEYS, Task, task_from_config
+from bench.data.tasks import DISPLAY_KEYS, Task, task_from_config
+from bench.hashing import config_hash
+from bench.model import is_causal_lm
+from bench.model.device import resolve_device, resolve_precision
+from bench.plan.schema import validate_config
 from methods import Method, get_method
 
 
@@ -32,31 +33,6 @@ class Plan:
     config_hash: str
     run_id: str
     run_dir: Path
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        from bench.sweep import auto_cuda_index  # several GPUs: one per worker process (see bench/sweep.py)
-
-        index = auto_cuda_index(torch.cuda.device_count())
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
-    return device
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if name not in ("fp32", "bf16", "fp16"):
-        raise BenchError(f"precision={name}: choose auto, fp32, bf16 or fp16")
-    if device.type == "cpu" and name != "fp32":
-        raise BenchError(f"precision={name} is for CUDA; CPU runs use fp32 (precision=auto or fp32)")
-    return name
 
 
 def plan(cfg: DictConfig) -> Plan:
@@ -109,7 +85,7 @@ def _method_lr(value) -> float:
 
 def identify(p: Plan, fingerprints: dict) -> Plan:
     """The plan with the content fingerprints (the `*_sha256` values) of its data and model files in its identity:
-    edited data or another checkpoint under the same name is another run (bench/fingerprint.py)."""
+    edited data or another checkpoint under the same name is another run (bench/plan/fingerprint.py)."""
     hashes = {k: v for k, v in fingerprints.items() if k.endswith("_sha256")}
     return _identified(dataclasses.replace(p, effective={**p.effective, "fingerprints": hashes}))
 

@@ -18,42 +18,26 @@ import hashlib
 import json
 import os
 import re
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from bench import BenchError
-from bench.models import resolve_source
-from bench.record import REPO_ROOT
+from bench.data import Rows
+from bench.hashing import file_sha256
+from bench.model import resolve_source
 
-LOCK_FILE = REPO_ROOT / "requirements.lock"
 TOKENIZER_FILES = frozenset({
     "tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt", "special_tokens_map.json",
     "added_tokens.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
 })
 _NOT_MODEL = re.compile(r"(^|/)(readme[^/]*|[^/]*\.md|license[^/]*|\.gitattributes|\.[^/]*)$", re.IGNORECASE)
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.gguf"]
-_file_cache: dict[tuple[str, int, int], str] = {}
-
-
 def rows_sha256(df: pd.DataFrame) -> str:
     """sha256 of the rows (text_a, text_b, label), in order; the same rows give the same hash on any pandas."""
     rows = list(zip(df["text_a"].tolist(), df["text_b"].tolist(), df["label"].tolist()))
     return hashlib.sha256(json.dumps(rows, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _file_cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        _file_cache[key] = h.hexdigest()
-    return _file_cache[key]
 
 
 def files_sha256(folder: Path, tokenizer: bool) -> tuple[str | None, list[str]]:
@@ -108,25 +92,9 @@ def model_fingerprint(model_cfg: Any) -> dict[str, Any]:
     return out
 
 
-def read_lock(path: Path = LOCK_FILE) -> dict[str, str]:
-    """{normalised package name: pinned version} from a pip constraints file."""
-    pins = {}
-    for line in path.read_text().splitlines():
-        name, sep, version = line.split("#")[0].strip().partition("==")
-        if sep:
-            pins[_normalise(name)] = version.strip()
-    return pins
+def fingerprints(rows: Rows, model_cfg: Any) -> dict[str, Any]:
+    """The content fingerprints of a run (bench/plan/fingerprint.py): sha256 of the rows and of the model's and
+    tokenizer's files (these join the identity), with the names of the files hashed."""
+    return {"train_rows_sha256": rows_sha256(rows.train), "dev_rows_sha256": rows_sha256(rows.dev),
+            **model_fingerprint(model_cfg)}
 
-
-def _normalise(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def lock_state(path: Path = LOCK_FILE) -> dict[str, Any]:
-    """sha256 of the lock file and the installed packages that differ from it (name: installed vs locked)."""
-    if not path.is_file():
-        return {"lock_sha256": None, "lock_mismatches": None}
-    installed = {_normalise(d.metadata["Name"]): d.version for d in metadata.distributions() if d.metadata["Name"]}
-    mismatches = {name: f"{installed[name]} (lock {version})" for name, version in sorted(read_lock(path).items())
-                  if name in installed and installed[name] != version}
-    return {"lock_sha256": file_sha256(path), "lock_mismatches": mismatches}

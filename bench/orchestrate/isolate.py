@@ -4,8 +4,9 @@ The kernel's out-of-memory killer sends SIGKILL to the largest process, which no
 sweep that process used to be the launcher's worker itself: the basic launcher's sweep ended there, and joblib's
 pool broke (TerminatedWorkerError), killing the other worker's run and never starting the rest. With
 `isolate_runs` (default `auto`: in multirun) each job starts its run in a child process
-(`python -m bench.isolate <config>`) and waits for it. The child is the large process, so the OOM killer picks
-it; the job then writes an `error` record for it ("killed by SIGKILL ...") and returns, and the sweep goes on.
+(`python -m bench.orchestrate.isolate <config>`) and waits for it. The child is the large process, so the OOM
+killer picks it; the job then writes an `error` record for it ("killed by SIGKILL ...") and returns, and the sweep
+goes on.
 The next invocation runs it again (failed runs are retried by default), taking over its stale lock.
 Cost: one Python start per run (a few seconds), small beside a run; single runs are not isolated.
 """
@@ -24,7 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from bench import BenchError
-from bench.lock import RunLock
+from bench.orchestrate.lock import RunLock
 from bench.record import SCHEMA_VERSION, read_record, write_json_atomic, write_result
 
 OUTCOME_ENV = "BENCH_RUN_OUTCOME"  # set by the parent: where the child says who it is and how it ended
@@ -50,7 +51,7 @@ def run_isolated(cfg: DictConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
         cfg_path, outcome_path = Path(tmp) / "config.yaml", Path(tmp) / "outcome.json"
         OmegaConf.save(cfg, cfg_path, resolve=True)
-        proc = subprocess.Popen([sys.executable, "-m", "bench.isolate", str(cfg_path)],
+        proc = subprocess.Popen([sys.executable, "-m", "bench.orchestrate.isolate", str(cfg_path)],
                                 env={**os.environ, OUTCOME_ENV: str(outcome_path)})
         proc.wait()
         said = json.loads(outcome_path.read_text()) if outcome_path.is_file() else {}
@@ -77,7 +78,7 @@ def run_isolated(cfg: DictConfig) -> dict[str, Any]:
 
 
 def main(cfg_path: str) -> None:
-    from bench.runner import job_outcome, run
+    from bench.orchestrate.runner import job_outcome, run
 
     cfg = OmegaConf.load(cfg_path)
     try:

@@ -1,10 +1,10 @@
 """GPU measurement in one command: full, LoRA, DoRA and QLoRA at several model sizes, then a table of peak
 memory, throughput and latency, and the memory estimator's figure next to each measured peak.
 
-    GLUE_DIR=... HF_HUB_OFFLINE=1 python -m bench.perf.gpu --out perf_gpu
-    python -m bench.perf.gpu --tokenizer path/to/minilm-tokenizer --models minilm-random,bert-large-random
+    GLUE_DIR=... HF_HUB_OFFLINE=1 python -m bench.tools.perf.gpu --out perf_gpu
+    python -m bench.tools.perf.gpu --tokenizer path/to/minilm-tokenizer --models minilm-random,bert-large-random
 
-Every run goes through the real runner (bench.runner.run) in this one process, so the GPU start check
+Every run goes through the real runner (bench.orchestrate.runner.run) in this one process, so the GPU start check
 (`gpu_start` in each record) also shows whether one run leaves memory behind for the next. Models: MiniLM
 (pretrained, when its package is installed, else `minilm-random` of the same shape), and random-init
 BERT-base and BERT-large sizes (`conf/model/*-random.yaml`: no download needed; their accuracy is
@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("BENCH_PROGRESS", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from bench.memory_estimate import METHODS, record_estimate
-    from bench.models import is_causal_lm
-    from bench.runner import run
+    from bench.model import is_causal_lm
+    from bench.orchestrate.runner import run
+    from bench.tools.memory_estimate import METHODS, record_estimate
     from methods import REGISTRY
 
     out = Path(args.out)
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
               *[f"- {rid}: {b}" for rid, b in starts], *[f"- FLAG {f}" for f in flags], ""]
     rows = [row for r in records if r.get("status") == "ok" and r.get("method") in METHODS
             if "measured_bytes" in (row := record_estimate(r))]
-    lines += ["## Memory estimate vs measured training peak (bench/memory_estimate.py)", "",
+    lines += ["## Memory estimate vs measured training peak (bench/tools/memory_estimate.py)", "",
               "| run | params | batch x seq | estimate GiB | measured GiB (peak allocated) | estimate / measured |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {r['run_id']} | {r['params']:,} | {r['batch']} x {r['seq']} | {r['estimate_bytes'] / GIB:.3f} | "

@@ -1,8 +1,8 @@
 """Hot-swap latency benchmark (a script, not a test): several adapters on one base model, switched by name.
 
-    python -m bench.perf.hotswap                                  # 3 LoRA adapters on tiny-bert
-    python -m bench.perf.hotswap --model minilm --method dora --rank 16
-    python -m bench.perf.hotswap --model minilm --adapter-dir runs/A/weights --adapter-dir runs/B/weights
+    python -m bench.tools.perf.hotswap                                  # 3 LoRA adapters on tiny-bert
+    python -m bench.tools.perf.hotswap --model minilm --method dora --rank 16
+    python -m bench.tools.perf.hotswap --model minilm --adapter-dir runs/A/weights --adapter-dir runs/B/weights
 
 Without --adapter-dir it makes --n-adapters adapters of --method (random non-zero weights: latency does
 not depend on the values) and saves them to a temporary folder. It prints the time to load each adapter,
@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from bench.config import compose_config
-from bench.measure import latency_batch, sync
-from bench.models import attach_context, load_model
+from bench.measure.latency import latency_batch
+from bench.model import attach_context, load_model
+from bench.model.device import sync
 from methods import get_method
 from methods.base import head_modules, is_head_param
 from methods.hotswap import load_adapters, switch

@@ -1,11 +1,11 @@
 """Memory estimator vs the tensor memory the suite's training loop really holds, on any device (CPU included).
 
-    python -m bench.perf.memory                      # minilm and bert-base-random, full and lora r=8, 32 x 128, fp32
-    python -m bench.perf.memory --models minilm,bert-large-random --methods lora --batch-size 8 --seq-len 256
-    python -m bench.perf.memory --quick              # tiny-bert, a check that the script runs
+    python -m bench.tools.perf.memory             # minilm and bert-base-random, full and lora r=8, 32 x 128, fp32
+    python -m bench.tools.perf.memory --models minilm,bert-large-random --methods lora --batch-size 8 --seq-len 256
+    python -m bench.tools.perf.memory --quick              # tiny-bert, a check that the script runs
 
 For each model and method it builds the model through the suite (conf/model + methods registry), runs
-`bench.train.train` (the one loop every run uses: AdamW, clipping, scheduler) for a few optimiser steps on a
+`bench.loop.train.train` (the one loop every run uses: AdamW, clipping, scheduler) for a few optimiser steps on a
 synthetic batch of exactly batch x seq tokens (no padding: the token count is known), and tracks every tensor
 storage alive with a TorchDispatchMode (`TensorBytes` below). Its peak is what `torch.cuda.max_memory_allocated`
 reports on a GPU, without the caching allocator's 512-byte rounding; it is not peak RSS (no allocator caches,
@@ -13,7 +13,7 @@ no Python or library memory). It then prints the estimate of `analysis.memory` f
 ratio, and both split by kind (weights, gradients, optimiser states, activations + temporaries) at the peak.
 
 On CPU the suite trains in fp32, so this checks the fp32 arithmetic (weights, gradients, AdamW moments,
-activation coefficients); the autocast (`amp`) path needs a GPU: `python -m bench.perf.gpu`. A benchmark script
+activation coefficients); the autocast (`amp`) path needs a GPU: `python -m bench.tools.perf.gpu`. A benchmark script
 that prints figures, not a test.
 """
 from __future__ import annotations
@@ -31,11 +31,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from bench.config import compose_config
-from bench.measure import latency_batch
-from bench.memory_estimate import GIB, Setting, arch_from_model_conf, estimate
-from bench.plan import plan, resolve_device
-from bench.steps import fresh_model, train_settings
-from bench.train import train
+from bench.loop.train import train
+from bench.measure.latency import latency_batch
+from bench.model.device import resolve_device
+from bench.plan import plan
+from bench.recipe import fresh_model, train_settings
+from bench.tools.memory_estimate import GIB, Setting, arch_from_model_conf, estimate
 
 KINDS = ("weights", "gradients", "optimizer", "activations+temp")
 

@@ -23,16 +23,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from bench import BenchError
-from bench.lm import generate_choices, is_choice_batch, is_generate_batch, score_choices
-from bench.measure import sync
-from bench.precision import autocast, autocast_dtype
+from bench.model.device import sync
+from bench.model.precision import autocast, autocast_dtype
 from methods.base import HeadSpec, Method, is_head_param
 
 
@@ -224,31 +222,3 @@ def _forever(loader):
         yield from loader
 
 
-@torch.no_grad()
-def predict(model: nn.Module, loader, device: torch.device, precision: str) -> tuple[np.ndarray, np.ndarray, float]:
-    """Logits and labels over a loader, and the mean loss. For a causal LM's choice batches (bench/lm.py) the "logits"
-    are each label's answer log-likelihood and the loss the gold answer's NLL per token."""
-    model.eval()
-    amp_dtype = autocast_dtype(precision)
-    logits, labels, loss_sum, n = [], [], 0.0, 0
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast(device, amp_dtype):
-            if is_choice_batch(batch):  # a causal LM scoring each label's answer text (bench/lm.py)
-                scores, gold_nll = score_choices(model, batch)
-                if is_generate_batch(batch):  # lm.eval_mode=generate: greedy answers matched exactly
-                    scores = generate_choices(model, batch)
-                batch_logits, batch_loss = scores, gold_nll.mean()
-            else:
-                out = model(**batch)
-                batch_logits, batch_loss = out.logits, out.loss
-        bs = batch["labels"].shape[0]
-        loss_sum += float(batch_loss) * bs
-        n += bs
-        logits.append(batch_logits.float().cpu())
-        labels.append(batch["labels"].cpu())
-    return torch.cat(logits).numpy(), torch.cat(labels).numpy(), loss_sum / max(n, 1)
-
-
-def to_predictions(logits: np.ndarray, is_regression: bool) -> np.ndarray:
-    return logits[:, 0] if is_regression else logits.argmax(-1)

@@ -23,10 +23,10 @@ from torch import nn
 
 from bench import BenchError
 from bench.config import compose_config
-from bench.data import subset
-from bench.models import is_causal_lm, resolve_source
-from bench.precision import autocast
-from bench.tasks import get_task, load_task
+from bench.data.encode import subset
+from bench.data.tasks import get_task, load_task
+from bench.model import is_causal_lm, resolve_source
+from bench.model.precision import autocast
 
 PROBES = ("sts", "mlm", "ppl", "sequential")
 

@@ -7,18 +7,14 @@ it; analysis and the sweep summary read through it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import platform
-import socket
-import subprocess
 import tempfile
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from bench import BenchError
+from bench.hashing import config_hash
 
 SCHEMA_VERSION = 1
 KNOWN_SCHEMAS = {1}  # schema versions `load_records` reads
@@ -30,45 +26,6 @@ WEIGHTS_DIR = "weights"
 OK = "ok"
 FAILED_STATUSES = ("error", "nan", "oom")  # a run that finished with a failure; `ok` is the only success
 STATUSES = (OK, *FAILED_STATUSES)
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("torch", "transformers", "peft", "tokenizers", "accelerate", "safetensors", "datasets", "hydra-core",
-            "numpy", "scipy", "scikit-learn", "pandas", "bitsandbytes")
-
-
-def config_hash(effective: dict) -> str:
-    """sha256 of the canonical JSON of the effective config (what actually shapes the result)."""
-    blob = json.dumps(effective, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def git_state() -> dict[str, Any]:
-    def git(*args: str) -> str | None:
-        try:
-            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                                  timeout=10, check=True).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"git_commit": commit, "git_dirty": bool(status) if status is not None else None}
-
-
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in PACKAGES:
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def provenance() -> dict[str, Any]:
-    return {**git_state(), "versions": versions(), "hostname": socket.gethostname(),
-            "platform": platform.platform()}
-
-
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write to a temp file in the same folder, fsync, then rename: a reader sees the old file or the
     whole new one, never half of it."""

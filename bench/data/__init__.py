@@ -1,0 +1,85 @@
+"""A run's data: the task's rows (bench/data/tasks.py), capped by the budget, tokenised for an encoder
+(bench/data/encode.py) or as prompt and answer text for a causal LM (bench/data/text.py), and their loaders."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from bench.data import text as lm
+from bench.data.encode import make_loader, subset, tokenize
+from bench.data.tasks import Task, load_task
+from bench.model import is_causal_lm, load_tokenizer
+
+
+@dataclass
+class Data:
+    tokenizer: Any
+    train_features: list[dict]
+    dev_features: list[dict]
+    train_loader: Any
+    dev_loader: Any
+    info: dict  # for the record: source, rows, note
+    tokenize_s: float  # time to tokenise the train rows
+
+
+@dataclass
+class Rows:
+    """The rows a run trains and evaluates on (after the budget's caps), and where they came from."""
+    train: pd.DataFrame
+    dev: pd.DataFrame
+    source: str
+    check: dict  # for the record: files with fewer rows than the task expects (`rows_below_expected`)
+
+
+def read_rows(task: Task, budget: Any) -> Rows:
+    """The task's train and dev rows, capped by the budget (a fixed subset, the same for every method and seed).
+    A data file with fewer rows than the task's yaml expects is a warning and a note in the record, not an error
+    (a deliberately cut file is a legitimate, differently fingerprinted run)."""
+    train_df, dev_df, source = load_task(task)
+    check = task.row_check({"train": len(train_df), "dev": len(dev_df)}, source)
+    for split, (n, expected) in check.get("rows_below_expected", {}).items():
+        print(f"warning: task '{task.name}': the {split} file has {n} rows, {expected} expected ({source})")
+    return Rows(subset(train_df, budget.train_samples), subset(dev_df, budget.eval_samples), source, check)
+
+
+def load_data(task: Task, cfg: DictConfig, tokenizer=None, rows: Rows | None = None) -> Data:
+    """The task's train and dev rows (capped by the budget; `rows` when already read), tokenised, and their
+    loaders: train shuffled by `cfg.seed`, dev in order."""
+    budget = cfg.budget
+    rows = rows or read_rows(task, budget)
+    train_df, dev_df, source = rows.train, rows.dev, rows.source
+    tokenizer = tokenizer or load_tokenizer(cfg.model)
+    info = {"source": source, "train_rows": len(train_df), "dev_rows": len(dev_df),
+            "note": task.offline_note if source.startswith("glue_dir") else "", **rows.check}
+    start = time.perf_counter()
+    if is_causal_lm(cfg.model):  # the task as text (bench/data/text.py)
+        pr = lm.prompting(cfg.task, cfg.lm, tokenizer, task.name)
+        encoded, train_cut = lm.encode(train_df, tokenizer, pr, int(budget.max_seq_len))
+        train_features = lm.train_features(encoded, tokenizer, pr)
+        tokenize_s = time.perf_counter() - start
+        dev_features, dev_cut = lm.encode(dev_df, tokenizer, pr, int(budget.max_seq_len))
+        dev_loader = lm.dev_loader(dev_features, tokenizer, int(cfg.lm.eval_batch_size), str(cfg.lm.eval_mode))
+        first = dev_df.iloc[0]
+        example = pr.prompt(tokenizer, str(first["text_a"]), None if pd.isna(first["text_b"]) else str(first["text_b"]))
+        info.update(prompt={"chat_template": pr.chat, "loss_on": pr.loss_on, "eval_mode": str(cfg.lm.eval_mode),
+                            "answers": list(pr.answers),
+                            "example": example}, prompts_cut={"train": train_cut, "dev": dev_cut})
+    else:
+        train_features = tokenize(train_df, tokenizer, budget.max_seq_len)
+        tokenize_s = time.perf_counter() - start
+        dev_features = tokenize(dev_df, tokenizer, budget.max_seq_len)
+        dev_loader = make_loader(dev_features, tokenizer, cfg.measure.eval_batch_size, shuffle=False, seed=0)
+    return Data(tokenizer, train_features, dev_features, train_loader(train_features, tokenizer, cfg), dev_loader,
+                info, tokenize_s)
+
+
+def train_loader(features: list, tokenizer, cfg: DictConfig):
+    """A fresh training loader (micro-batches of the budget, shuffled by `cfg.seed`: the same order each time)."""
+    if is_causal_lm(cfg.model):
+        return lm.train_loader(features, tokenizer, int(cfg.budget.batch_size), int(cfg.seed))
+    return make_loader(features, tokenizer, cfg.budget.batch_size, shuffle=True, seed=int(cfg.seed))
+

@@ -1,0 +1,2 @@
+"""Benchmark scripts, apart from the run's code path: `python -m bench.tools.perf.gpu`, `bench.tools.perf.memory`,
+`bench.tools.perf.overhead`, `bench.tools.perf.hotswap`. They print figures; they are not tests."""
