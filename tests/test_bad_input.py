@@ -144,7 +144,7 @@ def test_an_unwritable_results_dir_is_one_line_before_training(tmp_path):
 
 @needs_glue
 def test_a_record_that_cannot_be_written_is_one_line_and_leaves_no_lock(make_cfg, monkeypatch, tmp_path):
-    import bench.record as record_module
+    import bench.record.store as record_module
 
     def read_only(path, obj):
         raise PermissionError(13, "Permission denied")

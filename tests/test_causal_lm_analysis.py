@@ -14,10 +14,10 @@ import torch
 from analysis import tables
 from analysis.collect import to_frame
 from analysis.report import build_report
-from bench import memory_estimate as mem
 from bench.config import compose_config
 from bench.plan import plan
 from bench.record import RECORD_FILE, write_json_atomic
+from bench.tools import memory_estimate as mem
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VOCAB, HIDDEN = 49152, 128  # conf/model/tiny-llama.yaml

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from bench import BenchError
-from bench import measure as M
+from bench.measure import latency as L
+from bench.measure import memory as M
 from bench.orchestrate.runner import run
 from methods.base import param_count
 from tests.conftest import needs_glue
@@ -83,12 +84,12 @@ def test_smoke_record_has_every_measurement_with_units(make_cfg):
 
 
 def test_latency_stats_percentiles():
-    s = M.latency_stats([1.0, 2.0, 3.0, 4.0, 100.0])
+    s = L.latency_stats([1.0, 2.0, 3.0, 4.0, 100.0])
     assert s["p50_ms"] == 3.0 and s["min_ms"] == 1.0 and s["timed_iters"] == 5
     assert s["mean_ms"] == pytest.approx(22.0)
     assert s["p95_ms"] == pytest.approx(np.percentile([1, 2, 3, 4, 100], 95)) and s["p95_ms"] >= s["p50_ms"]
     with pytest.raises(ValueError):
-        M.latency_stats([])
+        L.latency_stats([])
 
 
 class _Slow(nn.Module):
@@ -106,16 +107,16 @@ class _Slow(nn.Module):
 
 def test_warm_up_runs_until_timings_are_stable():
     model = _Slow([80.0, 40.0, 20.0, 10.0, 5.0, 2.0])  # first passes slow, getting faster, then steady
-    info = M.warm_up(model, {"x": torch.zeros(1)}, torch.device("cpu"), min_iters=3, tol=0.5, max_s=5.0)
+    info = L.warm_up(model, {"x": torch.zeros(1)}, torch.device("cpu"), min_iters=3, tol=0.5, max_s=5.0)
     assert info["warmup_converged"] and info["warmup_iters"] >= 9  # past the slow passes, then a stable window
-    stats = M.latency_interleaved({"slow": model}, {"x": torch.zeros(1)}, warmup_iters=3, iters=5,
+    stats = L.latency_interleaved({"slow": model}, {"x": torch.zeros(1)}, warmup_iters=3, iters=5,
                                   device=torch.device("cpu"), warmup_tol=0.5)["slow"]
     assert stats["p95_ms"] < 20.0  # none of the slow first passes leaked into the timed ones
 
 
 def test_warm_up_stops_at_its_time_limit():
     model = _Slow([30.0, 1.0, 30.0, 1.0, 30.0, 60.0] * 20)  # never stable
-    info = M.warm_up(model, {"x": torch.zeros(1)}, torch.device("cpu"), min_iters=1, tol=0.0, max_s=0.3)
+    info = L.warm_up(model, {"x": torch.zeros(1)}, torch.device("cpu"), min_iters=1, tol=0.0, max_s=0.3)
     assert not info["warmup_converged"] and 0.3 <= info["warmup_s"] < 1.5
 
 
@@ -133,7 +134,7 @@ def test_latency_interleaved_times_every_model_in_rotating_rounds():
 
     models = {"a": Tag("a"), "b": Tag("b"), "c": Tag("c")}
     meter = M.MemoryMeter(torch.device("cpu"))
-    out = M.latency_interleaved(models, {"x": torch.zeros(1)}, warmup_iters=0, iters=7, device=torch.device("cpu"),
+    out = L.latency_interleaved(models, {"x": torch.zeros(1)}, warmup_iters=0, iters=7, device=torch.device("cpu"),
                                 rounds=3, meter=meter)
     assert {n: out[n]["timed_iters"] for n in models} == {"a": 7, "b": 7, "c": 7}
     assert set(meter.phases) == {"latency_a", "latency_b", "latency_c"}
@@ -202,7 +203,7 @@ def test_latency_ratio_pairs_rounds_so_a_slow_spell_is_not_an_overhead():
     lat = {"base": stats(542.0, 540.0, [541.0, 702.0, 545.0, 543.0]),
            "merged": stats(629.0, 539.0, [540.0, 700.0, 546.0, 541.0]),
            "unmerged": stats(560.0, 554.0, [556.0, 722.0, 900.0, 555.0])}
-    r = M.latency_ratios(lat)
+    r = L.latency_ratios(lat)
     assert r["merged_over_base_p50_ratio"] > 1.15  # the misleading figure
     assert 0.99 < r["merged_over_base_ratio"] < 1.01 and not r["merged_over_base_too_noisy"]
     assert abs(r["merged_over_base_min_ms_ratio"] - 539 / 540) < 1e-12
@@ -211,7 +212,7 @@ def test_latency_ratio_pairs_rounds_so_a_slow_spell_is_not_an_overhead():
 
 
 def test_interleaved_latency_keeps_each_rounds_median():
-    out = M.latency_interleaved({"a": nn.Identity(), "b": nn.Identity()}, {"input": torch.zeros(1)},
+    out = L.latency_interleaved({"a": nn.Identity(), "b": nn.Identity()}, {"input": torch.zeros(1)},
                                 warmup_iters=0, iters=8, device=torch.device("cpu"), rounds=4)
     assert [len(out[n]["round_p50_ms"]) for n in ("a", "b")] == [4, 4]
-    assert set(M.latency_ratios(out, base="a")) >= {"b_over_base_ratio", "b_over_base_too_noisy"}
+    assert set(L.latency_ratios(out, base="a")) >= {"b_over_base_ratio", "b_over_base_too_noisy"}

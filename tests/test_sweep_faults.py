@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import lock as run_lock
-from bench import oom, runner
+from bench.orchestrate import lock as run_lock
+from bench.orchestrate import oom, runner
 from bench.orchestrate.runner import run
 from bench.record import RECORD_FILE, read_record
 from tests.conftest import REPO, needs_glue
