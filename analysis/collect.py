@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from bench import record
-from bench.record import config_group
+from bench.record.identity import config_group
 
 ANALYSIS_NAME = "analysis.json"
 BUDGET_DESC_FIELDS = ("max_steps", "epochs", "batch_size", "train_samples", "eval_samples", "max_seq_len")

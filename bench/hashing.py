@@ -9,11 +9,10 @@ from pathlib import Path
 _file_cache: dict[tuple[str, int, int], str] = {}
 
 
-def config_hash(effective: dict) -> str:
-    """sha256 of the canonical JSON of the effective config (what actually shapes the result)."""
-    blob = json.dumps(effective, sort_keys=True, separators=(",", ":"), default=str)
+def json_sha256(obj: object) -> str:
+    """sha256 (16 hex digits) of the canonical JSON of `obj`: sorted keys, no spaces."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
 
 
 def file_sha256(path: Path) -> str:

@@ -22,6 +22,7 @@ from bench.loop.faults import injected_faults
 from bench.loop.train import TrainResult, TrainSettings, total_steps, train
 from bench.measure.latency import generation_interleaved, latency_batch, latency_interleaved, latency_ratios
 from bench.measure.memory import MemoryMeter, check_gpu_start, peak_memory_summary
+from bench.metrics import directions
 from bench.model import attach_context, is_causal_lm, load_model, seed_everything
 from bench.model.precision import autocast_dtype
 from bench.plan import Plan
@@ -94,6 +95,7 @@ class Recipe:
         p, out = self.p, self.out
         with self.meter.phase("eval"):
             out["metrics"], logits = self._evaluate(self.model)
+        out["higher_is_better"] = directions(out["metrics"])
         out["main_metric"] = p.task.main_metric
         out["main_metric_value"] = out["metrics"][p.task.main_metric]
         rank_metrics = evaluate_rank_variants(p.method, self.model, self.data.dev_loader, p.task, p.device,

@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["BENCH_PROGRESS"] = "0"
+os.environ["PEFT_BENCH_STRICT_RECORDS"] = "1"  # a record that does not follow its schema fails the test
 if "GLUE_DIR" not in os.environ and (REPO.parent / "shared" / "data" / "glue").is_dir():
     os.environ["GLUE_DIR"] = str(REPO.parent / "shared" / "data" / "glue")
 

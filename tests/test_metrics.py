@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from bench.data.metrics import compute
+from bench.metrics import compute
 
 PREDS = np.array([1, 0, 1, 1, 0, 1])
 LABELS = np.array([1, 0, 0, 1, 1, 1])

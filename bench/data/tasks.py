@@ -28,6 +28,7 @@ TASK_CONF = REPO_ROOT / "conf" / "task"
 @dataclass(frozen=True)
 class Task:
     name: str
+    version: int  # part of every run's identity: bumped when a change to the task changes results
     folder: str  # folder name in the classic glue_data layout
     text_fields: tuple[str, ...]  # columns in the TSV files
     hub_text_fields: tuple[str, ...]  # columns in the Hub dataset
@@ -60,7 +61,6 @@ class Task:
         return {"rows_below_expected": short} if short else {}
 
 
-DISPLAY_KEYS = ("label", "display_order", "list_order")  # how a task is shown: not part of a run's identity
 _FIELDS = {f.name: f for f in dataclasses.fields(Task)}
 REQUIRED = [name for name, f in _FIELDS.items()
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -87,9 +87,8 @@ TASKS: dict[str, Task] = _load_tasks()  # every conf/task yaml, in list order
 
 
 def record_num_labels(record: dict) -> int:
-    """The task's label count of a run record: from its effective config (older records: from conf/task)."""
-    task = (record.get("effective_config") or {}).get("task") or {}
-    return int(task["num_labels"]) if "num_labels" in task else get_task(record["task"]).num_labels
+    """The task's label count of a run record (from its effective config)."""
+    return int(record["effective_config"]["task"]["num_labels"])
 
 
 def get_task(name: str) -> Task:

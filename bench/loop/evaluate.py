@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from bench.data import text
-from bench.data.metrics import compute
 from bench.data.tasks import Task
+from bench.metrics import compute
 from bench.model.precision import autocast, autocast_dtype
 from methods import Method
 

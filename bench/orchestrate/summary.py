@@ -17,9 +17,7 @@ def _fmt_bytes(n: float | None) -> str:
 
 
 def _ratio(lat: dict, name: str) -> str:
-    """`name/base 1.02 (rounds 0.99-1.04)`, flagged when the rounds disagree; older records: the p50 ratio."""
-    if f"{name}_over_base_ratio" not in lat:
-        return f"{name}/base {lat[f'{name}_over_base_p50_ratio']:.2f} (p50s)"
+    """`name/base 1.02 (rounds 0.99-1.04)`, flagged when the rounds disagree."""
     low, high = lat[f"{name}_over_base_lowest_round_ratio"], lat[f"{name}_over_base_highest_round_ratio"]
     text = f"{name}/base {lat[f'{name}_over_base_ratio']:.2f} (rounds {low:.2f}-{high:.2f})"
     return text + (" TOO NOISY TO TELL" if lat[f"{name}_over_base_too_noisy"] else "")

@@ -4,7 +4,6 @@ fingerprints of the data and model files (bench/plan/fingerprint.py) to that ide
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,11 +11,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bench import BenchError
-from bench.data.tasks import DISPLAY_KEYS, Task, task_from_config
-from bench.hashing import config_hash
+from bench.data.tasks import Task, task_from_config
 from bench.model import is_causal_lm
 from bench.model.device import resolve_device, resolve_precision
 from bench.plan.schema import validate_config
+from bench.record.identity import config_hash, run_id
 from methods import Method, get_method
 
 
@@ -52,9 +51,9 @@ def plan(cfg: DictConfig) -> Plan:
     if causal and cfg.task.num_labels == 1:
         raise BenchError(f"task '{task.name}' is regression: a causal LM scores answers as text, so it needs a "
                          "classification task (e.g. task=sst2)")
-    # The task's prompt and the lm block only shape causal-LM runs: left out of an encoder run's identity.
-    task_keys = {k: v for k, v in OmegaConf.to_container(cfg.task, resolve=True).items()
-                 if k not in DISPLAY_KEYS and (causal or k != "prompt")}
+    # The task's prompt and the lm block only shape causal-LM runs: left out of an encoder run's effective config.
+    # Which task and model keys change results (the identity) is bench/record/identity.py's to say.
+    task_keys = {k: v for k, v in OmegaConf.to_container(cfg.task, resolve=True).items() if causal or k != "prompt"}
     effective = {
         "task": task_keys,
         "model": OmegaConf.to_container(cfg.model, resolve=True),
@@ -90,14 +89,7 @@ def identify(p: Plan, fingerprints: dict) -> Plan:
     return _identified(dataclasses.replace(p, effective={**p.effective, "fingerprints": hashes}))
 
 
-def _safe(part: str) -> str:
-    """A run-folder name part: no path separators or leading dots, so no config value places files outside
-    results_dir (`model.name=../../x` becomes `.._.._x`)."""
-    return re.sub(r"[^A-Za-z0-9._=+-]", "_", part).lstrip(".") or "_"
-
-
 def _identified(p: Plan) -> Plan:
     h = config_hash(p.effective)
-    rank_part = f"-r{p.rank}" if p.rank is not None else ""
-    run_id = _safe(f"{p.task.name}-{p.cfg.model.name}-{p.method.name}{rank_part}-s{p.effective['seed']}-{h[:8]}")
-    return dataclasses.replace(p, config_hash=h, run_id=run_id, run_dir=Path(str(p.cfg.results_dir)) / run_id)
+    name = run_id(p.task.name, str(p.cfg.model.name), p.method.name, p.rank, p.effective["seed"], h)
+    return dataclasses.replace(p, config_hash=h, run_id=name, run_dir=Path(str(p.cfg.results_dir)) / name)

@@ -1,31 +1,93 @@
-"""The record: the only contract between a run and analysis.
+"""Reading and writing records: the run folder's file names, atomic writes, the one reader and `migrate`.
 
-This module owns the run folder's file names (`record.json`, `curve.csv`, `traceback.txt`, `weights/`),
-the schema version, the status values, run identity (config hash), provenance, atomic writing and reading
-(records of older schema versions included: missing fields are simply absent). The runner writes through
-it; analysis and the sweep summary read through it.
+Every record is written by `write_result` (validated against bench/record/schema.py) and read by `read_record` /
+`load_records`, which migrate a record of any older schema version to the current one first (`migrate`), so no
+reader patches old records itself.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench import BenchError
-from bench.hashing import config_hash
+from pydantic import ValidationError
 
-SCHEMA_VERSION = 1
-KNOWN_SCHEMAS = {1}  # schema versions `load_records` reads
+from bench import BenchError
+from bench.metrics import directions
+from bench.record.identity import config_group, config_hash, run_id
+from bench.record.schema import OK, SCHEMA_VERSION, Record
+
+KNOWN_SCHEMAS = (1, SCHEMA_VERSION)  # schema versions the reader migrates or reads
 RECORD_FILE = "record.json"
 CURVE_FILE = "curve.csv"
 TRACEBACK_FILE = "traceback.txt"
 FAILED_ATTEMPT_FILE = "failed_attempt.json"  # a failed rerun of a run whose ok record stays its result
 WEIGHTS_DIR = "weights"
-OK = "ok"
-FAILED_STATUSES = ("error", "nan", "oom")  # a run that finished with a failure; `ok` is the only success
-STATUSES = (OK, *FAILED_STATUSES)
+# Set by the test suite: a record that does not follow the schema is an error at writing, not a warning.
+STRICT_ENV = "PEFT_BENCH_STRICT_RECORDS"
+
+
+class SchemaError(ValueError):
+    """A record that cannot be read as the current schema (an unknown version, or fields that do not validate)."""
+
+
+def migrate(raw: dict[str, Any]) -> dict[str, Any]:
+    """A record of any schema version this code knows, as the current version (a new dict). SchemaError for a
+    version it does not know.
+
+    1 -> 2: tasks had no `version` (their definition then is version 1), and the earliest records keep the task's
+    label count only in the composed config; the identity becomes the allow-listed part of the effective config
+    (bench/record/identity.py), so `config_hash`, `config_group` and `run_id` are recomputed and the old ones kept
+    in `migrated_from`; records without `model_kind` are encoders (`classifier`); `higher_is_better` says each
+    metric's direction; a thread count that was not recorded is unknown (null)."""
+    version = raw.get("schema_version")
+    if version == SCHEMA_VERSION:
+        return dict(raw)
+    if version != 1:
+        raise SchemaError(f"schema_version {version!r} is not one this version reads {list(KNOWN_SCHEMAS)}"
+                          + (" (written by a newer peft-bench?)" if isinstance(version, int) and version > 1 else ""))
+    rec = dict(raw)
+    effective = rec.get("effective_config")
+    if isinstance(effective, dict):
+        if isinstance(effective.get("task"), dict):
+            task = {"version": 1, **effective["task"]}
+            config_task = (rec.get("config") or {}).get("task") or {}
+            if "num_labels" not in task and "num_labels" in config_task:
+                task["num_labels"] = config_task["num_labels"]
+            effective = {**effective, "task": task}
+        rec["effective_config"] = effective
+        new_hash = config_hash(effective)
+        rec["migrated_from"] = {"schema_version": 1, "config_hash": rec.get("config_hash"),
+                                "run_id": rec.get("run_id")}
+        rec["config_hash"], rec["config_group"] = new_hash, config_group(effective)
+        rec["run_id"] = run_id(rec["task"], rec["model"], rec["method"], rec.get("rank"), rec["seed"], new_hash)
+    if rec.get("status") == OK and not rec.get("model_kind"):
+        rec["model_kind"] = "classifier"
+    if isinstance(rec.get("metrics"), dict):
+        rec["higher_is_better"] = directions(rec["metrics"])
+    if isinstance(rec.get("provenance"), dict):
+        rec["provenance"] = {"torch_threads": None, **rec["provenance"]}
+    rec["schema_version"] = SCHEMA_VERSION
+    return rec
+
+
+def validate(raw: dict[str, Any]) -> Record:
+    """The record (migrated from its schema version) as the typed Record. SchemaError with the first problems."""
+    try:
+        return Record.model_validate(migrate(raw))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:3])
+        raise SchemaError(f"does not follow the record schema ({problems})") from None
+
+
+def as_dict(record: Record) -> dict[str, Any]:
+    """The record as the JSON object it is stored as (fields never set are left out)."""
+    return record.model_dump(mode="json", exclude_unset=True)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write to a temp file in the same folder, fsync, then rename: a reader sees the old file or the
     whole new one, never half of it."""
@@ -56,19 +118,37 @@ def record_path(run_dir: str | Path) -> Path:
 
 
 def read_record(path: str | Path) -> dict | None:
-    """A record (from a run folder or its record file), or None when the file is missing or unreadable."""
+    """A record (from a run folder or its record file), migrated to the current schema and validated; None when
+    the file is missing or not JSON. A record that does not validate is returned as stored (its status and attempt
+    still decide whether a run is skipped), so a newer record is never mistaken for a missing one."""
     try:
         with open(record_path(path)) as fh:
-            return json.load(fh)
+            raw = json.load(fh)
     except (OSError, json.JSONDecodeError):
         return None
+    try:
+        return as_dict(validate(raw))
+    except SchemaError:
+        return raw
 
 
 def write_record(run_dir: Path, record: dict) -> Path:
-    """Write a run's record atomically into its folder; returns the file's path."""
+    """Write a record atomically into its folder (validated as `write_result` does); returns the file's path."""
     path = run_dir / RECORD_FILE
-    write_json_atomic(path, record)
+    write_json_atomic(path, _checked(record))
     return path
+
+
+def _checked(record: dict) -> dict:
+    """The record as stored: validated against the schema. One that does not validate is a bug in the writer; it is
+    still written (no result is lost) with a warning, or raises where STRICT_ENV is set (the test suite)."""
+    try:
+        return as_dict(validate(record))
+    except SchemaError as exc:
+        if os.environ.get(STRICT_ENV):
+            raise
+        print(f"warning: record {record.get('run_id')} {exc}; written as it is", file=sys.stderr)
+        return record
 
 
 def write_result(run_dir: Path, record: dict, previous: dict | None) -> Path:
@@ -77,6 +157,7 @@ def write_result(run_dir: Path, record: dict, previous: dict | None) -> Path:
     BenchError (one line) when the folder cannot be written."""
     keep_ok = record.get("status") != OK and (previous or {}).get("status") == OK
     path = run_dir / (FAILED_ATTEMPT_FILE if keep_ok else RECORD_FILE)
+    record = _checked(record)
     try:
         write_json_atomic(path, record)
     except OSError as exc:
@@ -112,26 +193,21 @@ def find_records(root: str | Path) -> list[Path]:
 
 
 def load_records(root: str | Path) -> tuple[list[dict], list[str]]:
-    """(records, problems) under `root`: each record gets `record_path`; unreadable files and unknown schema
-    versions are listed in `problems` and skipped."""
+    """(records, problems) under `root`: every record migrated to the current schema and validated, each with its
+    `record_path` added; files that are not JSON, of an unknown schema version or that do not validate are listed in
+    `problems` and skipped."""
     records, problems = [], []
     for path in find_records(root):
         try:
-            rec = json.loads(path.read_text())
+            raw = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             problems.append(f"{path}: unreadable ({type(exc).__name__})")
             continue
-        schema = rec.get("schema_version")
-        if schema not in KNOWN_SCHEMAS:
-            problems.append(f"{path}: schema_version {schema} is not one this version reads "
-                            f"{sorted(KNOWN_SCHEMAS)}")
+        try:
+            rec = as_dict(validate(raw))
+        except SchemaError as exc:
+            problems.append(f"{path}: {exc}")
             continue
         rec["record_path"] = str(path)
         records.append(rec)
     return records, problems
-
-
-def config_group(effective: dict) -> str:
-    """Hash of the effective config without the seed: the runs of one config over seeds share it
-    (regression tracking compares seed groups)."""
-    return config_hash({k: v for k, v in effective.items() if k != "seed"})

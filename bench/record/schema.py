@@ -1,0 +1,272 @@
+"""The typed record: one schema for everything a run writes to `record.json`.
+
+Every block is a pydantic model that refuses keys it does not declare, so the writer cannot add an undocumented field
+and a reader cannot meet one. Field names carry their unit (`_bytes`, `_s`, `_ms`, `_per_s`); each description says
+what the figure is. docs/record.md is generated from this module (`python -m bench.record.docs --write`), and a
+test fails when it is stale.
+
+A record of an older schema version is migrated to this one on reading (bench/record/store.py `migrate`).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 2
+OK = "ok"
+FAILED_STATUSES = ("error", "nan", "oom")  # a run that finished with a failure; `ok` is the only success
+STATUSES = (OK, *FAILED_STATUSES)
+Status = Literal["ok", "error", "nan", "oom"]
+Metrics = dict[str, float | None]
+
+
+class _Block(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MigratedFrom(_Block):
+    """Set on a record read from an older schema version: what it was written as."""
+
+    schema_version: int = Field(description="the schema version the file was written with")
+    config_hash: str = Field(description="its identity hash under that version's rules")
+    run_id: str = Field(description="its run id (the folder name) under that version's rules")
+
+
+class Provenance(_Block):
+    git_commit: str | None = Field(description="commit of the checkout that ran it")
+    git_dirty: bool | None = Field(description="the checkout had uncommitted changes to tracked files")
+    versions: dict[str, str | None] = Field(description="Python and key package versions")
+    hostname: str
+    platform: str
+    device: str | None = Field(None, description="device name (GPU model, or CPU model and core count)")
+    pid: int | None = None
+    parent_pid: int | None = None
+    torch_threads: int | None = Field(None, description="torch's intra-op threads during the run")
+    lock_sha256: str | None = Field(None, description="sha256 of requirements.lock")
+    lock_mismatches: dict[str, str] | None = Field(
+        None, description="installed packages whose version differs from requirements.lock: 'installed (lock x)'")
+
+
+class Fingerprints(_Block):
+    train_rows_sha256: str = Field(description="sha256 of the training rows used (text_a, text_b, label, in order)")
+    dev_rows_sha256: str = Field(description="sha256 of the dev rows used")
+    model_files_sha256: str | None = Field(description="sha256 over the model's weight and config files; "
+                                                       "null for a random-init model")
+    model_files: list[str] = Field(description="the files hashed into model_files_sha256")
+    tokenizer_files_sha256: str | None = Field(description="sha256 over the tokenizer's files")
+    tokenizer_files: list[str] = Field(description="the files hashed into tokenizer_files_sha256")
+
+
+class DataInfo(_Block):
+    source: str = Field(description="where the rows came from: `glue_dir:<folder>` or `hub:<dataset>/<task>`")
+    train_rows: int = Field(description="training rows after the budget's cap")
+    dev_rows: int = Field(description="dev rows after the budget's cap")
+    note: str = Field(description="how the offline data differ from the official task, if they do")
+    rows_below_expected: dict[str, list[int]] | None = Field(
+        None, description="{split: [rows, expected]} for data files shorter than the task's yaml expects")
+    prompt: dict[str, Any] | None = Field(
+        None, description="causal LMs: chat_template, loss_on, eval_mode, the answers and an example prompt")
+    prompts_cut: dict[str, int] | None = Field(
+        None, description="causal LMs: prompts cut in the middle to fit budget.max_seq_len, per split")
+
+
+class GpuStart(_Block):
+    total_bytes: int
+    free_bytes: int
+    start_allocated_bytes: int = Field(description="CUDA tensors this process held at run start (>0: a leak)")
+    start_reserved_bytes: int
+    used_outside_allocator_bytes: int = Field(description="total - free - reserved: other processes, the CUDA "
+                                                          "context and non-PyTorch allocations")
+    flags: list[str] = Field(description="what makes this run's memory or speed figures doubtful")
+
+
+class Train(_Block):
+    steps: int = Field(description="optimiser steps")
+    samples: int = Field(description="training examples seen")
+    wall_s: float = Field(description="the whole loop, evaluations included")
+    timed_steps: int = Field(description="steps after the timing warm-up")
+    timed_s: float = Field(description="wall time of the timed steps, evaluation excluded")
+    compute_s: float = Field(description="timed_s minus data_s: forward, backward, optimiser step")
+    data_s: float = Field(description="time the loop waited for the next batch in the timed steps")
+    samples_per_s: float | None = Field(description="timed training examples per second")
+    tokens_per_s: float | None = Field(description="timed non-padding training tokens per second")
+    step_time_ms: float | None = Field(description="compute time per timed step")
+    data_time_ms: float | None = Field(description="data time per timed step")
+    timing_warmup_steps: int = Field(description="steps left out of the timing")
+    best_step: int | None = Field(description="keep_best: the step whose evaluation was kept")
+    evals: list[dict[str, float | int | None]] = Field(description="budget.eval_every_steps: each evaluation's "
+                                                                   "step and metrics")
+    max_batch_seq_len: int = Field(0, description="longest padded training batch (tokens)")
+
+
+class MemoryPhase(_Block):
+    """One phase's memory: CUDA allocator figures (`kind: cuda`) or the process's resident set (`kind: cpu_rss`)."""
+
+    kind: Literal["cuda", "cpu_rss"]
+    phase_s: float | None = Field(None, description="the phase's duration")
+    baseline_allocated_bytes: int | None = Field(None, description="CUDA: allocated at the phase start")
+    baseline_reserved_bytes: int | None = Field(None, description="CUDA: reserved at the phase start")
+    peak_allocated_bytes: int | None = Field(None, description="CUDA: peak of live tensors during the phase")
+    peak_reserved_bytes: int | None = Field(None, description="CUDA: peak the allocator held from the driver")
+    peak_allocated_over_baseline_bytes: int | None = None
+    peak_reserved_over_baseline_bytes: int | None = None
+    peak_rss_scope: Literal["phase", "process_lifetime"] | None = Field(
+        None, description="CPU: `phase` when the kernel's peak mark was reset at the phase start")
+    baseline_rss_bytes: int | None = Field(None, description="CPU: resident set at the phase start")
+    peak_rss_bytes: int | None = Field(None, description="CPU: the process's peak resident set (VmHWM)")
+    peak_rss_over_baseline_bytes: int | None = None
+
+
+class LatencyStats(_Block):
+    p50_ms: float = Field(description="median time per forward pass of the batch")
+    p95_ms: float
+    mean_ms: float
+    min_ms: float
+    std_ms: float
+    timed_iters: int
+    warmup_iters: int | None = None
+    warmup_s: float | None = None
+    warmup_converged: bool | None = Field(None, description="the warm-up stopped because timings were stable")
+    rounds: int | None = Field(None, description="interleaved rounds the timed passes were taken in")
+    round_p50_ms: list[float] | None = Field(None, description="each round's median pass time")
+
+
+class _VariantRatios(_Block):
+    """Each variant's time over base's, per interleaved round (bench/measure/latency.py `latency_ratios`)."""
+
+    unmerged_over_base_ratio: float | None = Field(None, description="median over rounds of the round's ratio")
+    unmerged_over_base_lowest_round_ratio: float | None = None
+    unmerged_over_base_highest_round_ratio: float | None = None
+    unmerged_over_base_too_noisy: bool | None = Field(None, description="rounds disagree by > 2 x "
+                                                                        "measure.latency_noise_tol")
+    merged_over_base_ratio: float | None = None
+    merged_over_base_lowest_round_ratio: float | None = None
+    merged_over_base_highest_round_ratio: float | None = None
+    merged_over_base_too_noisy: bool | None = None
+
+
+class Latency(_VariantRatios):
+    batch_size: int
+    seq_len: int = Field(description="tokens per row (a causal LM: the prefill's prompt length)")
+    order: str = Field(description="`interleaved`: base, unmerged and merged timed in alternating rounds")
+    base: LatencyStats
+    unmerged: LatencyStats | None = None
+    merged: LatencyStats | None = None
+    unmerged_over_base_p50_ratio: float | None = None
+    unmerged_over_base_min_ms_ratio: float | None = Field(None, description="ratio of the fastest passes")
+    merged_over_base_p50_ratio: float | None = None
+    merged_over_base_min_ms_ratio: float | None = None
+
+
+class GenerationStats(_Block):
+    prefill_ms: float = Field(description="median time to generate 1 token (one forward over the prompt)")
+    prefill_min_ms: float
+    generate_ms: float = Field(description="median time to generate 1 + new_tokens tokens")
+    decode_ms_per_token: float = Field(description="(generate_ms - prefill_ms) / new_tokens")
+    decode_tokens_per_s: float | None = Field(description="batch rows x tokens per second while decoding")
+    timed_iters: int
+    rounds: int
+    round_p50_ms: list[float] = Field(description="each round's decode ms per token")
+
+
+class Generation(_VariantRatios):
+    batch_size: int
+    prompt_len: int = Field(description="prompt tokens (synthetic, no padding)")
+    new_tokens: int
+    decoding: str
+    order: str
+    base: GenerationStats
+    unmerged: GenerationStats | None = None
+    merged: GenerationStats | None = None
+
+
+class Forgetting(_Block):
+    probe: str = Field(description="sts, mlm or ppl (conf/forgetting/)")
+    metric: str = Field(description="what the probe scores")
+    higher_is_better: bool
+    before: float = Field(description="the probe on the pre-trained model")
+    after: float = Field(description="the probe on the fine-tuned model")
+    forgetting: float = Field(description="ability lost: before - after when higher is better, else after - before")
+    note: str | None = None
+    text_source: str | None = Field(None, description="ppl/mlm: the held-out text")
+
+
+class OomRetry(_Block):
+    failed_attempts: list[dict[str, Any]] = Field(description="micro-batch, accumulation and error of each "
+                                                              "attempt that ran out of memory")
+    note: str
+    batch_size: int | None = Field(None, description="the micro-batch of the attempt that finished")
+    grad_accum_steps: int | None = None
+
+
+class Record(_Block):
+    """A run's record. Identity and outcome are always there; the measured blocks are there for ok runs."""
+
+    schema_version: int = Field(SCHEMA_VERSION, description="the version of this schema the record follows")
+    # identity
+    run_id: str = Field(description="the run's folder name: `task-model-method[-r<rank>]-s<seed>-<hash8>`")
+    config_hash: str = Field(description="sha256 of the identity: the part of the effective config that changes "
+                                         "results (bench/record/identity.py)")
+    config_group: str = Field(description="the same hash without the seed: one config over seeds")
+    task: str = Field(description="the task's name (conf/task/)")
+    model: str = Field(description="the model's name (conf/model/)")
+    method: str = Field(description="the method's name (conf/method/, `python -m methods show <name>`)")
+    rank: int | None = Field(description="the rank knob; null for methods that ignore it")
+    seed: int = Field(description="model init and data order")
+    lr: float = Field(description="peak learning rate")
+    budget: str = Field(description="the budget's name (conf/budget/)")
+    effective_config: dict[str, Any] = Field(description="everything the run was set up with, normalised")
+    migrated_from: MigratedFrom | None = Field(None, description="set when read from an older schema version")
+    # outcome
+    status: Status = Field(description="ok, or the failure: error, nan (non-finite loss), oom (out of memory)")
+    error: str | None = Field(None, description="one line: why the run failed")
+    traceback_file: str | None = Field(None, description="an unexpected exception's traceback, beside the record")
+    exit_code: int | None = Field(None, description="a run whose process died: its exit code (negative: signal)")
+    attempt: int = Field(1, description="attempts at this config so far (failed runs are retried)")
+    previous_status: str | None = Field(None, description="the status of the attempt before this one")
+    oom_retry: OomRetry | None = None
+    started_at: str | None = Field(None, description="ISO 8601, UTC")
+    ended_at: str | None = Field(None, description="ISO 8601, UTC")
+    run_wall_s: float | None = Field(None, description="the attempt's wall time")
+    provenance: Provenance | None = None
+    config: dict[str, Any] | None = Field(None, description="the composed Hydra config, resolved")
+    fingerprints: Fingerprints | None = None
+    # measured
+    gpu_start: GpuStart | None = Field(None, description="CUDA: the GPU's memory at run start")
+    data: DataInfo | None = None
+    model_kind: Literal["classifier", "causal_lm"] | None = Field(
+        None, description="classifier (encoder + task head) or causal_lm (answers scored as text)")
+    model_source: str | None = Field(None, description="where the weights came from")
+    model_note: str | None = Field(None, description="set for random-init test models: metrics are meaningless")
+    full_model_bytes: int | None = Field(None, description="bytes of every parameter and buffer of the base model")
+    trainable_params: int | None = Field(None, description="trainable parameters, task head included")
+    trainable_params_excl_head: int | None = Field(None, description="what papers report")
+    total_params: int | None = None
+    head_modules: list[str] | None = Field(None, description="the task head's modules (trainable for every method)")
+    zero_shot_metrics: Metrics | None = Field(None, description="causal LMs: the pre-trained model's metrics")
+    zero_shot_main_metric_value: float | None = None
+    train: Train | None = None
+    train_samples_per_s: float | None = Field(None, description="= train.samples_per_s")
+    train_tokens_per_s: float | None = Field(None, description="= train.tokens_per_s")
+    metrics: Metrics | None = Field(None, description="dev metrics under their GLUE names, and eval_loss (nats)")
+    higher_is_better: dict[str, bool] | None = Field(None, description="each metric's direction")
+    main_metric: str | None = None
+    main_metric_value: float | None = None
+    rank_metrics: dict[str, Metrics] | None = Field(None, description="DyLoRA: the trained model's metrics at "
+                                                                      "each evaluated rank")
+    forgetting: Forgetting | None = None
+    merged_metrics: Metrics | None = Field(None, description="merging methods: the merged model's metrics")
+    merged_max_abs_logit_diff: float | None = Field(None, description="largest |logit| difference, merged vs "
+                                                                      "unmerged, over the dev set")
+    latency: Latency | None = None
+    generation: Generation | None = Field(None, description="causal LMs: KV-cache generation speed")
+    memory: dict[str, MemoryPhase] | None = Field(None, description="per phase: train, eval, latency_<variant>, "
+                                                                    "generation")
+    peak_memory_bytes: int | None = Field(None, description="the training phase's peak: CUDA allocated, or CPU RSS")
+    peak_memory_kind: str | None = Field(None, description="what peak_memory_bytes is: cuda_allocated, "
+                                                           "cpu_rss_phase or cpu_rss_process_lifetime")
+    method_info: dict[str, Any] | None = Field(None, description="method-specific facts (AdaLoRA's rank pattern)")
+    weights_dir: str | None = Field(None, description="the saved weights' folder, beside the record")
+    adapter_bytes: int | None = Field(None, description="size of the safetensors files needed to rebuild the model")
+    curve_file: str | None = Field(None, description="the loss curve (CSV: step, loss, lr, elapsed_s)")
