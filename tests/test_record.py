@@ -18,6 +18,7 @@ from bench.record import (
     load_records,
     migrate,
     read_record,
+    upgrade,
     validate,
     write_record,
 )
@@ -119,3 +120,22 @@ def test_an_unclassified_task_key_stops_planning_with_one_line():
 
 def test_docs_record_md_is_the_generated_one():
     assert record_docs.main(["--check"]) == 0, "run: python -m bench.record.docs --write"
+
+
+def test_upgrade_renames_old_run_folders_so_resume_finds_them(tmp_path, capsys):
+    """A results folder of schema-1 runs, upgraded: each folder carries its current run id and a current record."""
+    import shutil
+
+    for path in sorted(BASELINES.glob("cpu-smoke/*/record.json")):
+        shutil.copytree(path.parent, tmp_path / path.parent.name)
+    assert upgrade.main([str(tmp_path)]) == 0  # a dry run changes nothing
+    assert "(nothing changed" in capsys.readouterr().out
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert upgrade.main([str(tmp_path), "--apply"]) == 0
+    records, problems = load_records(tmp_path)
+    assert problems == [] and len(records) == len(before)
+    for rec in records:
+        assert Path(rec["record_path"]).parent.name == rec["run_id"] != rec["migrated_from"]["run_id"]
+        assert json.loads(Path(rec["record_path"]).read_text())["schema_version"] == SCHEMA_VERSION
+    assert upgrade.main([str(tmp_path)]) == 0
+    assert "every record" in capsys.readouterr().out
