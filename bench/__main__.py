@@ -5,7 +5,6 @@ import os
 import re
 import sys
 import traceback
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -13,6 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from bench import BenchError
+from bench.config import CONF
 
 
 def _is_multirun() -> bool:
@@ -51,7 +51,6 @@ def app(cfg: DictConfig) -> dict:
     return job_outcome(cfg, record)
 
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def check_group_choices(argv: list[str]) -> str | None:
@@ -62,7 +61,7 @@ def check_group_choices(argv: list[str]) -> str | None:
         if not match:
             continue
         group, values = match.groups()
-        choices = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        choices = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
         for value in values.split(","):
             if value not in choices:
                 return f"unknown {group} '{value}'; choose one of: {', '.join(choices)} (files in conf/{group}/)"

@@ -16,7 +16,7 @@ from analysis.collect import to_frame
 from analysis.report import build_report
 from bench.config import compose_config
 from bench.plan import plan
-from bench.record import RECORD_FILE, write_json_atomic
+from bench.record import RECORD_FILE, SCHEMA_VERSION, write_json_atomic
 from bench.tools import memory_estimate as mem
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -35,7 +35,8 @@ def _causal_record(method: str, accuracy: float, *, rank: int | None = None, tra
                    seq: int = 40) -> dict:
     p = _plan(method, rank)
     return {
-        "schema_version": 1, "run_id": p.run_id, "config_hash": p.config_hash, "status": "ok", "task": "sst2",
+        "schema_version": SCHEMA_VERSION, "run_id": p.run_id, "config_hash": p.config_hash,
+        "config_group": p.config_hash, "lr": p.lr, "status": "ok", "task": "sst2",
         "model": "tiny-llama", "method": method, "rank": p.rank, "seed": 42, "budget": "smoke",
         "effective_config": {**p.effective, "device_type": "cpu", "precision": "fp32"},
         "model_kind": "causal_lm", "model_note": "random-init test model: metrics are meaningless",
@@ -43,7 +44,7 @@ def _causal_record(method: str, accuracy: float, *, rank: int | None = None, tra
         "zero_shot_main_metric_value": 0.5, "zero_shot_metrics": {"accuracy": 0.5},
         "trainable_params": trainable, "trainable_params_excl_head": trainable, "total_params": 3_219_776,
         "train_tokens_per_s": 1234.0, "train": {"steps": 4, "max_batch_seq_len": seq},
-        "memory": {"train": {"kind": "cpu", "peak_rss_bytes": 900 * 2**20}},
+        "memory": {"train": {"kind": "cpu_rss", "peak_rss_bytes": 900 * 2**20}},
         "forgetting": {"probe": "ppl", "metric": "perplexity", "higher_is_better": False, "before": 20.0,
                        "after": 22.0, "forgetting": 2.0, "text_source": "test"},
         "generation": {"batch_size": 4, "prompt_len": 32, "new_tokens": 16,

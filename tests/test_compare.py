@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from analysis.collect import collect
 from analysis.compare import main, metric_check
-from bench.record import RECORD_FILE, write_json_atomic
+from bench.record import RECORD_FILE, SCHEMA_VERSION, config_group, config_hash, write_json_atomic
 
 CPU = "cpu: Test CPU (2 cores)"
 
@@ -13,7 +13,8 @@ def record(seed: int, accuracy: float, *, memory_bytes: float = 500e6, latency_m
            samples_per_s: float = 100.0, device: str = CPU, lr: float = 4e-4, status: str = "ok") -> dict:
     effective = {"task": {"name": "sst2"}, "model": {"name": "tiny"}, "method": {"name": "lora", "lr": lr},
                  "rank": 8, "budget": {"max_steps": 4}, "seed": seed, "device_type": "cpu"}
-    rec = {"schema_version": 1, "run_id": f"sst2-tiny-lora-r8-s{seed}-{lr}", "status": status, "seed": seed,
+    rec = {"schema_version": SCHEMA_VERSION, "run_id": f"sst2-tiny-lora-r8-s{seed}-{lr}", "status": status,
+           "config_hash": config_hash(effective), "config_group": config_group(effective), "seed": seed,
            "task": "sst2", "model": "tiny", "method": "lora", "rank": 8, "lr": lr, "budget": "smoke",
            "effective_config": effective, "provenance": {"device": device, "versions": {"torch": "2.13.0"}}}
     if status == "ok":

@@ -11,7 +11,7 @@ import pytest
 
 from analysis.html import external_urls
 from analysis.report import build_report
-from bench.record import CURVE_FILE, RECORD_FILE, write_json_atomic
+from bench.record import CURVE_FILE, RECORD_FILE, SCHEMA_VERSION, config_group, write_json_atomic
 from tests import browser
 from tests.conftest import GLUE_DIR
 
@@ -29,8 +29,8 @@ def record(task, method, rank, seed, value, status="ok"):
                  "rank": rank, "seed": seed, "budget": {"name": "default", "max_steps": 400, "batch_size": 32,
                                                         "grad_accum_steps": 1, "max_seq_len": 128, "keep_best": False}}
     rank_part = f"-r{rank}" if rank else ""
-    rec = {"schema_version": 1, "run_id": f"{task}-minilm-{method}{rank_part}-s{seed}", "status": status,
-           "config_hash": f"{task}{method}{rank}{seed}".ljust(16, "0"),
+    rec = {"schema_version": SCHEMA_VERSION, "run_id": f"{task}-minilm-{method}{rank_part}-s{seed}", "status": status,
+           "config_hash": f"{task}{method}{rank}{seed}".ljust(16, "0"), "config_group": config_group(effective),
            "task": task, "model": "minilm", "method": method, "rank": rank, "seed": seed, "lr": 4e-4,
            "budget": "default", "effective_config": effective, "provenance": {"device": "cpu: Test CPU"}}
     if status != "ok":

@@ -11,7 +11,7 @@ from transformers import BertConfig, BertForSequenceClassification, RobertaConfi
 
 from analysis import memory as mem
 from bench.plan import plan
-from bench.record import RECORD_FILE, write_json_atomic
+from bench.record import RECORD_FILE, SCHEMA_VERSION, write_json_atomic
 
 
 def test_full_finetuning_fp32_adam_is_16_bytes_per_param():
@@ -100,7 +100,9 @@ def test_estimate_vs_measured_from_a_record(make_cfg, tmp_path):
     p = plan(make_cfg("method=lora", "rank=4"))
     est = mem.estimate(mem.resolve_arch("tiny-bert", None),
                        mem.Setting(method="lora", rank=4, batch=8, seq=24, precision="amp"))
-    rec = {"schema_version": 1, "run_id": p.run_id, "status": "ok", "method": "lora", "rank": 4,
+    rec = {"schema_version": SCHEMA_VERSION, "run_id": p.run_id, "config_hash": p.config_hash,
+           "config_group": p.config_hash, "task": "sst2", "model": "tiny-bert", "seed": 42, "lr": p.lr,
+           "budget": "smoke", "status": "ok", "method": "lora", "rank": 4,
            "effective_config": {**p.effective, "device_type": "cuda", "precision": "bf16"},
            "train": {"max_batch_seq_len": 24},
            "memory": {"train": {"kind": "cuda", "peak_allocated_bytes": int(est["peak_bytes"] / 1.1)}}}

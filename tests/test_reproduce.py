@@ -12,7 +12,7 @@ from analysis import reproduce as rp
 from analysis.collect import load_records
 from bench import BenchError
 from bench.config import compose_config
-from bench.record import RECORD_FILE, write_json_atomic
+from bench.record import RECORD_FILE, SCHEMA_VERSION, write_json_atomic
 
 MNLI_NOTE = "offline train and dev are disjoint samples of GLUE MNLI train"
 
@@ -25,7 +25,8 @@ def record(task: str, method: str, seed: int, value: float, *, model: str = "rob
     effective = {"task": {"name": task}, "model": {"name": model}, "method": {"name": method, "lr": lr,
                  "warmup_ratio": 0.06}, "rank": rank, "budget": budget_cfg, "seed": seed}
     rank_part = f"-r{rank}" if rank else ""
-    return {"schema_version": 1, "run_id": f"{task}-{model}-{method}{rank_part}-s{seed}", "status": "ok",
+    return {"schema_version": SCHEMA_VERSION, "run_id": f"{task}-{model}-{method}{rank_part}-s{seed}", "status": "ok",
+            "config_hash": f"{task}{model}{method}{rank}{seed}".ljust(16, "0"),
             "task": task, "model": model, "method": method, "rank": rank, "seed": seed, "lr": lr, "budget": budget,
             "config_group": f"{task}-{model}-{method}{rank_part}-{lr}", "effective_config": effective,
             "main_metric": "accuracy", "main_metric_value": value / 100, "trainable_params_excl_head": 1000,

@@ -172,7 +172,7 @@ def test_gpu_claims_are_exclusive_per_process(tmp_path):
     from bench.model.device import claim_gpu
 
     n_gpus = 3
-    code = ("import sys, time; from pathlib import Path; from bench.sweep import claim_gpu; "
+    code = ("import sys, time; from pathlib import Path; from bench.model.device import claim_gpu; "
             f"print(claim_gpu({n_gpus}, Path(sys.argv[1])), flush=True); time.sleep(30)")
     holders = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
                                 text=True) for _ in range(2)]

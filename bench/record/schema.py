@@ -22,6 +22,9 @@ Metrics = dict[str, float | None]
 
 
 class _Block(BaseModel):
+    """A block of the record: it refuses keys it does not declare. Its fields may be missing (null) in a record
+    written before they existed, or in a block the run could not measure."""
+
     model_config = ConfigDict(extra="forbid")
 
 
@@ -34,11 +37,11 @@ class MigratedFrom(_Block):
 
 
 class Provenance(_Block):
-    git_commit: str | None = Field(description="commit of the checkout that ran it")
-    git_dirty: bool | None = Field(description="the checkout had uncommitted changes to tracked files")
-    versions: dict[str, str | None] = Field(description="Python and key package versions")
-    hostname: str
-    platform: str
+    git_commit: str | None = Field(None, description="commit of the checkout that ran it")
+    git_dirty: bool | None = Field(None, description="the checkout had uncommitted changes to tracked files")
+    versions: dict[str, str | None] = Field(None, description="Python and key package versions")
+    hostname: str | None = None
+    platform: str | None = None
     device: str | None = Field(None, description="device name (GPU model, or CPU model and core count)")
     pid: int | None = None
     parent_pid: int | None = None
@@ -49,20 +52,22 @@ class Provenance(_Block):
 
 
 class Fingerprints(_Block):
-    train_rows_sha256: str = Field(description="sha256 of the training rows used (text_a, text_b, label, in order)")
-    dev_rows_sha256: str = Field(description="sha256 of the dev rows used")
-    model_files_sha256: str | None = Field(description="sha256 over the model's weight and config files; "
+    train_rows_sha256: str | None = Field(
+        None, description="sha256 of the training rows used (text_a, text_b, label, in order)")
+    dev_rows_sha256: str | None = Field(None, description="sha256 of the dev rows used")
+    model_files_sha256: str | None = Field(None, description="sha256 over the model's weight and config files; "
                                                        "null for a random-init model")
-    model_files: list[str] = Field(description="the files hashed into model_files_sha256")
-    tokenizer_files_sha256: str | None = Field(description="sha256 over the tokenizer's files")
-    tokenizer_files: list[str] = Field(description="the files hashed into tokenizer_files_sha256")
+    model_files: list[str] | None = Field(None, description="the files hashed into model_files_sha256")
+    tokenizer_files_sha256: str | None = Field(None, description="sha256 over the tokenizer's files")
+    tokenizer_files: list[str] | None = Field(None, description="the files hashed into tokenizer_files_sha256")
 
 
 class DataInfo(_Block):
-    source: str = Field(description="where the rows came from: `glue_dir:<folder>` or `hub:<dataset>/<task>`")
-    train_rows: int = Field(description="training rows after the budget's cap")
-    dev_rows: int = Field(description="dev rows after the budget's cap")
-    note: str = Field(description="how the offline data differ from the official task, if they do")
+    source: str | None = Field(
+        None, description="where the rows came from: `glue_dir:<folder>` or `hub:<dataset>/<task>`")
+    train_rows: int | None = Field(None, description="training rows after the budget's cap")
+    dev_rows: int | None = Field(None, description="dev rows after the budget's cap")
+    note: str | None = Field(None, description="how the offline data differ from the official task, if they do")
     rows_below_expected: dict[str, list[int]] | None = Field(
         None, description="{split: [rows, expected]} for data files shorter than the task's yaml expects")
     prompt: dict[str, Any] | None = Field(
@@ -72,30 +77,31 @@ class DataInfo(_Block):
 
 
 class GpuStart(_Block):
-    total_bytes: int
-    free_bytes: int
-    start_allocated_bytes: int = Field(description="CUDA tensors this process held at run start (>0: a leak)")
-    start_reserved_bytes: int
-    used_outside_allocator_bytes: int = Field(description="total - free - reserved: other processes, the CUDA "
-                                                          "context and non-PyTorch allocations")
-    flags: list[str] = Field(description="what makes this run's memory or speed figures doubtful")
+    total_bytes: int | None = None
+    free_bytes: int | None = None
+    start_allocated_bytes: int | None = Field(
+        None, description="CUDA tensors this process held at run start (>0: a leak)")
+    start_reserved_bytes: int | None = None
+    used_outside_allocator_bytes: int | None = Field(
+        None, description="total - free - reserved: other processes, the CUDA context and non-PyTorch allocations")
+    flags: list[str] | None = Field(None, description="what makes this run's memory or speed figures doubtful")
 
 
 class Train(_Block):
-    steps: int = Field(description="optimiser steps")
-    samples: int = Field(description="training examples seen")
-    wall_s: float = Field(description="the whole loop, evaluations included")
-    timed_steps: int = Field(description="steps after the timing warm-up")
-    timed_s: float = Field(description="wall time of the timed steps, evaluation excluded")
-    compute_s: float = Field(description="timed_s minus data_s: forward, backward, optimiser step")
-    data_s: float = Field(description="time the loop waited for the next batch in the timed steps")
-    samples_per_s: float | None = Field(description="timed training examples per second")
-    tokens_per_s: float | None = Field(description="timed non-padding training tokens per second")
-    step_time_ms: float | None = Field(description="compute time per timed step")
-    data_time_ms: float | None = Field(description="data time per timed step")
-    timing_warmup_steps: int = Field(description="steps left out of the timing")
-    best_step: int | None = Field(description="keep_best: the step whose evaluation was kept")
-    evals: list[dict[str, float | int | None]] = Field(description="budget.eval_every_steps: each evaluation's "
+    steps: int | None = Field(None, description="optimiser steps")
+    samples: int | None = Field(None, description="training examples seen")
+    wall_s: float | None = Field(None, description="the whole loop, evaluations included")
+    timed_steps: int | None = Field(None, description="steps after the timing warm-up")
+    timed_s: float | None = Field(None, description="wall time of the timed steps, evaluation excluded")
+    compute_s: float | None = Field(None, description="timed_s minus data_s: forward, backward, optimiser step")
+    data_s: float | None = Field(None, description="time the loop waited for the next batch in the timed steps")
+    samples_per_s: float | None = Field(None, description="timed training examples per second")
+    tokens_per_s: float | None = Field(None, description="timed non-padding training tokens per second")
+    step_time_ms: float | None = Field(None, description="compute time per timed step")
+    data_time_ms: float | None = Field(None, description="data time per timed step")
+    timing_warmup_steps: int | None = Field(None, description="steps left out of the timing")
+    best_step: int | None = Field(None, description="keep_best: the step whose evaluation was kept")
+    evals: list[dict[str, float | int | None]] = Field(None, description="budget.eval_every_steps: each evaluation's "
                                                                    "step and metrics")
     max_batch_seq_len: int = Field(0, description="longest padded training batch (tokens)")
 
@@ -119,12 +125,12 @@ class MemoryPhase(_Block):
 
 
 class LatencyStats(_Block):
-    p50_ms: float = Field(description="median time per forward pass of the batch")
-    p95_ms: float
-    mean_ms: float
-    min_ms: float
-    std_ms: float
-    timed_iters: int
+    p50_ms: float | None = Field(None, description="median time per forward pass of the batch")
+    p95_ms: float | None = None
+    mean_ms: float | None = None
+    min_ms: float | None = None
+    std_ms: float | None = None
+    timed_iters: int | None = None
     warmup_iters: int | None = None
     warmup_s: float | None = None
     warmup_converged: bool | None = Field(None, description="the warm-up stopped because timings were stable")
@@ -147,10 +153,10 @@ class _VariantRatios(_Block):
 
 
 class Latency(_VariantRatios):
-    batch_size: int
-    seq_len: int = Field(description="tokens per row (a causal LM: the prefill's prompt length)")
-    order: str = Field(description="`interleaved`: base, unmerged and merged timed in alternating rounds")
-    base: LatencyStats
+    batch_size: int | None = None
+    seq_len: int | None = Field(None, description="tokens per row (a causal LM: the prefill's prompt length)")
+    order: str | None = Field(None, description="`interleaved`: base, unmerged and merged timed in alternating rounds")
+    base: LatencyStats | None = None
     unmerged: LatencyStats | None = None
     merged: LatencyStats | None = None
     unmerged_over_base_p50_ratio: float | None = None
@@ -160,42 +166,43 @@ class Latency(_VariantRatios):
 
 
 class GenerationStats(_Block):
-    prefill_ms: float = Field(description="median time to generate 1 token (one forward over the prompt)")
-    prefill_min_ms: float
-    generate_ms: float = Field(description="median time to generate 1 + new_tokens tokens")
-    decode_ms_per_token: float = Field(description="(generate_ms - prefill_ms) / new_tokens")
-    decode_tokens_per_s: float | None = Field(description="batch rows x tokens per second while decoding")
-    timed_iters: int
-    rounds: int
-    round_p50_ms: list[float] = Field(description="each round's decode ms per token")
+    prefill_ms: float | None = Field(None, description="median time to generate 1 token (one forward over the prompt)")
+    prefill_min_ms: float | None = None
+    generate_ms: float | None = Field(None, description="median time to generate 1 + new_tokens tokens")
+    decode_ms_per_token: float | None = Field(None, description="(generate_ms - prefill_ms) / new_tokens")
+    decode_tokens_per_s: float | None = Field(None, description="batch rows x tokens per second while decoding")
+    timed_iters: int | None = None
+    rounds: int | None = None
+    round_p50_ms: list[float] | None = Field(None, description="each round's decode ms per token")
 
 
 class Generation(_VariantRatios):
-    batch_size: int
-    prompt_len: int = Field(description="prompt tokens (synthetic, no padding)")
-    new_tokens: int
-    decoding: str
-    order: str
-    base: GenerationStats
+    batch_size: int | None = None
+    prompt_len: int | None = Field(None, description="prompt tokens (synthetic, no padding)")
+    new_tokens: int | None = None
+    decoding: str | None = None
+    order: str | None = None
+    base: GenerationStats | None = None
     unmerged: GenerationStats | None = None
     merged: GenerationStats | None = None
 
 
 class Forgetting(_Block):
-    probe: str = Field(description="sts, mlm or ppl (conf/forgetting/)")
-    metric: str = Field(description="what the probe scores")
-    higher_is_better: bool
-    before: float = Field(description="the probe on the pre-trained model")
-    after: float = Field(description="the probe on the fine-tuned model")
-    forgetting: float = Field(description="ability lost: before - after when higher is better, else after - before")
+    probe: str | None = Field(None, description="sts, mlm or ppl (conf/forgetting/)")
+    metric: str | None = Field(None, description="what the probe scores")
+    higher_is_better: bool | None = None
+    before: float | None = Field(None, description="the probe on the pre-trained model")
+    after: float | None = Field(None, description="the probe on the fine-tuned model")
+    forgetting: float | None = Field(
+        None, description="ability lost: before - after when higher is better, else after - before")
     note: str | None = None
     text_source: str | None = Field(None, description="ppl/mlm: the held-out text")
 
 
 class OomRetry(_Block):
-    failed_attempts: list[dict[str, Any]] = Field(description="micro-batch, accumulation and error of each "
-                                                              "attempt that ran out of memory")
-    note: str
+    failed_attempts: list[dict[str, Any]] | None = Field(
+        None, description="micro-batch, accumulation and error of each attempt that ran out of memory")
+    note: str | None = None
     batch_size: int | None = Field(None, description="the micro-batch of the attempt that finished")
     grad_accum_steps: int | None = None
 

@@ -68,16 +68,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from bench import BenchError
-from bench.config import compose_config
+from bench.config import CONF, compose_config
 from bench.data.tasks import record_num_labels
 from bench.model import package_model_dir
 
 GIB = 2**30
-REPO = Path(__file__).resolve().parent.parent
 METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("fp32", "amp", "bf16-mixed")
 OPTIMIZERS = {"adamw": 8.0, "adamw8bit": 2.0, "paged_adamw8bit": 2.0, "paged_adamw32bit": 8.0}
@@ -216,7 +214,7 @@ def resolve_arch(model: str | None, params: float | None) -> Arch:
         model = "minilm"
     if model.lower() in PRESETS:
         return llama_like(preset=model.lower())
-    if (REPO / "conf" / "model" / f"{model}.yaml").is_file():  # composed: family module names included
+    if (CONF / "model" / f"{model}.yaml").is_file():  # composed: family module names included
         return arch_from_model_conf(OmegaConf.to_container(compose_config([f"model={model}"]).model, resolve=True))
     return arch_from_config(_offline_config(model), model)
 
