@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from bench.record.schema import SCHEMA_VERSION
-from bench.record.store import RECORD_FILE, SchemaError, as_dict, find_records, validate, write_json_atomic
+from bench.record.store import SchemaError, as_dict, find_records, validate, write_json_atomic
 
 
 def upgrade(root: Path, apply: bool) -> list[str]:
