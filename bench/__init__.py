@@ -1,4 +1,4 @@
-"""peft-bench runner: one run = plan -> run the steps -> record (see README, "Architecture")."""
+"""peft-bench runner: one run = plan -> the recipe -> record (see docs/design.md)."""
 from methods.errors import BenchError
 
 __all__ = ["BenchError"]

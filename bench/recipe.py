@@ -222,7 +222,7 @@ def train_summary(tr: TrainResult, warmup: int) -> dict:
 
 
 def time_latency(p: Plan, variants: dict[str, nn.Module], vocab_size: int, meter: MemoryMeter) -> dict:
-    """Latency of the models in `variants` (base, unmerged, merged), timed side by side (README, "Measurement")."""
+    """Latency of the models in `variants` (base, unmerged, merged), timed side by side (docs/measurement.md)."""
     measure = p.cfg.measure
     # A causal LM's forward pass over a prompt is its prefill: timed at the generation knobs' shape (lm.gen_*).
     rows, length = ((p.cfg.lm.gen_batch_size, p.cfg.lm.gen_prompt_len) if is_causal_lm(p.cfg.model)

@@ -53,8 +53,8 @@ class Method:
     trains_all_weights: ClassVar[bool] = False  # every weight trains (no "attached nothing" check)
     identity_at_init: ClassVar[bool] = True  # the attached model computes what the base model does, before training
     saved_format: ClassVar[str] = "trainable tensors (trainable.safetensors)"  # what `save` writes
-    # README's method table (bench/tools/method_table.py): what trains besides the head, and how the defaults were set
-    # (paper / peft example / our lr sweep / guess) with the learning rate's source.
+    # The method table in docs/methods.md (bench/tools/method_table.py): what trains besides the head, and how the
+    # defaults were set (paper / peft example / our lr sweep / guess) with the learning rate's source.
     summary: ClassVar[str] = ""
     defaults_source: ClassVar[str] = ""
     lr_source: ClassVar[str] = ""

@@ -23,7 +23,7 @@ class Lora(PeftMethod):
     name = "lora"
     label = "LoRA"
     summary = ("B·A on W_q, W_v; B = 0 at init; scale α/r with α = 2r; dropout 0.1 on the adapter's input "
-               "(costs time: measured in the issue-14 audit, a CPU training step took ~8-10 % longer than with "
+               "(costs time: a CPU training step took ~8-10 % longer than with "
                "`method.dropout=0`)")
     lr_source = "LoRA paper, RoBERTa-base GLUE"
     defaults_source = "paper"

@@ -5,7 +5,7 @@ The yaml holds:
 - `peft_config`: the peft config class (`VeraConfig`, `LoHaConfig`, ...), built with the model's peft task type;
 - `peft_args`: its constructor arguments (target modules from conf/model, e.g. `${model.lora_targets}`);
 - `facts`: what the registry says about the method (methods/base.py `Method`): `label`, `summary` (what trains,
-  for README's table), `rank_meaning` (null: `rank` is ignored and left out of the run's identity), `rank_fills`
+  in docs/methods.md), `rank_meaning` (null: `rank` is ignored and left out of the run's identity), `rank_fills`
   (the peft arguments the `rank` knob sets, each as a multiple of it: `{r: 1, alpha: 2}`), `merges`,
   `identity_at_init`, `changes_base_weights` (+ `unchanged_reason`), `prepends_tokens` (P-tuning: virtual tokens
   in front of the input, so the head reads the real first token as for prompt tuning), `cannot_apply` (model

@@ -39,7 +39,7 @@ IDENTITY_AT_INIT = {name for name in ALL_METHODS if REGISTRY[name].identity_at_i
 # method and one yaml tuner of each kind: shared random projections (vera), a multiplicative rotation (oft), a
 # spectral one that is not identity at init (fourierft), a virtual-token one (p_tuning), a LoRA init that moves W
 # (pissa), a LoRA init from a data pass (eva) and one that does not merge (lily). Every other registered method gets
-# the same tests under `-m slow` (README "Tests"), so each test still covers the whole registry.
+# the same tests under `-m slow` (docs/development.md), so each test still covers the whole registry.
 FAST_YAML = {"vera", "oft", "fourierft", "p_tuning", "pissa", "eva", "lily"}
 
 

@@ -46,7 +46,7 @@ class Task:
     offline_note: str = ""  # how offline data differs from official GLUE
     label: str = ""  # display name in tables and plots
     display_order: int = 100  # column position in tables
-    list_order: int = 100  # position in listings (README's task table, error messages)
+    list_order: int = 100  # position in listings (docs/configuration.md's task table, error messages)
 
     @property
     def is_regression(self) -> bool:

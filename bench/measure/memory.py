@@ -1,7 +1,7 @@
 """Measurement: per-phase memory (CUDA allocated/reserved over a baseline, or CPU peak RSS), the state of
 the GPU at run start, and inference latency with a stabilising warm-up and device synchronisation.
 
-What each number means (also in README.md, "Measurement"):
+What each number means (also in docs/measurement.md):
 - CUDA `*_allocated_bytes`: bytes of live tensors from PyTorch's caching allocator
   (`torch.cuda.memory_allocated` / `max_memory_allocated`); `*_reserved_bytes`: what the allocator holds
   from the driver (allocated + its cache; `memory_reserved`). Neither counts the CUDA context (~0.5 GiB).

@@ -141,7 +141,8 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
             given = err.get("input")
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
-                lines.append(f"{where}={given!r}: unknown key (a typo? the keys are listed in conf/ and README)")
+                lines.append(f"{where}={given!r}: unknown key (a typo? the keys are listed in conf/ and "
+                             "docs/configuration.md)")
             elif err["type"] == "missing":
                 lines.append(f"{where}: missing (it must be set)")
             elif isinstance(given, dict):

@@ -1,2 +1,2 @@
-"""Tools no run needs: README's method table (method_table.py), the memory estimator (memory_estimate.py) and the
-speed and memory benchmark scripts (perf/)."""
+"""Tools no run needs: docs/methods.md's method table (method_table.py), the memory estimator (memory_estimate.py)
+and the speed and memory benchmark scripts (perf/)."""
