@@ -1,4 +1,4 @@
-"""Bad input and faults (issue 13): each ends in one clear line (BenchError, exit != 0, no traceback) or the documented
+"""Bad input and faults: each ends in one clear line (BenchError, exit != 0, no traceback) or the documented
 safe behaviour, never a traceback, an `ok` record of an invalid config, or a lost ok record. Table-driven over
 config values, data corruptions and results-folder faults, plus a property test over numeric knobs."""
 from __future__ import annotations

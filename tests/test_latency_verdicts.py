@@ -1,5 +1,5 @@
 """The "merged LoRA adds no latency" claim judged on ratios paired by round, and "too noisy to tell" when the
-rounds disagree (issue 14, item 6)."""
+rounds disagree."""
 from __future__ import annotations
 
 import pandas as pd
@@ -19,7 +19,7 @@ def _lora(merged_p50: float, paired: float | None = None, noisy: bool | None = N
 
 
 def test_a_busy_spell_in_the_p50s_is_not_read_as_merged_overhead():
-    # The issue's run: merged/base p50 1.16 from a slow spell; per round merged and base are equal.
+    # A measured case: merged/base p50 1.16 from a slow spell; per round merged and base are equal.
     verdict = claims.merged_lora_no_latency(pd.DataFrame([_lora(626.0, paired=1.003, noisy=False)]))
     assert verdict.verdict == "supported" and "median 1.003" in verdict.lines[0]
 

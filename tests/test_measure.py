@@ -195,7 +195,7 @@ def test_param_count_unpacks_4bit_parameters():
 
 
 def test_latency_ratio_pairs_rounds_so_a_slow_spell_is_not_an_overhead():
-    """The issue's case: on a busy machine merged/base p50 read 1.16 while the fastest passes were equal. Paired by
+    """A measured case: on a busy machine merged/base p50 read 1.16 while the fastest passes were equal. Paired by
     round, the slow spell (round 2 for base, round 3 for merged) cancels out or is flagged, never a verdict."""
     def stats(p50, mn, rounds):
         return {"p50_ms": p50, "min_ms": mn, "round_p50_ms": rounds}

@@ -1,4 +1,4 @@
-"""Data and weights in a run's identity (issue 11): a truncated copy of a data file, or another checkpoint under the
+"""Data and weights in a run's identity: a truncated copy of a data file, or another checkpoint under the
 same model name, is another run and is never skipped as done; the record says which rows and files it used."""
 from __future__ import annotations
 
