@@ -254,7 +254,7 @@ def _run_section(rec: dict, analysis: dict | None, work: Path, index: int) -> st
     mem = mem.dropna(axis=1, how="all") if not mem.empty else mem
     if analysis and analysis.get("status") == "ok":
         intr = analysis["intruders"]
-        intr_html = _kv([("intruders (ε=0.5, top-10)", intr.get("total")),
+        intr_html = _kv([(f"intruders (ε={intr['epsilon']:g}, top-{intr['k']})", intr.get("total")),
                          ("layers with intruders", f"{intr.get('layers_with_intruders')}/{intr.get('layers')}"),
                          ("by ε", json.dumps(intr.get("total_by_epsilon")))])
     elif analysis:

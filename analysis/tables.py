@@ -7,8 +7,9 @@
    per task with its GLUE main metric x 100 (accuracy; Matthews correlation for CoLA; Pearson for STS-B),
    and the average over the table's tasks; mean ± std (sample std) over seeds; the best mean per column in
    bold. One table per model and training budget (runs with different budgets are never averaged).
-2. Rank table: per task, method and rank: the metric, intruder dimensions (ε = 0.5, from
-   `python -m analysis.analyse`), forgetting (the run's probe), peak training memory and parameters.
+2. Rank table: per task, method and rank: the metric, intruder dimensions (from `python -m analysis.analyse`; the
+   header and notes give the ε and top-k stored with the counts), forgetting (the run's probe), peak training
+   memory and parameters.
 
 Only `ok` runs count. Tasks whose offline data are samples (QNLI train, MNLI) are marked: not comparable to
 published numbers.
@@ -306,7 +307,7 @@ def rank_tables(df: pd.DataFrame) -> list[Table]:
             "Method",
             "Rank",
             "Metric",
-            "Intruders (ε=0.5)",
+            intruder_header(part),
             "Forgetting",
             "Peak train memory (MiB)",
             "Trainable params (excl. head)",
@@ -357,14 +358,8 @@ def rank_tables(df: pd.DataFrame) -> list[Table]:
                 }
             )
         notes = [
-            (
-                "Metric x 100 (mean ± std over seeds where more than one run). Intruders: top-10 "
-                "left singular "
-                "vectors of each fine-tuned weight whose largest |cos| with the pre-trained ones is "
-                "below 0.5, "
-                "summed over the layers; n/a where the method leaves the weights unchanged; – where "
-                "not analysed."
-            )
+            f"Metric x 100 (mean ± std over seeds where more than one run). Intruders: {intruder_definition(part)}, "
+            "summed over the layers; n/a where the method leaves the weights unchanged; – where not analysed."
         ]
         notes.append(
             "Forgetting x 100: probe score before − after fine-tuning "
@@ -405,6 +400,53 @@ def kind_of(df: pd.DataFrame) -> pd.Series:
     return df["model_kind"].astype(object).where(df["model_kind"].notna(), "classifier")
 
 
+def intruder_settings(df: pd.DataFrame) -> tuple[list[float], list[int]]:
+    """The ε values and top-k sizes that the intruder counts of `df`'s analysed runs were computed with (columns
+    `analysis.intruders.epsilon` and `.k`), each sorted and without repeats."""
+    def values(col: str) -> list:
+        return sorted(pd.to_numeric(df[col], errors="coerce").dropna().unique()) if col in df.columns else []
+
+    return [float(e) for e in values("analysis.intruders.epsilon")], [int(k) for k in values("analysis.intruders.k")]
+
+
+def _listed(values: list) -> str:
+    return ", ".join(f"{v:g}" for v in values)
+
+
+def intruder_header(df: pd.DataFrame) -> str:
+    """Column header for `df`'s intruder counts, naming the ε they were counted at ("Intruders (ε=0.5)"), or saying
+    that it differs between runs."""
+    eps, _ = intruder_settings(df)
+    if not eps:
+        return "Intruders"
+    return f"Intruders (ε={eps[0]:g})" if len(eps) == 1 else f"Intruders (ε differs between runs: {_listed(eps)})"
+
+
+def _k_text(ks: list[int]) -> str:
+    if len(ks) == 1:
+        return f"top-{ks[0]}"
+    return f"top-k (k differs between runs: {_listed(ks)})" if ks else "top-k"
+
+
+def _eps_text(eps: list[float]) -> str:
+    if len(eps) == 1:
+        return f"ε = {eps[0]:g}"
+    return f"ε (differs between runs: {_listed(eps)})" if eps else "ε"
+
+
+def intruder_settings_text(df: pd.DataFrame) -> str:
+    """"top-10 vectors, ε = 0.5": the settings of `df`'s intruder counts, for captions and titles."""
+    eps, ks = intruder_settings(df)
+    return f"{_k_text(ks)} vectors, {_eps_text(eps)}"
+
+
+def intruder_definition(df: pd.DataFrame) -> str:
+    """What an intruder is, with the top-k and ε of `df`'s counts."""
+    eps, ks = intruder_settings(df)
+    return (f"{_k_text(ks)} left singular vectors of each fine-tuned weight whose largest |cos| with all of the "
+            f"pre-trained weight's left singular vectors is below {_eps_text(eps)}")
+
+
 def _intruders_text(g: pd.DataFrame) -> str:
     """A group's intruder count: mean ± std over its runs (one value when they agree), "n/a" where the analysis
     does not apply (weights unchanged), a dash where it has not run."""
@@ -441,7 +483,7 @@ def causal_lm_tables(df: pd.DataFrame) -> list[Table]:
         kinds = sorted(part["memory_kind"].dropna().unique())
         header = ["Task", "Method", "Accuracy", "Zero-shot", "Trainable params", "Peak train memory (MiB)",
                   "Estimated peak (MiB)", "Train tokens/s", "Decode tokens/s (unmerged / merged)",
-                  "PPL before → after", "Intruders (ε=0.5)", "Runs"]
+                  "PPL before → after", intruder_header(part), "Runs"]
         rows, numbers = [], []
         # lm.eval_mode (records before it existed scored by log-likelihood): its runs are not pooled with the other's
         mode_col = "data.prompt.eval_mode"

@@ -105,6 +105,15 @@ def base_model(record: dict, cfg: DictConfig) -> nn.Module:
     return model.eval()
 
 
+def saved_weights(run_dir: str | Path, record: dict) -> dict[str, int]:
+    """{path inside the weights folder: size in bytes} of the run's saved weights; {} when it saved none.
+    Reads the folder listing only."""
+    folder = Path(run_dir) / str(record.get("weights_dir") or WEIGHTS_DIR)
+    if not folder.is_dir():
+        return {}
+    return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
 def attach_context(record: dict, cfg: DictConfig):
     from bench.models import attach_context as context
 
