@@ -9,14 +9,17 @@ key is the same. When only ε differs, the counts are re-summarised from the sto
 the file is rewritten under the new key; any other difference recomputes. Stored: per layer the intruder scores
 of the top-k vectors (counts for any ε follow without another SVD), the summary at the key's ε and over the ε grid,
 and the ΔW spectrum (all singular values per layer) with the rank lab.
-Methods that leave W unchanged get `status: "n/a"` and the reason; a run that cannot be rebuilt gets
-`status: "error"` (not cached).
+
+Only runs with saved weights are analysed; nothing is loaded for the others, and one line says how many were
+skipped. Methods that leave W unchanged (or do not merge into it) get `status: "n/a"` and the reason from the
+record alone, with or without weights; a run that cannot be rebuilt gets `status: "error"` (not cached).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,9 +27,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from analysis import intruders, spectrum
-from analysis.weights import saved_weights
+from analysis.weights import not_applicable, saved_weights
 from bench import BenchError
-from bench.record import RECORD_FILE, find_records, read_record, write_json_atomic
+from bench.record import find_records, read_record, write_json_atomic
 
 ANALYSIS_FILE = "analysis.json"
 ANALYSIS_VERSION = 2
@@ -137,16 +140,24 @@ def analyse_run(
     return out
 
 
-def run_dirs(results: str | Path) -> list[Path]:
-    """Folders of ok runs that saved weights."""
-    dirs = []
+def ok_runs(results: str | Path) -> list[tuple[Path, dict]]:
+    """(run folder, record) of every ok run under `results`."""
+    out = []
     for path in find_records(results):
         rec = read_record(path)
-        if rec is None:
-            continue
-        if rec.get("status") == "ok" and rec.get("weights_dir") and "config" in rec:
-            dirs.append(path.parent)
-    return dirs
+        if rec is not None and rec.get("status") == "ok":
+            out.append((path.parent, rec))
+    return out
+
+
+def _has_weights(run_dir: Path, record: dict) -> bool:
+    """The run saved weights, and its record holds the resolved config to rebuild the model they belong to."""
+    return "config" in record and bool(saved_weights(run_dir, record))
+
+
+def run_dirs(results: str | Path) -> list[Path]:
+    """Folders of ok runs that saved weights."""
+    return [run_dir for run_dir, rec in ok_runs(results) if _has_weights(run_dir, rec)]
 
 
 def analyse_all(
@@ -159,20 +170,52 @@ def analyse_all(
     max_rank: int = DEFAULT_MAX_RANK,
     compute: bool = True,
 ) -> dict[str, dict]:
-    """{run dir: analysis} for every ok run with weights under `results`, computed or taken from a current cache;
-    `compute=False`: current caches only (no model is loaded)."""
+    """{run dir: analysis} for the ok runs under `results`: computed (or taken from a current cache) for runs with
+    saved weights; "n/a" from the record alone for runs whose method leaves W unchanged; other runs without weights
+    are left out and nothing is loaded for them. `compute=False`: current caches only (no model is loaded). Prints
+    one summary line of what was skipped to stderr."""
     settings = {"k": k, "epsilon": epsilon, "rtol": rtol, "max_rank": max_rank}
-    out = {}
-    for run_dir in tqdm(run_dirs(results), desc="intruders/spectrum", unit="run", disable=not compute):
+    runs = ok_runs(results)
+    todo = [(run_dir, rec) for run_dir, rec in runs if _has_weights(run_dir, rec)]
+    with_weights = {run_dir for run_dir, _ in todo}
+    out: dict[str, dict] = {}
+    not_applicable_n = errors = not_cached = 0
+    bar = tqdm(todo, desc="intruders/spectrum", unit="run",
+               disable=not todo or not compute or os.environ.get("BENCH_PROGRESS", "1") == "0")
+    for run_dir, rec in bar:
         if compute:
             res = analyse_run(run_dir, force=force, **settings)
         else:
-            res = cached_analysis(run_dir, analysis_key(run_dir, read_record(run_dir / RECORD_FILE), **settings))
+            res = cached_analysis(run_dir, analysis_key(run_dir, rec, **settings))
             if res is None:
+                not_cached += 1
                 continue
         out[str(run_dir)] = res
         if res["status"] == "error":  # one broken run (e.g. a corrupt weights file) is skipped, never fatal
+            errors += 1
             print(f"warning: skipped {run_dir.name}: {res['error']}", file=sys.stderr)
+    for run_dir, rec in runs:
+        if run_dir in with_weights:
+            continue
+        try:
+            reason = not_applicable(rec)
+        except (BenchError, KeyError):  # a method this checkout does not have: not analysed
+            reason = None
+        if reason:
+            not_applicable_n += 1
+            out[str(run_dir)] = {"key": analysis_key(run_dir, rec, **settings), "run_id": rec.get("run_id"),
+                                 "method": rec.get("method"), "status": "n/a", "reason": reason}
+    line = f"weights analysis: {len(todo)} of {len(runs)} ok runs have saved weights"
+    skipped = len(runs) - len(todo)
+    if skipped:
+        line += f"; the {skipped} without are skipped"
+        if not_applicable_n:
+            line += f" (n/a anyway for {not_applicable_n}: their method leaves W unchanged or does not merge)"
+    if not compute and todo:
+        line += f"; not computed (--no-weights): {len(todo) - not_cached} with a current cache shown"
+    if errors:
+        line += f"; {errors} could not be analysed (warnings above)"
+    print(line, file=sys.stderr)
     return out
 
 

@@ -18,7 +18,6 @@ published numbers.
 from __future__ import annotations
 
 import argparse
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,34 +162,81 @@ def ok_frame(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-@functools.cache
-def chance_level(task: str, eval_samples: int | None = None) -> float | None:
-    """What a model that learned nothing scores on the task's dev set (x 100): the majority class's share for
-    accuracy, 0 for Matthews correlation and Pearson. None when the dev data cannot be read."""
-    from bench import BenchError
-    from bench.data import subset
-    from bench.tasks import get_task, load_task
+@dataclass(frozen=True)
+class DevLabels:
+    """Rows per class id of a task's dev set, and the data sources (record `data.source` up to its colon) that
+    read exactly this dev set."""
 
-    try:
-        t = get_task(task)
-        if t.main_metric != "accuracy":
-            return 0.0
-        _, dev, _ = load_task(t)
-    except BenchError:
+    counts: tuple[int, ...]
+    sources: tuple[str, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(self.counts)
+
+
+# Counted in ../shared/data/glue (the classic glue_data files). SST-2, MRPC, RTE and QNLI dev are the official GLUE
+# dev sets, the same rows as the Hub's nyu-mll/glue validation split; MNLI's offline dev is a 1,000-row sample of
+# GLUE MNLI train (not validation_matched); QQP is not offline. Chance levels come from these facts: a report reads
+# no dataset.
+DEV_LABELS = {
+    "sst2": DevLabels((428, 444), ("glue_dir", "hub")),
+    "mrpc": DevLabels((129, 279), ("glue_dir", "hub")),
+    "rte": DevLabels((146, 131), ("glue_dir", "hub")),
+    "qnli": DevLabels((2702, 2761), ("glue_dir", "hub")),
+    "mnli": DevLabels((347, 333, 320), ("glue_dir",)),
+}
+
+
+def chance_level(task: str, dev_rows: int | None = None, source: str | None = None) -> tuple[float, bool] | None:
+    """What a model that learned nothing scores on the task's dev set (x 100), and whether that is exact: 0 for
+    Matthews correlation and Pearson; for accuracy the majority class's share of the dev set (`DEV_LABELS`), exact
+    when the run evaluated the whole set and the full set's share (an estimate) when it evaluated a subset
+    (`dev_rows` fewer). None when the facts do not cover the run's dev data (another source, more rows, QQP)."""
+    task_facts = TASKS.get(task)
+    if task_facts is None:
         return None
-    labels = subset(dev, eval_samples)["label"]
-    return float(labels.value_counts(normalize=True).max() * 100)
+    if task_facts.main_metric != "accuracy":
+        return 0.0, True
+    labels = DEV_LABELS.get(task)
+    kind = str(source).split(":", 1)[0] if source else None
+    if labels is None or (kind is not None and kind not in labels.sources):
+        return None
+    if dev_rows is not None and dev_rows > labels.rows:
+        return None
+    return max(labels.counts) / labels.rows * 100, dev_rows is None or dev_rows == labels.rows
 
 
-def chance_levels(df: pd.DataFrame) -> dict[str, float]:
-    """{task: chance level} for the tasks of a group of runs (dev caps taken from the records)."""
+def _chance_by_task(df: pd.DataFrame) -> dict[str, tuple[float, bool]]:
     out = {}
     for task, part in df.groupby("task"):
         cap = part["data.dev_rows"].max() if "data.dev_rows" in part else None
-        level = chance_level(task, int(cap) if cap is not None and pd.notna(cap) else None)
+        sources = part["data.source"].dropna().unique() if "data.source" in part else []
+        source = sources[0] if len(sources) == 1 else None
+        if len(sources) > 1 and len({str(s).split(":", 1)[0] for s in sources}) > 1:
+            continue  # runs of one task on different data: no one chance level
+        level = chance_level(task, int(cap) if cap is not None and pd.notna(cap) else None, source)
         if level is not None:
             out[task] = level
     return out
+
+
+def chance_levels(df: pd.DataFrame) -> dict[str, float]:
+    """{task: chance level} for the tasks of a group of runs, from the task facts and the records' dev rows and
+    data source; no data are read."""
+    return {task: level for task, (level, _) in _chance_by_task(df).items()}
+
+
+def chance_note(df: pd.DataFrame) -> str | None:
+    """The tables' footnote on chance levels, marking (≈) those of runs that evaluated a subset of the dev set."""
+    chance = _chance_by_task(df)
+    if not chance:
+        return None
+    text = ", ".join(f"{TASK_LABEL.get(t, t)} {'' if exact else '≈'}{v:.1f}" for t, (v, exact) in chance.items())
+    note = f"Chance level (majority class of the dev set; 0 for correlations): {text}."
+    if not all(exact for _, exact in chance.values()):
+        note += " ≈: the whole dev set's share; these runs evaluated a subset of it."
+    return note
 
 
 def sampled_tasks(df: pd.DataFrame) -> set[str]:
@@ -278,10 +324,9 @@ def method_task_tables(df: pd.DataFrame) -> list[Table]:
                 f"when a row has them all."
             )
         ]
-        chance = chance_levels(part)
+        chance = chance_note(part)
         if chance:
-            notes.append("Chance level (majority class; 0 for correlations): "
-                         + ", ".join(f"{TASK_LABEL.get(t, t)} {v:.1f}" for t, v in chance.items()) + ".")
+            notes.append(chance)
         if any("*" in r[1] for r in rows):
             notes.append("* trainable parameters differ between tasks; the median is shown.")
         if sampled:

@@ -356,6 +356,21 @@ def test_intruder_labels_name_the_epsilon_the_counts_were_made_at_or_say_that_it
     assert none.header[4] == "Intruders" and [r[4] for r in none.rows] == ["–", "–"]
 
 
+def test_chance_levels_come_from_the_task_facts_which_match_the_offline_dev_sets():
+    from analysis.tables import DEV_LABELS, chance_level
+    from bench.tasks import get_task, load_task
+
+    for task, labels in DEV_LABELS.items():  # the facts are the offline dev files' label counts
+        _, dev, _ = load_task(get_task(task), GLUE_DIR)
+        assert tuple(dev["label"].value_counts().sort_index()) == labels.counts, task
+    assert chance_level("sst2") == (pytest.approx(444 / 872 * 100), True)
+    assert chance_level("sst2", 872, "hub:nyu-mll/glue/sst2") == (pytest.approx(50.92, abs=0.01), True)
+    assert chance_level("sst2", 32)[1] is False  # a subset: the whole set's share, marked as an estimate
+    assert chance_level("cola") == (0.0, True) and chance_level("stsb") == (0.0, True)
+    assert chance_level("mnli", 1000, "hub:nyu-mll/glue/mnli") is None  # the offline MNLI dev is another set
+    assert chance_level("qqp") is None and chance_level("no-such-task") is None
+
+
 def test_report_cpu_sweep_preset_composes():
     """The preset's per-method rank grid resolves, and its sweeper params reach Hydra from the +sweep file."""
     from bench.config import compose_config

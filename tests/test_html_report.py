@@ -1,19 +1,25 @@
 """The report's HTML page (analysis.html via analysis.report) from constructed records: one self-contained file
 (no external URL, figures inlined) holding the expected tables and sections; and, marked slow, the page opened
-in headless Chromium: the DataTables render, the plots load, no console errors, a screenshot saved."""
+in headless Chromium: the DataTables render, the plots load, no console errors, a screenshot saved. And the report
+of the committed 42-method baseline (records without saved weights), built with every model and dataset loader and
+the network refusing."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shutil
+import socket
 
 import pytest
 
+from analysis.analyse import ANALYSIS_FILE
 from analysis.html import external_urls
 from analysis.report import build_report
 from bench.record import CURVE_FILE, RECORD_FILE, write_json_atomic
 from tests import browser
-from tests.conftest import GLUE_DIR
+from tests.conftest import GLUE_DIR, REPO
 
 pytestmark = pytest.mark.skipif(not GLUE_DIR, reason="GLUE_DIR not set and ../shared/data/glue missing")
 
@@ -94,3 +100,50 @@ def test_the_page_renders_in_headless_chromium(report, tmp_path):
     assert r.screenshot is not None and r.screenshot.stat().st_size > 50_000
     if os.environ.get("PEFT_BENCH_SCREENSHOT"):  # keep the screenshot to look at
         shutil.copy(r.screenshot, os.environ["PEFT_BENCH_SCREENSHOT"])
+
+
+BASELINE = REPO / "results" / "baselines" / "all-methods-minilm"
+
+
+def _refuse(what: str):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the report {what}")
+
+    return refuse
+
+
+@pytest.fixture(scope="module")
+def baseline_report(tmp_path_factory):
+    """The report of a copy of the committed 42-method baseline (its records say `weights_dir`, but no run folder
+    kept its weights), built without GLUE_DIR, with the model, tokenizer and dataset loaders and the network
+    refusing. Returns (root, stderr)."""
+    import datasets
+    import transformers
+
+    root = tmp_path_factory.mktemp("baseline")
+    shutil.copytree(BASELINE, root / "runs", ignore=shutil.ignore_patterns(ANALYSIS_FILE))  # records only
+    err = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("GLUE_DIR", raising=False)
+        mp.setattr("bench.models.load_model", _refuse("loaded a model"))
+        mp.setattr("bench.models.load_tokenizer", _refuse("loaded a tokenizer"))
+        mp.setattr("bench.tasks.load_task", _refuse("loaded a dataset"))
+        mp.setattr(datasets, "load_dataset", _refuse("loaded a dataset"))
+        mp.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(_refuse("loaded a model")))
+        mp.setattr(socket, "getaddrinfo", _refuse("looked up a host"))
+        mp.setattr(socket.socket, "connect", _refuse("opened a connection"))
+        with contextlib.redirect_stderr(err):
+            build_report(root / "runs", root / "report")
+    return root, err.getvalue()
+
+
+def test_a_report_from_records_without_weights_loads_no_model_no_dataset_and_no_hub(baseline_report):
+    root, err = baseline_report
+    assert len(list((root / "runs").rglob(RECORD_FILE))) == 42
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == ["weights analysis: 0 of 42 ok runs have saved weights; the 42 without are skipped (n/a anyway "
+                     "for 6: their method leaves W unchanged or does not merge)"], err
+    assert not list((root / "runs").rglob(ANALYSIS_FILE))  # nothing written into the records' folders
+    text = (root / "report" / "index.md").read_text()
+    assert "Chance level (majority class of the dev set; 0 for correlations): SST-2 50.9." in text  # from facts
+    assert text.count("not analysed (no saved weights") == 36 and text.count("| n/a: ") == 6
