@@ -1,19 +1,25 @@
 """Intruder dimensions and ΔW spectrum for every run of a results folder, cached per run.
 
-    python -m analysis.analyse results/runs [--force] [--k 10] [--max-rank 64]
+    python -m analysis.analyse results/runs [--force] [--k 10] [--epsilon 0.5] [--max-rank 64]
 
-Each run's result goes to `<run dir>/analysis.json` (written atomically) with the settings and the run's
-config hash it was computed for; a later call reuses it when they match, so re-running a report is fast.
-Stored: per layer the intruder scores of the top-k vectors (counts for any ε follow without another SVD),
-the summary at ε = 0.5 and over the ε grid, and the ΔW spectrum (all singular values per layer) with the
-rank lab. Methods that leave W unchanged get `status: "n/a"` and the reason; a run that cannot be
-rebuilt gets `status: "error"` (not cached).
+Each analysed run's result goes to `<run dir>/analysis.json` (`ANALYSIS_FILE`, written atomically) under a key of
+everything that changes its numbers: the analysis version, k, ε, the spectrum's rtol and max_rank, the record
+(config hash and end time) and the saved weights (file names and sizes). A later call uses the file only when its
+key is the same. When only ε differs, the counts are re-summarised from the stored per-layer scores (no SVD) and
+the file is rewritten under the new key; any other difference recomputes. Stored: per layer the intruder scores
+of the top-k vectors (counts for any ε follow without another SVD), the summary at the key's ε and over the ε grid,
+and the ΔW spectrum (all singular values per layer) with the rank lab.
+
+Only runs with saved weights are analysed; nothing is loaded for the others, and one line says how many were
+skipped. Methods that leave W unchanged (or do not merge into it) get `status: "n/a"` and the reason from the
+record alone, with or without weights; a run that cannot be rebuilt gets `status: "error"` (not cached).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,22 +27,73 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from analysis import intruders, spectrum
+from analysis.weights import not_applicable, saved_weights
 from bench import BenchError
 from bench.record import find_records, read_record, write_json_atomic
 
 ANALYSIS_FILE = "analysis.json"
-ANALYSIS_VERSION = 1
+ANALYSIS_VERSION = 2
+DEFAULT_MAX_RANK = 64
 
 
-def _key(record: dict, k: int, rtol: float, max_rank: int) -> dict:
+def analysis_key(
+    run_dir: str | Path,
+    record: dict,
+    k: int = intruders.DEFAULT_K,
+    epsilon: float = intruders.DEFAULT_EPSILON,
+    rtol: float = spectrum.DEFAULT_RTOL,
+    max_rank: int = DEFAULT_MAX_RANK,
+) -> dict:
+    """Everything that changes the numbers of a run's analysis: a cache holds them under this key."""
     return {
         "version": ANALYSIS_VERSION,
         "config_hash": record.get("config_hash"),
         "ended_at": record.get("ended_at"),
+        "weights": saved_weights(run_dir, record),
         "k": k,
+        "epsilon": epsilon,
         "rtol": rtol,
         "max_rank": max_rank,
     }
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return res if isinstance(res, dict) and isinstance(res.get("key"), dict) else None
+
+
+def cached_analysis(run_dir: str | Path, key: dict) -> dict | None:
+    """The run's analysis.json when it was computed under `key`. When only ε differs, its counts are re-summarised
+    at the key's ε from the stored per-layer scores and the file is rewritten under `key`. None otherwise."""
+    path = Path(run_dir) / ANALYSIS_FILE
+    cached = _read(path)
+    if cached is None:
+        return None
+    stored = cached["key"]
+    if stored == key:
+        return cached
+    if {**stored, "epsilon": key["epsilon"]} != key:
+        return None
+    if cached.get("status") == "ok":
+        cached["intruders"].update(intruders.summarise(cached["intruders"]["scores"], key["epsilon"]))
+    cached["key"] = key
+    write_json_atomic(path, cached)
+    return cached
+
+
+def stored_analysis(run_dir: str | Path, record: dict) -> dict | None:
+    """The run's analysis.json as it is, when it was computed by this analysis version for this record (same
+    config hash and end time), at whatever k and ε it holds (`intruders.k`, `intruders.epsilon`); else None.
+    For readers that show what is stored (`analysis.collect`); the report asks `analyse_all` instead."""
+    cached = _read(Path(run_dir) / ANALYSIS_FILE)
+    if cached is None:
+        return None
+    key = cached["key"]
+    same = (key.get("version"), key.get("config_hash"), key.get("ended_at"))
+    return cached if same == (ANALYSIS_VERSION, record.get("config_hash"), record.get("ended_at")) else None
 
 
 def analyse_run(
@@ -44,24 +101,18 @@ def analyse_run(
     k: int = intruders.DEFAULT_K,
     epsilon: float = intruders.DEFAULT_EPSILON,
     rtol: float = spectrum.DEFAULT_RTOL,
-    max_rank: int = 64,
+    max_rank: int = DEFAULT_MAX_RANK,
     force: bool = False,
 ) -> dict:
-    """Intruders + spectrum of one run (from the cache when it is current)."""
+    """Intruders + spectrum of one run (from the cache when its key is current)."""
     from analysis.weights import read_run, weight_pairs
 
     run_dir = Path(run_dir)
     record, _ = read_run(run_dir)
-    key = _key(record, k, rtol, max_rank)
-    cache = run_dir / ANALYSIS_FILE
-    if not force and cache.is_file():
-        try:
-            cached = json.loads(cache.read_text())
-        except (OSError, json.JSONDecodeError):
-            cached = {}
-        if cached.get("key") == key:
-            if cached.get("status") == "ok" and cached["intruders"]["epsilon"] != epsilon:
-                cached["intruders"].update(intruders.summarise(cached["intruders"]["scores"], epsilon))
+    key = analysis_key(run_dir, record, k, epsilon, rtol, max_rank)
+    if not force:
+        cached = cached_analysis(run_dir, key)
+        if cached is not None:
             return cached
     out: dict = {"key": key, "run_id": record["run_id"], "method": record["method"]}
     try:
@@ -85,29 +136,86 @@ def analyse_run(
                 "spectrum": time.perf_counter() - start - intr_s,
             },
         )
-    write_json_atomic(cache, out)
+    write_json_atomic(run_dir / ANALYSIS_FILE, out)
     return out
+
+
+def ok_runs(results: str | Path) -> list[tuple[Path, dict]]:
+    """(run folder, record) of every ok run under `results`."""
+    out = []
+    for path in find_records(results):
+        rec = read_record(path)
+        if rec is not None and rec.get("status") == "ok":
+            out.append((path.parent, rec))
+    return out
+
+
+def _has_weights(run_dir: Path, record: dict) -> bool:
+    """The run saved weights, and its record holds the resolved config to rebuild the model they belong to."""
+    return "config" in record and bool(saved_weights(run_dir, record))
 
 
 def run_dirs(results: str | Path) -> list[Path]:
     """Folders of ok runs that saved weights."""
-    dirs = []
-    for path in find_records(results):
-        rec = read_record(path)
-        if rec is None:
-            continue
-        if rec.get("status") == "ok" and rec.get("weights_dir") and "config" in rec:
-            dirs.append(path.parent)
-    return dirs
+    return [run_dir for run_dir, rec in ok_runs(results) if _has_weights(run_dir, rec)]
 
 
-def analyse_all(results: str | Path, force: bool = False, **kwargs) -> dict[str, dict]:
-    """{run dir: analysis} for every ok run with weights under `results`."""
-    out = {}
-    for run_dir in tqdm(run_dirs(results), desc="intruders/spectrum", unit="run"):
-        out[str(run_dir)] = res = analyse_run(run_dir, force=force, **kwargs)
+def analyse_all(
+    results: str | Path,
+    force: bool = False,
+    *,
+    k: int = intruders.DEFAULT_K,
+    epsilon: float = intruders.DEFAULT_EPSILON,
+    rtol: float = spectrum.DEFAULT_RTOL,
+    max_rank: int = DEFAULT_MAX_RANK,
+    compute: bool = True,
+) -> dict[str, dict]:
+    """{run dir: analysis} for the ok runs under `results`: computed (or taken from a current cache) for runs with
+    saved weights; "n/a" from the record alone for runs whose method leaves W unchanged; other runs without weights
+    are left out and nothing is loaded for them. `compute=False`: current caches only (no model is loaded). Prints
+    one summary line of what was skipped to stderr."""
+    settings = {"k": k, "epsilon": epsilon, "rtol": rtol, "max_rank": max_rank}
+    runs = ok_runs(results)
+    todo = [(run_dir, rec) for run_dir, rec in runs if _has_weights(run_dir, rec)]
+    with_weights = {run_dir for run_dir, _ in todo}
+    out: dict[str, dict] = {}
+    not_applicable_n = errors = not_cached = 0
+    bar = tqdm(todo, desc="intruders/spectrum", unit="run",
+               disable=not todo or not compute or os.environ.get("BENCH_PROGRESS", "1") == "0")
+    for run_dir, rec in bar:
+        if compute:
+            res = analyse_run(run_dir, force=force, **settings)
+        else:
+            res = cached_analysis(run_dir, analysis_key(run_dir, rec, **settings))
+            if res is None:
+                not_cached += 1
+                continue
+        out[str(run_dir)] = res
         if res["status"] == "error":  # one broken run (e.g. a corrupt weights file) is skipped, never fatal
+            errors += 1
             print(f"warning: skipped {run_dir.name}: {res['error']}", file=sys.stderr)
+    for run_dir, rec in runs:
+        if run_dir in with_weights:
+            continue
+        try:
+            reason = not_applicable(rec)
+        except (BenchError, KeyError):  # a method this checkout does not have: not analysed
+            reason = None
+        if reason:
+            not_applicable_n += 1
+            out[str(run_dir)] = {"key": analysis_key(run_dir, rec, **settings), "run_id": rec.get("run_id"),
+                                 "method": rec.get("method"), "status": "n/a", "reason": reason}
+    line = f"weights analysis: {len(todo)} of {len(runs)} ok runs have saved weights"
+    skipped = len(runs) - len(todo)
+    if skipped:
+        line += f"; the {skipped} without are skipped"
+        if not_applicable_n:
+            line += f" (n/a anyway for {not_applicable_n}: their method leaves W unchanged or does not merge)"
+    if not compute and todo:
+        line += f"; not computed (--no-weights): {len(todo) - not_cached} with a current cache shown"
+    if errors:
+        line += f"; {errors} could not be analysed (warnings above)"
+    print(line, file=sys.stderr)
     return out
 
 
@@ -117,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--force", action="store_true", help="recompute even when analysis.json is current")
     ap.add_argument("--k", type=int, default=intruders.DEFAULT_K)
     ap.add_argument("--epsilon", type=float, default=intruders.DEFAULT_EPSILON)
-    ap.add_argument("--max-rank", type=int, default=64)
+    ap.add_argument("--max-rank", type=int, default=DEFAULT_MAX_RANK)
     args = ap.parse_args(argv)
     if not Path(args.results).exists():
         ap.error(f"{args.results}: no such folder")  # exit 2: a usage error
@@ -128,10 +236,10 @@ def main(argv: list[str] | None = None) -> None:
     for run_dir, res in results.items():
         name = Path(run_dir).name
         if res["status"] == "ok":
-            sp = res["spectrum"]
+            sp, intr = res["spectrum"], res["intruders"]
             print(
-                f"{name}: intruders {res['intruders']['total']} (eps {args.epsilon}), mean effective rank of "
-                f"dW {sp['mean_effective_rank'] or 0:.1f}, "
+                f"{name}: intruders {intr['total']} (top-{intr['k']}, eps {intr['epsilon']:g}), mean effective "
+                f"rank of dW {sp['mean_effective_rank'] or 0:.1f}, "
                 f"90% energy rank {sp['mean_energy90_rank'] or 0:.1f}"
             )
         else:

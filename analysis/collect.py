@@ -6,9 +6,11 @@ Nested record fields are flattened with dots (`latency.merged.p50_ms`). Records 
 are read as they are (missing columns are NaN); failed runs are kept with their `status`. Files that are not
 valid JSON (e.g. an interrupted write by a tool that did not write atomically) are listed and skipped.
 
-When a run folder holds `analysis.json` (written by `python -m analysis.analyse`), its summary joins the row
-as `analysis.*` columns (`analysis.status`, `analysis.intruders.total`,
-`analysis.spectrum.mean_effective_rank` ...). `add_derived` adds the columns tables and plots use:
+When a run folder holds `analysis.json` (written by `python -m analysis.analyse`) computed for its record, its
+summary joins the row as `analysis.*` columns (`analysis.status`, `analysis.intruders.total` with the
+`analysis.intruders.k` and `analysis.intruders.epsilon` it was counted at, `analysis.spectrum.mean_effective_rank`
+...); a caller that holds the analyses (the report) passes them instead. `add_derived` adds the columns tables and
+plots use:
 `metric_pct`, `peak_train_memory_bytes` (+ its `memory_kind`), `intruders`, `forgetting_value`, `budget_desc`.
 """
 from __future__ import annotations
@@ -21,30 +23,28 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.analyse import stored_analysis
 from bench import record
 from bench.record.identity import config_group
 
-ANALYSIS_NAME = "analysis.json"
 BUDGET_DESC_FIELDS = ("max_steps", "epochs", "batch_size", "train_samples", "eval_samples", "max_seq_len")
 
 
-def load_records(root: str | Path) -> tuple[list[dict], list[str]]:
-    """Return (records, problems), read through bench.record. Each record gets `record_path` and, when its run
-    folder holds analysis.json, its summary as `analysis`."""
+def load_records(root: str | Path, analyses: dict[str, dict] | None = None) -> tuple[list[dict], list[str]]:
+    """Return (records, problems), read through bench.record. Each record gets `record_path` and the summary of
+    its run's weight analysis as `analysis`: from `analyses` ({run dir: analysis}, as `analysis.analyse.analyse_all`
+    returns) when given, else from the run folder's analysis.json when that was computed for this record."""
     records, problems = record.load_records(root)
     for rec in records:
-        summary = analysis_summary(Path(rec["record_path"]).parent / ANALYSIS_NAME)
-        if summary:
-            rec["analysis"] = summary
+        run_dir = Path(rec["record_path"]).parent
+        res = analyses.get(str(run_dir)) if analyses is not None else stored_analysis(run_dir, rec)
+        if res:
+            rec["analysis"] = analysis_summary(res)
     return records, problems
 
 
-def analysis_summary(path: Path) -> dict | None:
-    """The scalar part of a run's analysis.json (no per-layer scores or singular values), or None."""
-    try:
-        res = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+def analysis_summary(res: dict) -> dict:
+    """The scalar part of a run's analysis (no per-layer scores or singular values)."""
     out = {"status": res.get("status"), "reason": res.get("reason") or res.get("error")}
     if res.get("status") == "ok":
         intr, spec = res["intruders"], res["spectrum"]

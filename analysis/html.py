@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
-from itables import to_html_datatable
+from itables import JavascriptFunction, to_html_datatable
 from itables.javascript import generate_init_offline_itables_html
 
 from analysis import claims, plots, tables
@@ -78,14 +78,54 @@ def _offline(markup: str) -> str:
     return _EXTERNAL_LINK.sub(r"\1", markup)
 
 
+def _render(decimals: int | None = None) -> JavascriptFunction:
+    """DataTables render function for one column: a missing value (null) is shown and searched as the dash and is
+    empty to sorting and type detection (so a numeric column with gaps still sorts as numbers); numbers are shown
+    with `decimals` places when given."""
+    shown = "data" if decimals is None else f"(typeof data === 'number' ? data.toFixed({decimals}) : data)"
+    return JavascriptFunction(
+        "function (data, type) { if (data === null || data === undefined || (typeof data === 'number' && isNaN(data)))"
+        f" {{ return type === 'display' || type === 'filter' ? '{tables.DASH}' : null; }}"
+        f" return type === 'display' || type === 'filter' ? {shown} : data; }}"
+    )
+
+
+def _decimals(values: pd.Series, most: int = 4) -> int:
+    """The fewest decimal places (up to `most`) that show every value of a numeric column as it is."""
+    v = values.dropna().astype(float)
+    return next((d for d in range(most) if (v.round(d) - v).abs().max() < 1e-9), most) if len(v) else 0
+
+
+def _for_datatable(df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
+    """The frame with its missing values as nulls in the page's data rather than NaN, <NA> or None text (numeric
+    columns become nullable floats, which itables writes as numbers and nulls; text columns get the dash), and one
+    render definition per column (`_render`)."""
+    out = df.copy()
+    defs = []
+    for i, col in enumerate(out.columns):
+        values = out[col]
+        if values.dtype.kind in "fiu":
+            out[col] = values.astype("Float64")
+            defs.append({"targets": i, "render": _render(_decimals(values))})
+        else:
+            if values.isna().any():
+                out[col] = values.astype(object).where(values.notna(), tables.DASH)
+            defs.append({"targets": i, "render": _render()})
+    return out, defs
+
+
 def datatable(df: pd.DataFrame, caption: str = "", **options) -> str:
-    """An itables table (sortable, searchable), rendered offline."""
+    """An itables table (sortable, searchable), rendered offline, with every row on the page (no paging, no
+    downsampling) and missing values shown as the dash."""
+    frame, column_defs = _for_datatable(df)
     options.setdefault("display_logo_when_loading", False)
     options.setdefault("showIndex", False)
     options.setdefault("connected", False)
-    options.setdefault("paging", len(df) > 25)
+    options.setdefault("paging", False)
+    options.setdefault("maxBytes", 0)  # itables would drop rows from a table larger than its 64 KB default
+    options.setdefault("columnDefs", column_defs)
     options.setdefault("classes", "display compact cell-border")
-    return _offline(to_html_datatable(df, caption=caption or None, **options))
+    return _offline(to_html_datatable(frame, caption=caption or None, **options))
 
 
 def _png(path: Path) -> str:
@@ -104,7 +144,11 @@ def _kv(pairs: list[tuple[str, object]]) -> str:
 
 
 def _plain_table(df: pd.DataFrame) -> str:
-    return _offline(df.to_html(index=False, classes="plain", border=0, na_rep="–", float_format=lambda v: f"{v:.4g}"))
+    """A static table; missing values (NaN, and None, which pandas would print as "None") show as the dash."""
+    df = df.infer_objects()
+    df = df.where(df.notna(), float("nan"))
+    return _offline(df.to_html(index=False, classes="plain", border=0, na_rep=tables.DASH,
+                               float_format=lambda v: f"{v:.4g}"))
 
 
 def _group_label(model: str, budget: str) -> str:
@@ -157,8 +201,7 @@ def _reproduction_section(reps: list[Reproduction]) -> str:
                          "not judged against the paper's; compare the method orderings.</p>")
         parts.append("<h4>Deviations from the paper's protocol</h4><ul>"
                      + "".join(f"<li>{_code(d)}</li>" for d in rep.deviations) + "</ul>")
-        parts.append(datatable(reproduction_frame(rep), table_id=f"repro-{_slug(rep.model)}-{len(parts)}",
-                               paging=False))
+        parts.append(datatable(reproduction_frame(rep), table_id=f"repro-{_slug(rep.model)}-{len(parts)}"))
         parts.append(f'<p class="note">Ours: the {_e(pub.protocol.get("statistic", "median"))} over seeds (the '
                      f"paper's statistic); CI: 95% t-interval for the mean over seeds. Reproduced: |diff| ≤ "
                      f"max({rep.tolerance_points:g}, 2 x the published ±).</p>")
@@ -254,7 +297,7 @@ def _run_section(rec: dict, analysis: dict | None, work: Path, index: int) -> st
     mem = mem.dropna(axis=1, how="all") if not mem.empty else mem
     if analysis and analysis.get("status") == "ok":
         intr = analysis["intruders"]
-        intr_html = _kv([("intruders (ε=0.5, top-10)", intr.get("total")),
+        intr_html = _kv([(f"intruders (ε={intr['epsilon']:g}, top-{intr['k']})", intr.get("total")),
                          ("layers with intruders", f"{intr.get('layers_with_intruders')}/{intr.get('layers')}"),
                          ("by ε", json.dumps(intr.get("total_by_epsilon")))])
     elif analysis:
@@ -302,8 +345,8 @@ def write_html(path: Path, *, title: str, generated: str, df: pd.DataFrame, reco
         failed_html = "<p>None.</p>"
     else:
         cols = [c for c in ("run_id", "status", "task", "method", "error") if c in failed.columns]
-        failed_html = datatable(failed[cols].assign(error=failed.get("error", "").astype(str).str[:300]),
-                                table_id="failed-runs")
+        frame = failed[cols].assign(error=failed["error"].str[:300]) if "error" in cols else failed[cols]
+        failed_html = datatable(frame, table_id="failed-runs")
     if problems:
         failed_html += "<p>Unreadable records:</p><ul>" + "".join(f"<li>{_e(p)}</li>" for p in problems) + "</ul>"
     nav = "".join(f'<a href="#{k}">{v}</a>' for k, v in (

@@ -8,7 +8,8 @@
 - metric_vs_rank: dev metric vs rank per method, full fine-tuning as a dashed reference line;
 - metric_vs_eval_rank: dev metric vs the rank a run was evaluated at, from one training run (DyLoRA's
   `rank_metrics`), LoRA runs trained at each rank as a dashed reference;
-- intruders_vs_rank: intruder dimensions vs rank per method, full fine-tuning as a reference line;
+- intruders_vs_rank: intruder dimensions vs rank per method, full fine-tuning as a reference line (the title names
+  the top-k and ε the counts were computed with);
 - forgetting_vs_metric: forgetting (probe before − after) vs dev metric;
 - latency: inference latency p50 of the base model, the method unmerged and merged.
 A plot whose data are absent is skipped with the reason printed (and returned).
@@ -36,6 +37,7 @@ from analysis.tables import (
     TASK_LABEL,
     TASK_ORDER,
     chance_levels,
+    intruder_settings_text,
     ok_frame,
 )
 
@@ -353,7 +355,7 @@ def intruders_vs_rank(df: pd.DataFrame, out_dir: Path, name: str = "intruders_vs
         df,
         "intruders",
         "Intruder dimensions (count)",
-        "Intruder dimensions vs rank (top-10 vectors, ε = 0.5, summed over all layers; dashed: full FT)",
+        f"Intruder dimensions vs rank ({intruder_settings_text(df)}, summed over all layers; dashed: full FT)",
         out_dir,
         name,
     )

@@ -1,9 +1,13 @@
 """One command from a results folder to a report a person reads top to bottom.
 
     python -m analysis.report results/runs [--out results/report] [--force] [--table lora-table2]
+        [--epsilon 0.5] [--k 10]
 
-1. Intruder dimensions and ΔW spectrum for every ok run with saved weights (`analysis.analyse`; cached in
-   each run folder as `analysis.json`, so a second report is fast; `--force` recomputes).
+1. Intruder dimensions (top-k vectors, threshold ε) and ΔW spectrum for every ok run with saved weights
+   (`analysis.analyse`; cached in each run folder as `analysis.json` under a key of its settings and weights, so a
+   second report is fast; `--force` recomputes). Every count and label in the report is at the `--epsilon` and
+   `--k` given here. Runs without saved weights are skipped (one line says how many) and nothing is loaded for
+   them: a report from records alone needs no model, no dataset and no Hub.
 2. All records into one table (`runs.csv`), the comparison tables (`tables/`: Markdown, CSV, LaTeX) and
    the plots (`plots/`: PNG and SVG).
 3. `index.md`: what was run, the tables, the plots, intruders and spectrum, the published table reproduced
@@ -27,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import claims, plots, reproduce, tables
-from analysis.analyse import ANALYSIS_FILE, analyse_all
+from analysis import claims, intruders, plots, reproduce, tables
+from analysis.analyse import analyse_all
 from analysis.collect import load_records
 from analysis.html import write_html
 from bench import BenchError
@@ -42,9 +46,8 @@ PLOT_CAPTIONS = {
     "metric_vs_eval_rank": "Dev metric against the rank each run was evaluated at after training once "
     "(DyLoRA: the adapter truncated to its first r components); one line per training run, dashed: LoRA "
     "trained separately at each rank, where such runs exist.",
-    "intruders_vs_rank": "Intruder dimensions (top-10 vectors, ε = 0.5, summed over the layers) "
-    "against rank; "
-    "dashed: full fine-tuning.",
+    "intruders_vs_rank": "Intruder dimensions ({settings}, summed over the layers) against rank; dashed: full "
+    "fine-tuning.",
     "forgetting_vs_metric": "Task metric against forgetting (probe before − after; right of zero = "
     "ability lost).",
     "latency": "Forward latency of one batch: the base model, the method as trained (unmerged) and "
@@ -59,20 +62,6 @@ PLOT_CAPTIONS = {
 
 def _rel(path: Path, root: Path) -> str:
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
-
-
-def _analysis_files(df: pd.DataFrame) -> dict[str, dict]:
-    import json
-
-    out = {}
-    for rp in df.get("record_path", pd.Series(dtype=str)).dropna():
-        path = Path(rp).parent / ANALYSIS_FILE
-        if path.is_file():
-            try:
-                out[str(Path(rp).parent)] = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                pass
-    return out
 
 
 def _config_label(row: pd.Series) -> str:
@@ -98,7 +87,7 @@ def intruder_section(part: pd.DataFrame, analyses: dict[str, dict]) -> tuple[str
         res = analyses.get(str(Path(r["record_path"]).parent))
         label = r["run_label"]
         if res is None:
-            rows.append([label, "not analysed (no saved weights)"] + [""] * 6)
+            rows.append([label, "not analysed (no saved weights, or --no-weights)"] + [""] * 6)
             continue
         if res.get("status") != "ok":
             rows.append([label, f"{res.get('status')}: {res.get('reason') or res.get('error')}"] + [""] * 6)
@@ -133,7 +122,7 @@ def intruder_section(part: pd.DataFrame, analyses: dict[str, dict]) -> tuple[str
         return "No runs.\n", pd.DataFrame()
     header = [
         "Run",
-        "Intruders (ε=0.5)",
+        tables.intruder_header(part),
         "Layers with intruders",
         "Intruders at ε=0.3 / 0.5 / 0.7",
         "Mean ‖ΔW‖/‖W0‖",
@@ -143,9 +132,7 @@ def intruder_section(part: pd.DataFrame, analyses: dict[str, dict]) -> tuple[str
     ]
     text = tables.Table("", header, rows).markdown() + "\n\n"
     text += (
-        "Intruders: top-10 left singular vectors of each fine-tuned weight whose largest |cos| with "
-        "all of the "
-        "pre-trained weight's left singular vectors is below ε (Shuttleworth et al. 2024), over every linear "
+        f"Intruders: {tables.intruder_definition(part)} (Shuttleworth et al. 2024), over every linear "
         "layer except embeddings, pooler and task head. Effective rank: Roy & Vetterli entropy rank of ΔW's "
         "singular values; numerical rank: σ > 1e-3 σ_max; averages over the layers the run changed.\n"
     )
@@ -212,17 +199,17 @@ def causal_lm_section(ok: pd.DataFrame, analyses: dict[str, dict], out: Path) ->
 
 def build_report(
     results: str | Path, out: str | Path | None = None, force: bool = False, analyse: bool = True,
-    table: str | None = "lora-table2",
+    table: str | None = "lora-table2", *, epsilon: float = intruders.DEFAULT_EPSILON, k: int = intruders.DEFAULT_K,
 ) -> Path:
     """Write the report folder (index.md, index.html, tables/, plots/, runs.csv) and return index.md's path.
-    `table`: the published table to reproduce (analysis/published/), None for none."""
+    `table`: the published table to reproduce (analysis/published/), None for none. Intruders are counted over the
+    top-`k` vectors at `epsilon`; `analyse=False` computes no weight analysis (caches at these settings are used)."""
     start = time.perf_counter()
     results = Path(results)
     out = Path(out) if out else results.parent / "report"
     out.mkdir(parents=True, exist_ok=True)
-    if analyse:
-        analyse_all(results, force=force)
-    records, problems = load_records(results)
+    analyses = analyse_all(results, force=force, k=k, epsilon=epsilon, compute=analyse)
+    records, problems = load_records(results, analyses=analyses)
     df = reproduce.frame(records)
     if df.empty:
         print(f"error: no run records under {results}", file=sys.stderr)
@@ -232,7 +219,6 @@ def build_report(
     ok = tables.ok_frame(df)
     encoders = ok[tables.kind_of(ok) != tables.CAUSAL_LM]
     failed = df[df["status"] != "ok"]
-    analyses = _analysis_files(ok)
 
     lines = [
         f"# peft-bench report: `{results}`",
@@ -294,8 +280,9 @@ def build_report(
         made["rank_lab"] = plots.rank_lab(curves, out / "plots", "rank_lab" + suffix)
         for name, res in made.items():
             if isinstance(res, Path):
+                caption = PLOT_CAPTIONS[name].replace("{settings}", tables.intruder_settings_text(part))
                 lines += [
-                    f"**{name.replace('_', ' ')}**: {PLOT_CAPTIONS[name]}",
+                    f"**{name.replace('_', ' ')}**: {caption}",
                     "",
                     f"![{name}]({_rel(res, out)})",
                     "",
@@ -391,7 +378,7 @@ def build_report(
     index.write_text("\n".join(lines) + "\n")
     generated = f"Generated {dt.datetime.now().isoformat(timespec='seconds')} by python -m analysis.report."
     write_html(out / "index.html", title=f"peft-bench report: {results}", generated=generated, df=df,
-               records=records, reproductions=reproductions, analyses=_analysis_files(df), problems=problems)
+               records=records, reproductions=reproductions, analyses=analyses, problems=problems)
     return index
 
 
@@ -400,7 +387,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("results", help="results folder (run folders with record.json)")
     ap.add_argument("--out", help="report folder (default: <results>/../report)")
     ap.add_argument("--force", action="store_true", help="recompute the cached per-run weight analysis")
-    ap.add_argument("--no-weights", action="store_true", help="skip the intruder/spectrum analysis")
+    ap.add_argument("--no-weights", action="store_true",
+                    help="compute no intruder/spectrum analysis (analyses cached at these settings are shown)")
+    ap.add_argument("--epsilon", type=float, default=intruders.DEFAULT_EPSILON,
+                    help=f"intruder threshold on |cos| (default {intruders.DEFAULT_EPSILON:g})")
+    ap.add_argument("--k", type=int, default=intruders.DEFAULT_K,
+                    help=f"top-k singular vectors checked for intruders (default {intruders.DEFAULT_K})")
     ap.add_argument("--table", default="lora-table2",
                     help=f"published table to reproduce ({', '.join(reproduce.available())}; 'none': skip)")
     args = ap.parse_args(argv)
@@ -408,7 +400,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"{args.results}: no such folder")  # exit 2: a usage error
     table = None if args.table == "none" else args.table
     try:
-        index = build_report(args.results, args.out, args.force, analyse=not args.no_weights, table=table)
+        index = build_report(args.results, args.out, args.force, analyse=not args.no_weights, table=table,
+                             epsilon=args.epsilon, k=args.k)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -7,8 +7,9 @@
    per task with its GLUE main metric x 100 (accuracy; Matthews correlation for CoLA; Pearson for STS-B),
    and the average over the table's tasks; mean ± std (sample std) over seeds; the best mean per column in
    bold. One table per model and training budget (runs with different budgets are never averaged).
-2. Rank table: per task, method and rank: the metric, intruder dimensions (ε = 0.5, from
-   `python -m analysis.analyse`), forgetting (the run's probe), peak training memory and parameters.
+2. Rank table: per task, method and rank: the metric, intruder dimensions (from `python -m analysis.analyse`; the
+   header and notes give the ε and top-k stored with the counts), forgetting (the run's probe), peak training
+   memory and parameters.
 
 Only `ok` runs count. Tasks whose offline data are samples (QNLI train, MNLI) are marked: not comparable to
 published numbers.
@@ -17,7 +18,6 @@ published numbers.
 from __future__ import annotations
 
 import argparse
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,34 +162,57 @@ def ok_frame(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-@functools.cache
-def chance_level(task: str, eval_samples: int | None = None) -> float | None:
-    """What a model that learned nothing scores on the task's dev set (x 100): the majority class's share for
-    accuracy, 0 for Matthews correlation and Pearson. None when the dev data cannot be read."""
-    from bench import BenchError
-    from bench.data.encode import subset
-    from bench.data.tasks import get_task, load_task
-
-    try:
-        t = get_task(task)
-        if t.main_metric != "accuracy":
-            return 0.0
-        _, dev, _ = load_task(t)
-    except BenchError:
+def chance_level(task: str, dev_rows: int | None = None, source: str | None = None) -> tuple[float, bool] | None:
+    """What a model that learned nothing scores on the task's dev set (x 100), and whether that is exact: 0 for
+    Matthews correlation and Pearson; for accuracy the majority class's share of the dev set (the task's
+    `dev_labels`, conf/task/<name>.yaml), exact
+    when the run evaluated the whole set and the full set's share (an estimate) when it evaluated a subset
+    (`dev_rows` fewer). None when the facts do not cover the run's dev data (another source, more rows, QQP)."""
+    task_facts = TASKS.get(task)
+    if task_facts is None:
         return None
-    labels = subset(dev, eval_samples)["label"]
-    return float(labels.value_counts(normalize=True).max() * 100)
+    if task_facts.main_metric != "accuracy":
+        return 0.0, True
+    counts, sources = task_facts.dev_labels.get("counts"), task_facts.dev_labels.get("sources") or ()
+    kind = str(source).split(":", 1)[0] if source else None
+    if not counts or (kind is not None and kind not in sources):
+        return None
+    rows = sum(counts)
+    if dev_rows is not None and dev_rows > rows:
+        return None
+    return max(counts) / rows * 100, dev_rows is None or dev_rows == rows
 
 
-def chance_levels(df: pd.DataFrame) -> dict[str, float]:
-    """{task: chance level} for the tasks of a group of runs (dev caps taken from the records)."""
+def _chance_by_task(df: pd.DataFrame) -> dict[str, tuple[float, bool]]:
     out = {}
     for task, part in df.groupby("task"):
         cap = part["data.dev_rows"].max() if "data.dev_rows" in part else None
-        level = chance_level(task, int(cap) if cap is not None and pd.notna(cap) else None)
+        sources = part["data.source"].dropna().unique() if "data.source" in part else []
+        source = sources[0] if len(sources) == 1 else None
+        if len(sources) > 1 and len({str(s).split(":", 1)[0] for s in sources}) > 1:
+            continue  # runs of one task on different data: no one chance level
+        level = chance_level(task, int(cap) if cap is not None and pd.notna(cap) else None, source)
         if level is not None:
             out[task] = level
     return out
+
+
+def chance_levels(df: pd.DataFrame) -> dict[str, float]:
+    """{task: chance level} for the tasks of a group of runs, from the task facts and the records' dev rows and
+    data source; no data are read."""
+    return {task: level for task, (level, _) in _chance_by_task(df).items()}
+
+
+def chance_note(df: pd.DataFrame) -> str | None:
+    """The tables' footnote on chance levels, marking (≈) those of runs that evaluated a subset of the dev set."""
+    chance = _chance_by_task(df)
+    if not chance:
+        return None
+    text = ", ".join(f"{TASK_LABEL.get(t, t)} {'' if exact else '≈'}{v:.1f}" for t, (v, exact) in chance.items())
+    note = f"Chance level (majority class of the dev set; 0 for correlations): {text}."
+    if not all(exact for _, exact in chance.values()):
+        note += " ≈: the whole dev set's share; these runs evaluated a subset of it."
+    return note
 
 
 def sampled_tasks(df: pd.DataFrame) -> set[str]:
@@ -277,10 +300,9 @@ def method_task_tables(df: pd.DataFrame) -> list[Table]:
                 f"when a row has them all."
             )
         ]
-        chance = chance_levels(part)
+        chance = chance_note(part)
         if chance:
-            notes.append("Chance level (majority class; 0 for correlations): "
-                         + ", ".join(f"{TASK_LABEL.get(t, t)} {v:.1f}" for t, v in chance.items()) + ".")
+            notes.append(chance)
         if any("*" in r[1] for r in rows):
             notes.append("* trainable parameters differ between tasks; the median is shown.")
         if sampled:
@@ -306,7 +328,7 @@ def rank_tables(df: pd.DataFrame) -> list[Table]:
             "Method",
             "Rank",
             "Metric",
-            "Intruders (ε=0.5)",
+            intruder_header(part),
             "Forgetting",
             "Peak train memory (MiB)",
             "Trainable params (excl. head)",
@@ -357,14 +379,8 @@ def rank_tables(df: pd.DataFrame) -> list[Table]:
                 }
             )
         notes = [
-            (
-                "Metric x 100 (mean ± std over seeds where more than one run). Intruders: top-10 "
-                "left singular "
-                "vectors of each fine-tuned weight whose largest |cos| with the pre-trained ones is "
-                "below 0.5, "
-                "summed over the layers; n/a where the method leaves the weights unchanged; – where "
-                "not analysed."
-            )
+            f"Metric x 100 (mean ± std over seeds where more than one run). Intruders: {intruder_definition(part)}, "
+            "summed over the layers; n/a where the method leaves the weights unchanged; – where not analysed."
         ]
         notes.append(
             "Forgetting x 100: probe score before − after fine-tuning "
@@ -405,6 +421,53 @@ def kind_of(df: pd.DataFrame) -> pd.Series:
     return df["model_kind"].astype(object).where(df["model_kind"].notna(), "classifier")
 
 
+def intruder_settings(df: pd.DataFrame) -> tuple[list[float], list[int]]:
+    """The ε values and top-k sizes that the intruder counts of `df`'s analysed runs were computed with (columns
+    `analysis.intruders.epsilon` and `.k`), each sorted and without repeats."""
+    def values(col: str) -> list:
+        return sorted(pd.to_numeric(df[col], errors="coerce").dropna().unique()) if col in df.columns else []
+
+    return [float(e) for e in values("analysis.intruders.epsilon")], [int(k) for k in values("analysis.intruders.k")]
+
+
+def _listed(values: list) -> str:
+    return ", ".join(f"{v:g}" for v in values)
+
+
+def intruder_header(df: pd.DataFrame) -> str:
+    """Column header for `df`'s intruder counts, naming the ε they were counted at ("Intruders (ε=0.5)"), or saying
+    that it differs between runs."""
+    eps, _ = intruder_settings(df)
+    if not eps:
+        return "Intruders"
+    return f"Intruders (ε={eps[0]:g})" if len(eps) == 1 else f"Intruders (ε differs between runs: {_listed(eps)})"
+
+
+def _k_text(ks: list[int]) -> str:
+    if len(ks) == 1:
+        return f"top-{ks[0]}"
+    return f"top-k (k differs between runs: {_listed(ks)})" if ks else "top-k"
+
+
+def _eps_text(eps: list[float]) -> str:
+    if len(eps) == 1:
+        return f"ε = {eps[0]:g}"
+    return f"ε (differs between runs: {_listed(eps)})" if eps else "ε"
+
+
+def intruder_settings_text(df: pd.DataFrame) -> str:
+    """"top-10 vectors, ε = 0.5": the settings of `df`'s intruder counts, for captions and titles."""
+    eps, ks = intruder_settings(df)
+    return f"{_k_text(ks)} vectors, {_eps_text(eps)}"
+
+
+def intruder_definition(df: pd.DataFrame) -> str:
+    """What an intruder is, with the top-k and ε of `df`'s counts."""
+    eps, ks = intruder_settings(df)
+    return (f"{_k_text(ks)} left singular vectors of each fine-tuned weight whose largest |cos| with all of the "
+            f"pre-trained weight's left singular vectors is below {_eps_text(eps)}")
+
+
 def _intruders_text(g: pd.DataFrame) -> str:
     """A group's intruder count: mean ± std over its runs (one value when they agree), "n/a" where the analysis
     does not apply (weights unchanged), a dash where it has not run."""
@@ -441,7 +504,7 @@ def causal_lm_tables(df: pd.DataFrame) -> list[Table]:
         kinds = sorted(part["memory_kind"].dropna().unique())
         header = ["Task", "Method", "Accuracy", "Zero-shot", "Trainable params", "Peak train memory (MiB)",
                   "Estimated peak (MiB)", "Train tokens/s", "Decode tokens/s (unmerged / merged)",
-                  "PPL before → after", "Intruders (ε=0.5)", "Runs"]
+                  "PPL before → after", intruder_header(part), "Runs"]
         rows, numbers = [], []
         # lm.eval_mode (records before it existed scored by log-likelihood): its runs are not pooled with the other's
         mode_col = "data.prompt.eval_mode"

@@ -17,8 +17,9 @@ GPU, with 4-bit weights dequantised for analysis. Where this machine cannot (no 
 run is reported as not applicable with that one-line reason: the fp32 base would be a different model.
 
 Methods that leave every pre-trained weight matrix as it is (bottleneck adapters and prompt/prefix tuning
-add modules or inputs; they do not merge) are reported as not applicable, with the reason, without loading
-anything. BitFit changes only biases: its pairs are returned and give ΔW = 0 (0 intruders).
+add modules or inputs; they do not merge) are reported as not applicable, with the reason, from the record alone
+(`not_applicable`), without loading anything. BitFit changes only biases: its pairs are returned and give ΔW = 0
+(0 intruders). A run without saved weights (`saved_weights`) is an error raised before any model is loaded.
 """
 
 from __future__ import annotations
@@ -104,6 +105,40 @@ def base_model(record: dict, cfg: DictConfig) -> nn.Module:
     return model.eval()
 
 
+def saved_weights(run_dir: str | Path, record: dict) -> dict[str, int]:
+    """{path inside the weights folder: size in bytes} of the run's saved weights; {} when it saved none.
+    Reads the folder listing only."""
+    folder = Path(run_dir) / str(record.get("weights_dir") or WEIGHTS_DIR)
+    if not folder.is_dir():
+        return {}
+    return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def saved_weights_dir(run_dir: str | Path, record: dict) -> Path:
+    """The run's weights folder; BenchError when it saved none (checked before any model is loaded)."""
+    weights_dir = Path(run_dir) / str(record.get("weights_dir") or WEIGHTS_DIR)
+    if not saved_weights(run_dir, record):
+        raise BenchError(
+            f"{record['run_id']}: no saved weights in {weights_dir} (run with save_weights=adapter)"
+        )
+    return weights_dir
+
+
+def not_applicable(record: dict) -> str | None:
+    """Why the weight analysis does not apply to this run, from its record alone (nothing loaded): the method
+    leaves the pre-trained weights unchanged or does not merge into them, or this machine cannot rebuild its base
+    model as the run loaded it. None when it applies."""
+    from methods import get_method
+
+    name = record["method"]
+    method = get_method(name)
+    if not method.changes_base_weights:
+        return method.unchanged_reason
+    if not (method.merges or method.edits_in_place):
+        return f"method '{name}' does not merge into the pre-trained weights"
+    return cannot_rebuild(record)
+
+
 def attach_context(record: dict, cfg: DictConfig):
     from bench.model import attach_context as context
 
@@ -118,11 +153,10 @@ def tuned_model(run_dir: str | Path, base: nn.Module | None = None, merge: bool 
 
     run_dir = Path(run_dir)
     record, cfg = read_run(run_dir)
-    weights_dir = run_dir / str(record.get("weights_dir") or WEIGHTS_DIR)
-    if not weights_dir.is_dir():
-        raise BenchError(
-            f"{record['run_id']}: no saved weights in {weights_dir} (run with save_weights=adapter)"
-        )
+    reason = cannot_rebuild(record)
+    if reason:
+        raise BenchError(f"{record.get('run_id')}: {reason}")
+    weights_dir = saved_weights_dir(run_dir, record)  # before any model is loaded
     method = get_method(record["method"])
     start = copy.deepcopy(base) if base is not None else base_model(record, cfg)
     try:
@@ -167,21 +201,13 @@ def weight_pairs(run_dir: str | Path) -> WeightPairs:
     """(layer, W0, W_tuned) for every analysed linear layer of a run, or not applicable with the reason."""
     import time
 
-    from methods import get_method
-
     record, cfg = read_run(run_dir)
     name = record["method"]
-    method = get_method(name)
-    if not method.changes_base_weights:
-        return WeightPairs(record["run_id"], name, False, method.unchanged_reason)
-    start = time.perf_counter()
-    if not (method.merges or method.edits_in_place):
-        return WeightPairs(
-            record["run_id"], name, False, f"method '{name}' does not merge into the pre-trained weights"
-        )
-    reason = cannot_rebuild(record)
+    reason = not_applicable(record)
     if reason:
         return WeightPairs(record["run_id"], name, False, reason)
+    saved_weights_dir(run_dir, record)  # no weights: say so before loading the base model
+    start = time.perf_counter()
     head = head_modules(cfg.model)
     base = base_model(record, cfg)
     w0 = linear_weights(base, head)

@@ -110,6 +110,38 @@ def test_analysis_is_cached_per_run(runs):
     assert again["intruders"]["total"] == 10 * 12
 
 
+def test_the_cache_is_keyed_by_what_changes_its_numbers(runs, tmp_path):
+    from analysis.analyse import analysis_key, cached_analysis, stored_analysis
+    from analysis.collect import load_records
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(_run_dir(runs, "lora", 2), run_dir)
+    record = json.loads((run_dir / RECORD_FILE).read_text())
+    first = analyse_run(run_dir)
+    key = first["key"]
+    assert (key["k"], key["epsilon"], key["config_hash"], key["ended_at"]) == (10, 0.5, record["config_hash"],
+                                                                              record["ended_at"])
+    assert key["weights"] and all(size > 0 for size in key["weights"].values())
+    # ε alone differs: re-summarised from the stored scores and written under the new key, never left behind
+    analyse_run(run_dir, epsilon=1.5)
+    on_disk = json.loads((run_dir / ANALYSIS_FILE).read_text())
+    assert on_disk["key"] == {**key, "epsilon": 1.5} and on_disk["intruders"]["total"] == 120
+    # k differs: recomputed (the scores are of the top-k vectors)
+    five = analyse_run(run_dir, k=5)
+    assert five["key"]["k"] == 5 and all(len(s) == 5 for s in five["intruders"]["scores"].values())
+    assert cached_analysis(run_dir, analysis_key(run_dir, record, k=5)) is not None
+    # other weights (here: a file that grew): the cache is not theirs
+    weights_file = next((run_dir / "weights").glob("*.safetensors"))
+    weights_file.write_bytes(weights_file.read_bytes() + b" ")
+    assert cached_analysis(run_dir, analysis_key(run_dir, record, k=5)) is None
+    # a re-run's record (another end time): readers of the folder do not show the old analysis as its own
+    assert stored_analysis(run_dir, record) is not None
+    record["ended_at"] = "2099-01-01T00:00:00+00:00"
+    (run_dir / RECORD_FILE).write_text(json.dumps(record))
+    assert stored_analysis(run_dir, record) is None
+    assert "analysis" not in load_records(run_dir)[0][0]
+
+
 def test_forgetting_of_the_base_model_against_itself_is_zero(runs):
     from analysis.forgetting import make_probe, probe_config
     from analysis.weights import base_model
@@ -206,6 +238,56 @@ def test_tables_plots_and_report(runs, tmp_path):
     assert "intruders (ε=0.5, top-10)" in page and "Training loss" in page
 
 
+def _table_column(text: str, after: str, column: int) -> tuple[str, list[str]]:
+    """Header cell and the row cells of column `column` of the first Markdown table after the line `after`."""
+    lines = text[text.index(after):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    rows = [line.strip("|").split(" | ") for line in lines[start:] if line.startswith("|")]
+    rows = [[c.strip() for c in r] for r in rows if not r[0].startswith("---")]
+    end = next((i for i, line in enumerate(lines[start:]) if not line.startswith("|")), None)
+    rows = rows[: end - 1] if end is not None else rows
+    return rows[0][column], [r[column] for r in rows[1:]]
+
+
+def test_report_counts_intruders_at_its_own_epsilon_not_at_the_cached_one(runs, tmp_path):
+    """`python -m analysis.analyse <results> --epsilon 1.5`, then `python -m analysis.report <results>` (default
+    ε = 0.5): every count the report shows, and its label, is at ε = 0.5. Every score of these tiny runs is
+    above 0.9, so ε = 1.5 counts all top-10 vectors of all 12 layers (120 per run) and ε = 0.5 none."""
+    from analysis.analyse import main as analyse_main
+    from analysis.report import build_report
+
+    analyse_main([str(runs), "--epsilon", "1.5"])
+    on_disk = json.loads((_run_dir(runs, "full") / ANALYSIS_FILE).read_text())
+    assert on_disk["intruders"]["total"] == 120
+    index = build_report(runs, tmp_path / "report")
+    text = index.read_text()
+    header, cells = _table_column(text, "### Intruder dimensions and ΔW spectrum", 1)
+    assert header == "Intruders (ε=0.5)" and cells == ["0", "0", "0"], (header, cells)
+    header, cells = _table_column(text, "### Rank table", 4)
+    assert header == "Intruders (ε=0.5)" and cells == ["0", "0", "0"], (header, cells)
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert page.count("<td>intruders (ε=0.5, top-10)</td><td>0</td>") == 3
+    assert "ε=1.5" not in text and "ε=1.5" not in page
+    on_disk = json.loads((_run_dir(runs, "full") / ANALYSIS_FILE).read_text())  # the cache now holds what it shows
+    assert on_disk["key"]["epsilon"] == 0.5 and on_disk["intruders"]["total"] == 0
+
+
+def test_report_epsilon_option_reaches_every_count_and_label(runs, tmp_path):
+    """`python -m analysis.report <results> --epsilon 1.5`: the counts are at ε = 1.5 and the labels say so."""
+    from analysis.report import main as report_main
+
+    report_main([str(runs), "--out", str(tmp_path / "report"), "--epsilon", "1.5", "--table", "none"])
+    text = (tmp_path / "report" / "index.md").read_text()
+    header, cells = _table_column(text, "### Intruder dimensions and ΔW spectrum", 1)
+    assert header == "Intruders (ε=1.5)" and cells == ["120", "120", "120"], (header, cells)
+    header, cells = _table_column(text, "### Rank table", 4)
+    assert header == "Intruders (ε=1.5)" and cells == ["120", "120", "120"], (header, cells)
+    assert "ε=0.5" not in text and "ε = 0.5" not in text and "below 0.5" not in text
+    assert "top-10" in text and "ε = 1.5" in text  # the plot caption and the notes name the settings used
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert page.count("<td>intruders (ε=1.5, top-10)</td><td>120</td>") == 3
+
+
 def _frame(rows: list[dict]) -> pd.DataFrame:
     base = {
         "status": "ok",
@@ -260,6 +342,35 @@ def test_claims_say_which_way_the_figures_point():
     noisy = _frame([{**rows[1], "latency.base.p95_ms": 30.0}])
     assert claims.merged_lora_no_latency(noisy).verdict == "not enough data"
     assert np.isfinite(_frame(rows)["metric_pct"]).all()
+
+
+def test_intruder_labels_name_the_epsilon_the_counts_were_made_at_or_say_that_it_differs():
+    rows = [{"task": "sst2", "method": "lora", "rank": r, "main_metric_value": 0.8, "analysis.intruders.total": n,
+             "analysis.intruders.epsilon": e, "analysis.intruders.k": 10} for r, n, e in ((2, 3, 0.3), (8, 5, 0.5))]
+    mixed = rank_tables(_frame(rows))[0]
+    assert mixed.header[4] == "Intruders (ε differs between runs: 0.3, 0.5)"
+    assert "below ε (differs between runs: 0.3, 0.5)" in mixed.notes[0] and "top-10 " in mixed.notes[0]
+    same = rank_tables(_frame([{**r, "analysis.intruders.epsilon": 0.3} for r in rows]))[0]
+    assert same.header[4] == "Intruders (ε=0.3)" and "below ε = 0.3" in same.notes[0]
+    none = rank_tables(_frame([{k: v for k, v in r.items() if not k.startswith("analysis")} for r in rows]))[0]
+    assert none.header[4] == "Intruders" and [r[4] for r in none.rows] == ["–", "–"]
+
+
+def test_chance_levels_come_from_the_task_facts_which_match_the_offline_dev_sets():
+    from analysis.tables import chance_level
+    from bench.data.tasks import TASKS, load_task
+
+    with_counts = [t for t in TASKS.values() if t.dev_labels]
+    assert {t.name for t in with_counts} == {"sst2", "mrpc", "rte", "qnli", "mnli"}
+    for task in with_counts:  # the facts are the offline dev files' label counts
+        _, dev, _ = load_task(task, GLUE_DIR)
+        assert list(dev["label"].value_counts().sort_index()) == task.dev_labels["counts"], task.name
+    assert chance_level("sst2") == (pytest.approx(444 / 872 * 100), True)
+    assert chance_level("sst2", 872, "hub:nyu-mll/glue/sst2") == (pytest.approx(50.92, abs=0.01), True)
+    assert chance_level("sst2", 32)[1] is False  # a subset: the whole set's share, marked as an estimate
+    assert chance_level("cola") == (0.0, True) and chance_level("stsb") == (0.0, True)
+    assert chance_level("mnli", 1000, "hub:nyu-mll/glue/mnli") is None  # the offline MNLI dev is another set
+    assert chance_level("qqp") is None and chance_level("no-such-task") is None
 
 
 def test_report_cpu_sweep_preset_composes():

@@ -1,19 +1,26 @@
 """The report's HTML page (analysis.html via analysis.report) from constructed records: one self-contained file
 (no external URL, figures inlined) holding the expected tables and sections; and, marked slow, the page opened
-in headless Chromium: the DataTables render, the plots load, no console errors, a screenshot saved."""
+in headless Chromium: the DataTables render, the plots load, no console errors, a screenshot saved. And the report
+of the committed 42-method baseline (records without saved weights), built with every model and dataset loader and
+the network refusing."""
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import re
 import shutil
+import socket
 
 import pytest
 
+from analysis.analyse import ANALYSIS_FILE
 from analysis.html import external_urls
 from analysis.report import build_report
 from bench.record import CURVE_FILE, RECORD_FILE, SCHEMA_VERSION, config_group, write_json_atomic
 from tests import browser
-from tests.conftest import GLUE_DIR
+from tests.conftest import GLUE_DIR, REPO
 
 pytestmark = pytest.mark.skipif(not GLUE_DIR, reason="GLUE_DIR not set and ../shared/data/glue missing")
 
@@ -79,6 +86,50 @@ def test_the_page_is_one_file_with_no_external_urls_and_the_expected_sections(re
     assert "itables-2.9.1-ready" in page or "_itables_" in page  # the DataTables bundle is in the page
 
 
+MISSING_TEXTS = ("NaN", "nan", "<NA>", "&lt;NA&gt;", "None")
+
+
+def datatables(page: str) -> dict[str, tuple[list[list], list[list[str]], str]]:
+    """{table id: (rows of its data, rows of cells of its copy for pages without JavaScript, its DataTables
+    arguments)} for every itables table on the page."""
+    out = {}
+    for table_id in re.findall(r'<table id="([^"]+)" hidden', page):
+        block = page[page.index(f'<table id="{table_id}"'):]
+        block = block[: block.index("new ITable(")]
+        data = json.loads(json.loads(re.search(r'"data_json": ("(?:[^"\\]|\\.)*")', block).group(1)))
+        copy = re.search(rf'<div id="{re.escape(table_id)}_fallback">(.*?)</div>', block, re.DOTALL).group(1)
+        body = copy[copy.index("<tbody>"):]
+        cells = [[re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.DOTALL)]
+                 for row in re.findall(r"<tr[^>]*>(.*?)</tr>", body, re.DOTALL)]
+        out[table_id] = (data, cells, block)
+    return out
+
+
+def _flat(rows: list) -> list:
+    return [v for row in rows for cell in row for v in (cell if isinstance(cell, list) else [cell])]
+
+
+def assert_no_missing_text(page: str) -> None:
+    """No table cell of the page says NaN, <NA> or None, in its data or in its copy without JavaScript."""
+    tables = datatables(page)
+    assert tables
+    for table_id, (data, cells, _) in tables.items():
+        shown = [str(v) for v in _flat(data) if v is not None] + [c for row in cells for c in row]
+        bad = sorted({v for v in shown if v in MISSING_TEXTS or v.startswith("___")})
+        assert not bad, (table_id, bad)
+
+
+def test_empty_cells_show_a_dash_not_nan(report):
+    page_path, _ = report
+    page = page_path.read_text(encoding="utf-8")
+    assert_no_missing_text(page)
+    data, cells, args = datatables(page)["main-0"]
+    header = re.findall(r"<th[^>]*>(?:<sup>.*?</sup>)?([^<]*)</th>", args)
+    sd = header.index("SST-2 (Acc) sd")
+    bitfit = next(i for i, row in enumerate(data) if row[0] == "BitFit")  # one seed: no std
+    assert data[bitfit][sd] is None and cells[bitfit][sd] == ""  # a null: DataTables shows "–" (the slow test)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(browser.chromium() is None, reason="needs Debian's chromium (apt-get install chromium)")
 def test_the_page_renders_in_headless_chromium(report, tmp_path):
@@ -92,5 +143,78 @@ def test_the_page_renders_in_headless_chromium(report, tmp_path):
     assert not re.search(r'<table id="[^"]+"[^>]*hidden', r.dom)  # every table shown (its static copy hidden)
     assert r.dom.count('src="data:image/png;base64,') == page.count('src="data:image/png;base64,')
     assert r.screenshot is not None and r.screenshot.stat().st_size > 50_000
+    cells = [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", r.dom, re.DOTALL)]
+    assert "–" in cells and not {c for c in cells if c in MISSING_TEXTS}  # empty cells as DataTables shows them
     if os.environ.get("PEFT_BENCH_SCREENSHOT"):  # keep the screenshot to look at
         shutil.copy(r.screenshot, os.environ["PEFT_BENCH_SCREENSHOT"])
+
+
+BASELINE = REPO / "results" / "baselines" / "all-methods-minilm"
+
+
+def _refuse(what: str):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the report {what}")
+
+    return refuse
+
+
+@pytest.fixture(scope="module")
+def baseline_report(tmp_path_factory):
+    """The report of a copy of the committed 42-method baseline (its records say `weights_dir`, but no run folder
+    kept its weights), built without GLUE_DIR, with the model, tokenizer and dataset loaders and the network
+    refusing. Returns (root, stderr)."""
+    import datasets
+    import transformers
+
+    root = tmp_path_factory.mktemp("baseline")
+    shutil.copytree(BASELINE, root / "runs", ignore=shutil.ignore_patterns(ANALYSIS_FILE))  # records only
+    err = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("GLUE_DIR", raising=False)
+        mp.setattr("bench.model.load_model", _refuse("loaded a model"))
+        mp.setattr("bench.model.load_tokenizer", _refuse("loaded a tokenizer"))
+        mp.setattr("bench.data.tasks.load_task", _refuse("loaded a dataset"))
+        mp.setattr(datasets, "load_dataset", _refuse("loaded a dataset"))
+        mp.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(_refuse("loaded a model")))
+        mp.setattr(socket, "getaddrinfo", _refuse("looked up a host"))
+        mp.setattr(socket.socket, "connect", _refuse("opened a connection"))
+        with contextlib.redirect_stderr(err):
+            build_report(root / "runs", root / "report")
+    return root, err.getvalue()
+
+
+def test_a_report_from_records_without_weights_loads_no_model_no_dataset_and_no_hub(baseline_report):
+    root, err = baseline_report
+    assert len(list((root / "runs").rglob(RECORD_FILE))) == 42
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == ["weights analysis: 0 of 42 ok runs have saved weights; the 42 without are skipped (n/a anyway "
+                     "for 6: their method leaves W unchanged or does not merge)"], err
+    assert not list((root / "runs").rglob(ANALYSIS_FILE))  # nothing written into the records' folders
+    text = (root / "report" / "index.md").read_text()
+    assert "Chance level (majority class of the dev set; 0 for correlations): SST-2 50.9." in text  # from facts
+    assert text.count("not analysed (no saved weights") == 36 and text.count("| n/a: ") == 6
+
+
+def test_every_table_shows_every_row(baseline_report):
+    root, _ = baseline_report
+    page = (root / "report" / "index.html").read_text(encoding="utf-8")
+    tables = datatables(page)
+    data, cells, args = tables["main-0"]
+    assert len(data) == len(cells) == 42  # one row per method, none left for a second page or dropped
+    assert '"paging": false' in args
+    assert len(tables["runs-index"][0]) == len(tables["runs-index"][1]) == 42
+    assert_no_missing_text(page)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(browser.chromium() is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_the_baseline_page_shows_all_42_methods_in_headless_chromium(baseline_report):
+    root, _ = baseline_report
+    r = browser.render(root / "report" / "index.html")
+    assert r.errors == [], r.errors
+    table = r.dom[r.dom.index('<table id="main-0"'):]
+    body = table[table.index("<tbody"):table.index("</tbody>")]
+    assert body.count("<tr") == 42
+    cells = [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", body, re.DOTALL)]
+    assert cells.count("–") >= 42 and not {c for c in cells if c in MISSING_TEXTS}  # one seed: no sd, a dash

@@ -76,8 +76,8 @@ def test_four_run_sweep_with_raise_nan_kill_then_resume(tmp_path):
 @pytest.mark.slow  # two 20-run sweeps (~4 min on 2 quiet cores); CI skips it: python -m pytest -m slow
 @needs_glue
 def test_twenty_run_joblib_sweep_survives_a_killed_worker_run_a_nan_and_an_oom(tmp_path):
-    """A faulty sweep on a parallel launcher: 2 joblib workers, 20 runs, one SIGKILL, one NaN, one OOM: 17 ok records and 3 failed
-    in the first invocation; the second invocation runs only those 3."""
+    """A faulty sweep on a parallel launcher: 2 joblib workers, 20 runs, one SIGKILL, one NaN, one OOM: 17 ok records
+    and 3 failed in the first invocation; the second invocation runs only those 3."""
     results = tmp_path / "runs"
     args = ["--multirun", "model=tiny-bert", "budget=smoke", "measure.latency=false", "save_weights=none",
             "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",

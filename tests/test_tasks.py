@@ -42,7 +42,7 @@ def test_unknown_task_lists_choices():
 def test_a_task_yaml_without_its_facts_is_one_clear_error():
     from bench.data.tasks import task_from_config
 
-    with pytest.raises(BenchError, match=r"conf/task/toy.yaml lacks folder, text_fields"):
+    with pytest.raises(BenchError, match=r"conf/task/toy.yaml lacks version, folder, text_fields"):
         task_from_config({"name": "toy", "metrics": ["accuracy"]})
 
 

@@ -44,6 +44,8 @@ class Task:
     column_names: tuple[str, ...] = ()
     offline_rows: dict[str, int] = field(default_factory=dict)  # rows in ../shared/data/glue
     offline_note: str = ""  # how offline data differs from official GLUE
+    # {counts: dev rows per class id, sources: the data sources (glue_dir, hub) whose dev set these are}
+    dev_labels: dict[str, Any] = field(default_factory=dict)
     label: str = ""  # display name in tables and plots
     display_order: int = 100  # column position in tables
     list_order: int = 100  # position in listings (docs/configuration.md's task table, error messages)

@@ -46,6 +46,7 @@ TASK_NOT = {
     "label_field": "which column is the label (fingerprinted)",
     "offline_rows": "rows the offline files are expected to have (a warning, and data.rows_below_expected)",
     "offline_note": "how the offline data differ from GLUE (a note)",
+    "dev_labels": "the dev set's label counts, for reports' chance levels",
     "paper_epochs": "read into budget=paper's epochs, which are in the budget",
     "paper_eval_every_steps": "read into budget=paper's eval interval, which is in the budget",
 }
