@@ -25,7 +25,6 @@ import pandas as pd
 
 from analysis.analyse import stored_analysis
 from bench import record
-from bench.record.identity import config_group
 
 BUDGET_DESC_FIELDS = ("max_steps", "epochs", "batch_size", "train_samples", "eval_samples", "max_seq_len")
 
@@ -69,7 +68,7 @@ def to_frame(records: list[dict]) -> pd.DataFrame:
     """Flatten records; the full config blobs and per-eval lists are left out of the table."""
     slim = []
     for rec in records:
-        group = config_group_of(rec)
+        group = rec["config_group"]
         budget = _budget_fields(rec)
         label = method_label_of(rec)
         rec = {k: v for k, v in rec.items() if k not in ("config", "effective_config")}
@@ -100,15 +99,6 @@ def method_label_of(rec: dict) -> str:
         return name
     effective = (rec.get("effective_config") or {}).get("method")
     return method.config_label(effective) if isinstance(effective, dict) else method.display_label
-
-
-def config_group_of(rec: dict) -> str | None:
-    """The record's config group (effective config minus the seed: one config over seeds), also for
-    records written before the runner stored it."""
-    if rec.get("config_group"):
-        return rec["config_group"]
-    effective = rec.get("effective_config")
-    return config_group(effective) if isinstance(effective, dict) else None
 
 
 def _first_present(df: pd.DataFrame, columns: list[str]) -> tuple[pd.Series, pd.Series]:

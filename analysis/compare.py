@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.collect import config_group_of, load_records, to_frame
+from analysis.collect import load_records, to_frame
 
 MEMORY_COLUMNS = ("memory.train.peak_allocated_bytes", "memory.train.peak_rss_bytes")
 LATENCY_COLUMNS = ("latency.unmerged.p50_ms", "latency.merged.p50_ms")
@@ -70,7 +70,7 @@ def load_side(source: str | Path) -> tuple[pd.DataFrame, dict[str, dict]]:
     records, problems = load_records(source)
     for line in problems:
         print(f"warning: {line}", file=sys.stderr)
-    effective = {config_group_of(r): r["effective_config"] for r in records
+    effective = {r["config_group"]: r["effective_config"] for r in records
                  if isinstance(r.get("effective_config"), dict)}
     return to_frame(records), effective
 

@@ -26,6 +26,7 @@ import pandas as pd
 
 from analysis.collect import add_derived, collect
 from bench.data.tasks import TASKS
+from bench.model import CAUSAL_LM
 from methods import REGISTRY, in_display_order
 
 # Display facts come from their owners: each method's class attributes (methods/), each task's yaml (conf/task/).
@@ -411,14 +412,14 @@ def rank_tables(df: pd.DataFrame) -> list[Table]:
     return tables
 
 
-CAUSAL_LM = "causal_lm"
+
 
 
 def kind_of(df: pd.DataFrame) -> pd.Series:
-    """Each run's model kind: `causal_lm` or `classifier` (records without `model_kind` are encoders)."""
+    """Each run's model kind (the record's `model_kind`: `causal_lm` or `classifier`); empty for failed runs."""
     if "model_kind" not in df.columns:
-        return pd.Series("classifier", index=df.index, dtype=object)
-    return df["model_kind"].astype(object).where(df["model_kind"].notna(), "classifier")
+        return pd.Series(None, index=df.index, dtype=object)
+    return df["model_kind"].astype(object)
 
 
 def intruder_settings(df: pd.DataFrame) -> tuple[list[float], list[int]]:

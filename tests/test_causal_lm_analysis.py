@@ -16,7 +16,7 @@ from analysis.collect import to_frame
 from analysis.report import build_report
 from bench.config import compose_config
 from bench.plan import plan
-from bench.record import RECORD_FILE, SCHEMA_VERSION, write_json_atomic
+from bench.record import RECORD_FILE, SCHEMA_VERSION, migrate, write_json_atomic
 from bench.tools import memory_estimate as mem
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -81,9 +81,11 @@ def test_report_shows_causal_lm_runs_in_their_own_section_with_their_figures(tmp
 
 
 def test_old_records_without_model_kind_are_encoders():
+    """Schema 1 records written before causal LMs have no model_kind: the reader migrates them as encoders."""
     causal = _causal_record("lora", 0.75, rank=8)
     old = {k: v for k, v in causal.items() if k not in ("model_kind", "zero_shot_main_metric_value", "generation")}
-    old.update(run_id="old-encoder", model="tiny-bert")
+    old.update(run_id="old-encoder", model="tiny-bert", schema_version=1)
+    old = migrate(old)
     df = to_frame([causal, old])
     assert list(tables.kind_of(df)) == ["causal_lm", "classifier"]
     (table,) = tables.causal_lm_tables(df)
