@@ -1,14 +1,22 @@
-"""Data and weights in a run's identity (issue 11): a truncated copy of a data file, or another checkpoint under the
-same model name, is another run and is never skipped as done; the record says which rows and files it used."""
+"""A run's identity. Data and weights are in it: a truncated copy of a data file, or another checkpoint under the
+same model name, is another run and is never skipped as done; the record says which rows and files it used. And the
+configs keep it: every committed baseline record, planned again from today's conf/, has the method config it was
+identified and built by."""
 from __future__ import annotations
 
+import json
 import shutil
 
+import pytest
+
+from bench.config import compose_config
+from bench.plan import plan
 from bench.record import read_record
 from bench.runner import run
-from tests.conftest import GLUE_DIR, needs_glue
+from tests.conftest import GLUE_DIR, REPO, needs_glue
 
 FAST = ("measure.latency=false", "save_weights=none")
+BASELINES = sorted((REPO / "results" / "baselines").glob("*/*/record.json"))
 
 
 def _glue_copy(tmp_path, train_rows: int | None):
@@ -53,3 +61,27 @@ def test_a_record_names_its_fingerprints_and_lock(make_cfg):
     assert "vocab.txt" in fp["tokenizer_files"]
     assert rec["effective_config"]["fingerprints"] == {k: v for k, v in fp.items() if k.endswith("_sha256")}
     assert len(rec["provenance"]["lock_sha256"]) == 64 and isinstance(rec["provenance"]["lock_mismatches"], dict)
+
+
+def _overrides(record: dict) -> list[str]:
+    """The overrides that compose the record's run: its config groups, seed, rank and learning rate as it ran."""
+    config = record["config"]
+    out = [f"task={record['task']}", f"model={record['model']}", f"method={record['method']}",
+           f"budget={record['budget']}", f"seed={record['seed']}", f"rank={config['rank']}"]
+    return out + ([f"lr={config['lr']}"] if config.get("lr") is not None else [])
+
+
+def test_there_are_committed_baselines():
+    assert len(BASELINES) >= 40
+
+
+@pytest.mark.parametrize("path", BASELINES, ids=[p.parent.name for p in BASELINES])
+def test_a_committed_baseline_plans_to_the_method_config_it_recorded(path):
+    """Planning only (no data, no model): today's method yaml and code give the baseline's `effective_config.method`,
+    the part of its identity a method owns, and what `attach` built its adapter from. Facts (`facts:`) and any other
+    description stay out of it; a changed default or derivation shows here with the keys that differ."""
+    record = json.loads(path.read_text())
+    planned = plan(compose_config(_overrides(record))).effective["method"]
+    recorded = record["effective_config"]["method"]
+    differ = sorted(k for k in planned.keys() | recorded.keys() if planned.get(k) != recorded.get(k))
+    assert not differ, {k: (recorded.get(k), planned.get(k)) for k in differ}
