@@ -52,23 +52,15 @@ def _module_name(param_key: str) -> str:
 @register
 class AdaLora(PeftMethod):
     name = "adalora"
-    label = "AdaLoRA"
-    summary = "P·Λ·Q on W_q, W_v, from 1.5·r down to an average of r per matrix"
-    lr_source = "AdaLoRA authors' SST-2 script"
-    defaults_source = "paper"
-    display_order = 5
-    rank_meaning = "target rank"
-    rank_format = "target r={}"
-    merges = True
 
-    def effective_config(self, cfg: dict, rank: int | None) -> dict:
-        out = dict(cfg)
+    def derive(self, settings: dict, rank: int | None) -> dict:
+        out = dict(settings)
         out["target_r"] = rank
         # init_r > target_r is required: with equal ranks there is nothing to reallocate (and peft's
         # budget masking would be asked to drop k = 0 triplets).
-        out["init_r"] = max(math.ceil(float(cfg["init_r_multiple"]) * rank), rank + 1)
-        out["lora_alpha"] = float(cfg["alpha_over_rank"]) * out["init_r"]  # peft scales by alpha / init_r
-        tinit_ratio, tfinal_ratio = float(cfg["tinit_ratio"]), float(cfg["tfinal_ratio"])
+        out["init_r"] = max(math.ceil(float(settings["init_r_multiple"]) * rank), rank + 1)
+        out["lora_alpha"] = float(settings["alpha_over_rank"]) * out["init_r"]  # peft scales by alpha / init_r
+        tinit_ratio, tfinal_ratio = float(settings["tinit_ratio"]), float(settings["tfinal_ratio"])
         if tinit_ratio < 0 or tfinal_ratio < 0 or tinit_ratio + tfinal_ratio >= 1:
             raise BenchError(f"adalora: tinit_ratio ({tinit_ratio}) and tfinal_ratio ({tfinal_ratio}) must be >= 0 "
                              "and sum to < 1, to leave steps for the budget phase")

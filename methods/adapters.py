@@ -78,13 +78,8 @@ def _is_norm(module: nn.Module) -> bool:
 class BottleneckAdapter(Method):
     """Houlsby and Pfeiffer differ only in their config: `placement` and `train_layer_norm`."""
 
-    rank_meaning = "bottleneck width"
-    rank_format = "width {}"
-    changes_base_weights = False
-    unchanged_reason = "bottleneck adapters add new modules; the pre-trained W are unchanged"
-
-    def effective_config(self, cfg: dict, rank: int | None) -> dict:
-        return {**cfg, "bottleneck": rank}
+    def derive(self, settings: dict, rank: int | None) -> dict:
+        return {**settings, "bottleneck": rank}
 
     def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
         head = head_modules(ctx.model_cfg)
@@ -121,18 +116,8 @@ class BottleneckAdapter(Method):
 @register
 class Houlsby(BottleneckAdapter):
     name = "houlsby"
-    label = "Houlsby adapter"
-    summary = "bottleneck adapters after attention output and FFN output + every LayerNorm"
-    lr_source = "Houlsby et al.'s lr grid"
-    defaults_source = "paper"
-    display_order = 8
 
 
 @register
 class Pfeiffer(BottleneckAdapter):
     name = "pfeiffer"
-    label = "Pfeiffer adapter"
-    summary = "a bottleneck adapter after the FFN output"
-    lr_source = "our lr sweep: AdapterFusion's 1e-4 does not learn in the default budget"
-    defaults_source = "our lr sweep"
-    display_order = 9

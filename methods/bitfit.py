@@ -33,15 +33,9 @@ def bias_names(model: nn.Module, head: HeadSpec, include_layer_norm_bias: bool) 
 @register
 class BitFit(Method):
     name = "bitfit"
-    label = "BitFit"
-    summary = "the existing bias terms, LayerNorm β included; no LayerNorm γ, no weight matrix"
-    lr_source = "BitFit authors' run_glue.py default"
-    defaults_source = "paper"
-    display_order = 1
-    rank_meaning = None
-    edits_in_place = True
 
     def validate_model(self, model_cfg: Any) -> None:
+        super().validate_model(model_cfg)
         if model_cfg.get("biases") is False:  # conf/model/family/*.yaml: e.g. Llama has no bias terms
             raise BenchError(f"bitfit cannot apply to model '{model_cfg.get('name')}' ({model_cfg.get('family')} "
                              "family): it has no bias terms to train; pick another method (e.g. method=lora or ia3)")

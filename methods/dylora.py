@@ -146,20 +146,12 @@ def truncated(model: nn.Module, rank: int) -> Iterator[nn.Module]:
 @register
 class DyLora(Lora):
     name = "dylora"
-    label = "DyLoRA"
-    display_order = 5
-    rank_meaning = "maximum rank r_max"
-    summary = ("as lora at rank r, trained at a rank b ~ uniform{1..r} drawn each step (scale α/b); evaluated at "
-               "every `eval_ranks` (1, 2, 4, 8)")
-    lr_source = "as lora"
-    defaults_source = "paper"
-    rank_format = "r_max={}"
 
-    def effective_config(self, cfg: dict, rank: int | None) -> dict:
-        out = super().effective_config(cfg, rank)  # lora_alpha = alpha_over_rank * r_max: LoRA's scale at r_max
-        ranks = sorted({int(b) for b in cfg.get("eval_ranks") or [] if 1 <= int(b) <= rank} | {rank})
+    def derive(self, settings: dict, rank: int | None) -> dict:
+        out = super().derive(settings, rank)  # lora_alpha = alpha_over_rank * r_max: LoRA's scale at r_max
+        ranks = sorted({int(b) for b in settings.get("eval_ranks") or [] if 1 <= int(b) <= rank} | {rank})
         out["eval_ranks"] = ranks
-        out["frozen"] = bool(cfg["frozen"])
+        out["frozen"] = bool(settings["frozen"])
         return out
 
     def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:

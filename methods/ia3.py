@@ -26,13 +26,6 @@ def layer_regex(layers: str, names: list[str]) -> str:
 @register
 class IA3(PeftMethod):
     name = "ia3"
-    label = "IA3"
-    summary = "scaling vectors on keys, values and the FFN activation (init 1)"
-    lr_source = "T-Few"
-    defaults_source = "paper"
-    display_order = 7
-    rank_meaning = None
-    merges = True
 
     def peft_config(self, cfg: Any, ctx: AttachContext) -> IA3Config:
         layers = str(ctx.model_cfg.layers)

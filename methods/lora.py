@@ -15,29 +15,22 @@ from torch import nn
 
 from methods.base import AttachContext, register
 from methods.errors import BenchError
+from methods.facts import MethodFacts
 from methods.peft_common import PeftMethod, task_type
 
 
 @register
 class Lora(PeftMethod):
     name = "lora"
-    label = "LoRA"
-    summary = ("B·A on W_q, W_v; B = 0 at init; scale α/r with α = 2r; dropout 0.1 on the adapter's input "
-               "(costs time: measured in the issue-14 audit, a CPU training step took ~8-10 % longer than with "
-               "`method.dropout=0`)")
-    lr_source = "LoRA paper, RoBERTa-base GLUE"
-    defaults_source = "paper"
-    display_order = 2
-    merges = True
-    use_rslora = False
-    use_dora = False
+    use_rslora: ClassVar[bool] = False
+    use_dora: ClassVar[bool] = False
 
-    def effective_config(self, cfg: dict, rank: int | None) -> dict:
-        out = dict(cfg)
+    def derive(self, settings: dict, rank: int | None) -> dict:
+        out = dict(settings)
         out["r"] = rank
         # alpha: a fixed alpha (rsLoRA) when set, else alpha_over_rank * r (LoRA: a constant alpha/r).
-        fixed = cfg.get("alpha")
-        out["lora_alpha"] = float(fixed) if fixed is not None else float(cfg["alpha_over_rank"]) * rank
+        fixed = settings.get("alpha")
+        out["lora_alpha"] = float(fixed) if fixed is not None else float(settings["alpha_over_rank"]) * rank
         return out
 
     def config_label(self, effective: dict) -> str:
@@ -70,14 +63,12 @@ class Lora(PeftMethod):
 @register
 class LoraFixedAlpha(Lora):
     """LoRA with alpha fixed across ranks (scale alpha/r): the rank study's third scaling rule
-    (conf/method/lora_fixed_alpha.yaml; label "LoRA (α=16)")."""
+    (conf/method/lora_fixed_alpha.yaml sets `alpha`; its label reads "LoRA (α=16)")."""
 
     name = "lora_fixed_alpha"
-    summary = "as lora with α fixed at 16 (scale α/r: 16 at r=1, 0.25 at r=64); the rank study's third rule"
-    lr_source = "as lora"
 
 
-# The LoRA initialisations peft ships (conf/method/<name>.yaml with `lora_init:`, registered by
+# The LoRA initialisations peft ships (conf/method/<name>.yaml with `lora_init:`, built as LoraInit instances by
 # methods/peft_generic.py like any yaml-only method). `needs_data`: a pass over the run's first training batches
 # (ctx.calibration) before training; `mutates_base`: the init moves the principal part out of W (W_res = W - s·B·A),
 # so `save` converts the adapter to a plain LoRA of rank 2r on the unmodified W (peft's
@@ -95,16 +86,17 @@ _INITIAL = "_bench_initial_adapter"  # attribute of the attached model: the LoRA
 
 class LoraInit(Lora):
     """LoRA with one of peft's initialisations (`lora_init` in the yaml: pissa, olora, eva, corda, lora_ga, loftq);
-    everything else is lora's. The facts come from the yaml (methods/peft_generic.py)."""
+    everything else is lora's. One instance per yaml, built by methods/peft_generic.py with the yaml's facts."""
 
-    lora_init: ClassVar[str]
+    def __init__(self, name: str, facts: MethodFacts, lora_init: str):
+        if lora_init not in LORA_INITS:
+            raise BenchError(f"conf/method/{name}.yaml: lora_init: {lora_init}; choose one of {', '.join(LORA_INITS)}")
+        super().__init__(name, facts)
+        self.lora_init = lora_init
 
     @property
     def _init(self) -> dict[str, Any]:
         return LORA_INITS[self.lora_init]
-
-    def effective_config(self, cfg: dict, rank: int | None) -> dict:
-        return {k: v for k, v in super().effective_config(cfg, rank).items() if k != "facts"}
 
     def validate(self, device: torch.device) -> None:
         if self.lora_init == "loftq" and (device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None):

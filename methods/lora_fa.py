@@ -21,11 +21,6 @@ from methods.lora import Lora
 @register
 class LoraFA(Lora):
     name = "lora_fa"
-    label = "LoRA-FA"
-    display_order = 4
-    summary = "as lora with A frozen at its random init: only B (d_out x r per matrix) trains"
-    lr_source = "guess (LoRA's), not swept"
-    defaults_source = "paper (A frozen), guess (lr)"
 
     def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
         model = super().attach(model, cfg, ctx)

@@ -28,15 +28,10 @@ _RATIO_ATTR = "loraplus_lr_ratio"  # where attach leaves the ratio on the model,
 @register
 class LoraPlus(Lora):
     name = "loraplus"
-    label = "LoRA+"
-    display_order = 4
-    summary = "as lora; B's lr = `loraplus_lr_ratio` (16) x A's"
-    lr_source = "A and the head, as lora; ratio 16: LoRA+ paper's suggested 2^4"
-    defaults_source = "paper"
 
-    def effective_config(self, cfg: dict, rank: int | None) -> dict:
-        out = super().effective_config(cfg, rank)
-        ratio = float(cfg["loraplus_lr_ratio"])
+    def derive(self, settings: dict, rank: int | None) -> dict:
+        out = super().derive(settings, rank)
+        ratio = float(settings["loraplus_lr_ratio"])
         if ratio < 1:  # peft's docs: "Should be ≥1"; below 1 B would learn slower than A, the opposite of LoRA+
             raise BenchError(f"loraplus: method.loraplus_lr_ratio must be >= 1 (B's lr / A's lr); got {ratio:g}")
         out["loraplus_lr_ratio"] = ratio

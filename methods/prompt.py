@@ -41,16 +41,11 @@ _INITS = {"random": PromptTuningInit.RANDOM, "sample_vocab": PromptTuningInit.SA
 class VirtualTokens(PeftMethod):
     """Prompt and prefix tuning: `rank` virtual tokens in front of every sequence; W unchanged; not identity."""
 
-    rank_meaning = "virtual tokens"
-    rank_format = "{} tokens"
-    changes_base_weights = False
-    identity_at_init = False
-
     def virtual_tokens(self, rank: int | None) -> int:
         return int(rank or 0)
 
-    def effective_config(self, cfg: dict, rank: int | None) -> dict:
-        return {**cfg, "num_virtual_tokens": rank}
+    def derive(self, settings: dict, rank: int | None) -> dict:
+        return {**settings, "num_virtual_tokens": rank}
 
     def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
         return self.adapt(super().attach(model, cfg, ctx), ctx)
@@ -66,15 +61,9 @@ class VirtualTokens(PeftMethod):
 @register
 class PromptTuning(VirtualTokens):
     name = "prompt_tuning"
-    label = "Prompt tuning"
-    summary = "r virtual input embeddings (init: sampled vocabulary)"
-    lr_source = "our lr sweep over 1e-3, 1e-2, 3e-2"
-    defaults_source = "our lr sweep"
-    display_order = 10
-    unchanged_reason = "prompt tuning learns input tokens; the pre-trained W are unchanged"
 
-    def effective_config(self, cfg: dict, rank: int | None) -> dict:
-        out = super().effective_config(cfg, rank)
+    def derive(self, settings: dict, rank: int | None) -> dict:
+        out = super().derive(settings, rank)
         if out["init"] not in _INITS:
             raise BenchError(f"prompt_tuning: init={out['init']}; choose one of {', '.join(_INITS)}")
         if out["init"] != "text":
@@ -99,15 +88,9 @@ class PromptTuning(VirtualTokens):
 @register
 class PrefixTuning(VirtualTokens):
     name = "prefix_tuning"
-    label = "Prefix tuning"
-    summary = "r key and value prefixes in every layer"
-    lr_source = "peft seq-cls example"
-    defaults_source = "peft example"
-    display_order = 11
-    unchanged_reason = "prefix tuning learns key/value prefixes; the pre-trained W are unchanged"
 
-    def effective_config(self, cfg: dict, rank: int | None) -> dict:
-        out = super().effective_config(cfg, rank)
+    def derive(self, settings: dict, rank: int | None) -> dict:
+        out = super().derive(settings, rank)
         if not out["prefix_projection"]:
             out.pop("encoder_hidden_size", None)  # only used by the reparametrisation MLP
         return out

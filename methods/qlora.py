@@ -21,12 +21,6 @@ from methods.lora import Lora
 @register
 class QLora(Lora):
     name = "qlora"
-    label = "QLoRA"
-    summary = "as lora on a 4-bit NF4 base (bitsandbytes, CUDA only)"
-    lr_source = "as lora"
-    defaults_source = "as lora"
-    display_order = 6
-    merges = True
 
     def validate(self, device: torch.device) -> None:
         if device.type != "cuda":

@@ -1,0 +1,111 @@
+"""Every method's facts live in its yaml (`facts:` in conf/method/<name>.yaml, methods/facts.py) and check against one
+schema; they never reach a run's identity; a bad fact is one line naming the file and key; a method that says it
+merges can."""
+from __future__ import annotations
+
+import pytest
+
+from bench import BenchError
+from bench.plan import plan
+from methods import REGISTRY, Method
+from methods.base import register
+from methods.facts import MethodFacts, TunerFacts, method_yaml, read_facts
+from tests.conftest import REPO
+
+_FACTS = {"label": "X", "summary": "s", "defaults_source": "guess", "lr_source": "guess", "rank_meaning": "r",
+          "merges": False, "identity_at_init": True}
+_GOOD_YAML = """name: x
+facts:
+  label: X
+  summary: s
+  defaults_source: guess
+  lr_source: guess
+  rank_meaning: r
+  merges: false
+  identity_at_init: true
+"""
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_registered_method_has_yaml_facts_that_validate(name):
+    method = REGISTRY[name]
+    assert (REPO / "conf" / "method" / f"{name}.yaml").is_file()
+    assert isinstance(method.facts, method.facts_schema)
+    assert read_facts(name, method.facts_schema) == method.facts  # the yaml is the one place they come from
+    assert method.display_label == method.facts.label and method.uses_rank == (method.facts.rank_meaning is not None)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in REGISTRY if REGISTRY[n].merges))
+def test_a_method_that_says_it_merges_implements_merged(name):
+    assert type(REGISTRY[name]).merged is not Method.merged, f"{name}: facts.merges is true, and it has no `merged`"
+
+
+def test_python_methods_declare_no_facts_and_keep_them_out_of_effective_config():
+    with pytest.raises(TypeError, match=r"declares facts \['merges'\] in Python; they belong in its yaml"):
+        type("Bad", (Method,), {"name": "bad", "merges": True})
+    with pytest.raises(TypeError, match="override `derive` instead"):
+        type("Bad", (Method,), {"name": "bad", "effective_config": lambda self, cfg, rank: dict(cfg)})
+
+
+@pytest.mark.parametrize("name", ["lora", "full", "corda", "vera"])
+def test_facts_are_never_part_of_a_runs_identity(make_cfg, name):
+    a = plan(make_cfg(f"method={name}", "rank=4"))
+    b = plan(make_cfg(f"method={name}", "rank=4", "method.facts.label=Other", "method.facts.merges=false"))
+    assert "facts" in a.cfg.method and "facts" not in a.effective["method"]
+    assert a.config_hash == b.config_hash
+
+
+def _write(tmp_path, monkeypatch, text: str) -> None:
+    (tmp_path / "x.yaml").write_text(text)
+    monkeypatch.setattr("methods.facts.METHOD_CONF", tmp_path)
+
+
+@pytest.mark.parametrize(("facts", "message"), [
+    ("lable: X", r"conf/method/x\.yaml: facts\.lable: unknown fact \(known: label, summary, "),
+    ("merges: maybe", r"conf/method/x\.yaml: facts\.merges: Input should be a valid boolean \(got 'maybe'\)"),
+    ("display_order: '2'", r"conf/method/x\.yaml: facts\.display_order: Input should be a valid integer"),
+    ("rank_format: 'r='", r"conf/method/x\.yaml: facts\.rank_format: needs '\{\}' where the rank goes"),
+    ("changes_base_weights: false", r"facts\.unchanged_reason: needed when changes_base_weights is false"),
+])
+def test_a_bad_fact_is_one_line_naming_the_yaml_and_key(tmp_path, monkeypatch, facts, message):
+    _write(tmp_path, monkeypatch, _GOOD_YAML)
+    assert read_facts("x").label == "X"
+    key = facts.split(":")[0]
+    good = "".join(line for line in _GOOD_YAML.splitlines(keepends=True) if not line.startswith(f"  {key}:"))
+    _write(tmp_path, monkeypatch, f"{good}  {facts}\nlr: 1e-3\n")
+    with pytest.raises(BenchError, match=message) as err:
+        read_facts("x")
+    assert "\n" not in str(err.value)
+
+
+def test_a_missing_fact_a_missing_block_and_broken_yaml_are_one_line(tmp_path, monkeypatch):
+    _write(tmp_path, monkeypatch, "name: x\nfacts:\n  label: X\nlr: 1e-3\n")
+    with pytest.raises(BenchError, match=r"conf/method/x\.yaml: facts\.summary: missing .*; facts\.merges: missing"):
+        read_facts("x")
+    _write(tmp_path, monkeypatch, "name: x\nlr: 1e-3\n")
+    with pytest.raises(BenchError, match=r"conf/method/x\.yaml: no `facts:` block"):
+        read_facts("x")
+    _write(tmp_path, monkeypatch, _GOOD_YAML + "  merges: true\n")
+    with pytest.raises(BenchError, match=r"x\.yaml: not valid yaml: .*found duplicate key merges") as err:
+        read_facts("x")
+    assert "\n" not in str(err.value)
+
+
+def test_a_tuner_states_where_rank_goes():
+    with pytest.raises(ValueError, match="rank_meaning and rank_fills go together"):
+        TunerFacts.model_validate(_FACTS)
+    assert TunerFacts.model_validate({**_FACTS, "rank_fills": {"r": 1}}).rank_fills == {"r": 1.0}
+    with pytest.raises(ValueError, match="rank_fills"):
+        MethodFacts.model_validate({**_FACTS, "rank_fills": {"r": 1}})  # only a yaml-only tuner maps rank itself
+
+
+def test_a_yaml_that_starts_from_another_inherits_its_facts_and_defaults():
+    corda, lora = method_yaml("corda"), method_yaml("lora")
+    assert corda["lr"] == lora["lr"] and corda["facts"]["merges"] is True and corda["facts"]["label"] == "CorDA"
+    assert REGISTRY["lora_fixed_alpha"].label == "LoRA" and REGISTRY["lora_fixed_alpha"].summary.startswith("as lora")
+
+
+def test_a_registered_class_reads_its_facts_from_its_yaml(monkeypatch):
+    monkeypatch.setattr("methods.base.REGISTRY", {})
+    with pytest.raises(BenchError, match=r"conf/method/no_such_method\.yaml: no such file"):
+        register(type("NoYaml", (Method,), {"name": "no_such_method"}))
