@@ -67,35 +67,34 @@ class AdaLora(PeftMethod):
         return out
 
     @staticmethod
-    def schedule(cfg: Any, total_steps: int) -> tuple[int, int]:
+    def schedule(eff: dict, total_steps: int) -> tuple[int, int]:
         """(tinit, tfinal) in steps. floor(a*T) + floor(b*T) <= (a+b)*T < T, so tinit < T - tfinal."""
-        return int(float(cfg["tinit_ratio"]) * total_steps), int(float(cfg["tfinal_ratio"]) * total_steps)
+        return int(float(eff["tinit_ratio"]) * total_steps), int(float(eff["tfinal_ratio"]) * total_steps)
 
-    def peft_config(self, cfg: Any, ctx: AttachContext) -> AdaLoraConfig:
-        eff = self.effective_config(dict(cfg), ctx.rank)
+    def peft_config(self, eff: dict, ctx: AttachContext) -> AdaLoraConfig:
         if ctx.total_steps < 1:
             raise BenchError(f"adalora needs the number of training steps; got total_steps={ctx.total_steps}")
-        tinit, tfinal = self.schedule(cfg, ctx.total_steps)
+        tinit, tfinal = self.schedule(eff, ctx.total_steps)
         return AdaLoraConfig(
             task_type=task_type(ctx.model_cfg),
             target_r=eff["target_r"],
             init_r=eff["init_r"],
             lora_alpha=eff["lora_alpha"],
-            lora_dropout=float(cfg.dropout),
-            target_modules=list(cfg.target_modules),
+            lora_dropout=float(eff["dropout"]),
+            target_modules=list(eff["target_modules"]),
             total_step=ctx.total_steps,
             tinit=tinit,
             tfinal=tfinal,
-            deltaT=int(cfg.deltaT),
-            beta1=float(cfg.beta1),
-            beta2=float(cfg.beta2),
-            orth_reg_weight=float(cfg.orth_reg_weight),
+            deltaT=int(eff["deltaT"]),
+            beta1=float(eff["beta1"]),
+            beta2=float(eff["beta2"]),
+            orth_reg_weight=float(eff["orth_reg_weight"]),
         )
 
-    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
-        return _train_only_regulariser(super().attach(model, cfg, ctx))
+    def attach(self, model: nn.Module, eff: dict, ctx: AttachContext) -> nn.Module:
+        return _train_only_regulariser(super().attach(model, eff, ctx))
 
-    def load(self, base_model: nn.Module, cfg: Any, ctx: AttachContext, out_dir: Path) -> nn.Module:
+    def load(self, base_model: nn.Module, eff: dict, ctx: AttachContext, out_dir: Path) -> nn.Module:
         # peft >= 0.21 warns that rank_pattern keys "did not match any targeted module and were ignored": its
         # generic check expects module-name patterns, but AdaLoRA stores per-matrix masks keyed by `lora_E`
         # parameter names and does use them (AdaLoraModel._remap_adapter_state_dict_for_load resizes the

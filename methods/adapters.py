@@ -81,12 +81,12 @@ class BottleneckAdapter(Method):
     def derive(self, settings: dict, rank: int | None) -> dict:
         return {**settings, "bottleneck": rank}
 
-    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
+    def attach(self, model: nn.Module, eff: dict, ctx: AttachContext) -> nn.Module:
         head = head_modules(ctx.model_cfg)
         freeze_all_but_head(model, head)
-        width = int(ctx.rank)
+        width = int(eff["bottleneck"])
         for i, layer in enumerate(_layers(model, ctx.model_cfg)):
-            for placement in cfg.placement:  # keys of the model config: attention_output, ffn_output
+            for placement in eff["placement"]:  # keys of the model config: attention_output, ffn_output
                 sub_name = str(ctx.model_cfg[placement])
                 try:
                     sublayer = layer.get_submodule(sub_name)
@@ -102,10 +102,10 @@ class BottleneckAdapter(Method):
                 if not isinstance(dense, nn.Linear) or isinstance(dense, AdapterLinear):
                     raise BenchError(f"{self.name}: '{sub_name}' of layer {i} is not (or has no `dense` that is) a "
                                      "plain nn.Linear (already adapted, or a different architecture)")
-                adapter = Bottleneck(dense.out_features, width, str(cfg.activation), float(cfg.init_std))
+                adapter = Bottleneck(dense.out_features, width, str(eff["activation"]), float(eff["init_std"]))
                 adapter.to(device=dense.weight.device, dtype=dense.weight.dtype)
                 setattr(parent, attr, AdapterLinear(dense, adapter))
-        if cfg.train_layer_norm:
+        if eff["train_layer_norm"]:
             for name, module in model.named_modules():
                 if _is_norm(module) and not is_head_param(f"{name}.weight", head):
                     for param in module.parameters():

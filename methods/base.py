@@ -9,6 +9,11 @@ The shared loop (bench/train.py) builds one AdamW from `optimizer_param_groups` 
 a method's learning rates differ per parameter, as LoRA+'s do) and calls `on_step` after every optimiser step,
 before zero_grad. After training the runner evaluates the model as trained and, for a method whose one training
 run gives models of several ranks (DyLoRA), each of `rank_variants`.
+
+`attach`, `load` and `load_kwargs` receive the method's effective config (`eff`): the plain dict that
+`effective_config` makes from the composed `cfg.method` and the rank, which is what the run's identity hashes
+(bench/plan.py `effective["method"]`; a run record's `effective_config["method"]`). They read their settings from
+it and derive nothing again, so the adapter that is built is the one the hash names.
 """
 from __future__ import annotations
 
@@ -113,7 +118,8 @@ class Method:
     def __repr__(self) -> str:
         return f"<{type(self).__qualname__} '{self.name}'>"
 
-    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
+    def attach(self, model: nn.Module, eff: dict, ctx: AttachContext) -> nn.Module:
+        """The model with the method attached, built from `eff` (the effective config, `effective_config`)."""
         raise NotImplementedError
 
     def validate(self, device: torch.device) -> None:
@@ -131,15 +137,15 @@ class Method:
         """Positions the method adds in front of every sequence (prompt/prefix tuning); 0 for most methods."""
         return 0
 
-    def load_kwargs(self, cfg: Any, model_cfg: Any, device: torch.device) -> dict:
-        """Extra keyword arguments for the base model's `from_pretrained` (e.g. a quantisation config).
-        Most methods load the model as it is."""
+    def load_kwargs(self, eff: dict, model_cfg: Any, device: torch.device) -> dict:
+        """Extra keyword arguments for the base model's `from_pretrained` (e.g. a quantisation config), from the
+        effective config. Most methods load the model as it is."""
         return {}
 
     def effective_config(self, cfg: Mapping, rank: int | None) -> dict:
         """The method's settings as the run uses them, as a plain dict: the composed `cfg.method` without its
         facts (descriptions, never part of a run's identity), with what the rank and the other settings set filled
-        in (`derive`). Hashed for the run's identity."""
+        in (`derive`). Hashed for the run's identity, and passed to `attach`, `load` and `load_kwargs`."""
         settings = {k: v for k, v in plain(cfg).items() if k != FACTS_KEY}
         return self.derive(settings, rank)
 
@@ -190,9 +196,9 @@ class Method:
         state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(state, str(out_dir / "trainable.safetensors"))
 
-    def load(self, base_model: nn.Module, cfg: Any, ctx: AttachContext, out_dir: Path) -> nn.Module:
-        """Rebuild the fine-tuned model from a fresh base model and what `save` wrote."""
-        model = self.attach(base_model, cfg, ctx)
+    def load(self, base_model: nn.Module, eff: dict, ctx: AttachContext, out_dir: Path) -> nn.Module:
+        """Rebuild the fine-tuned model from a fresh base model, the run's effective config and what `save` wrote."""
+        model = self.attach(base_model, eff, ctx)
         state = load_file(str(out_dir / "trainable.safetensors"))
         missing = set(state) - {n for n, _ in model.named_parameters()}
         if missing:

@@ -40,10 +40,10 @@ class BitFit(Method):
             raise BenchError(f"bitfit cannot apply to model '{model_cfg.get('name')}' ({model_cfg.get('family')} "
                              "family): it has no bias terms to train; pick another method (e.g. method=lora or ia3)")
 
-    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
+    def attach(self, model: nn.Module, eff: dict, ctx: AttachContext) -> nn.Module:
         head = head_modules(ctx.model_cfg)
         freeze_all_but_head(model, head)
-        names = set(bias_names(model, head, bool(cfg.include_layer_norm_bias)))
+        names = set(bias_names(model, head, bool(eff["include_layer_norm_bias"])))
         if not names:
             raise BenchError("bitfit: the model has no bias terms outside the task head; BitFit cannot apply")
         for name, param in model.named_parameters():

@@ -26,7 +26,6 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -154,14 +153,17 @@ class DyLora(Lora):
         out["frozen"] = bool(settings["frozen"])
         return out
 
-    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
-        return _install(super().attach(model, cfg, ctx), self.effective_config(dict(cfg), ctx.rank))
+    def attach(self, model: nn.Module, eff: dict, ctx: AttachContext) -> nn.Module:
+        return _install(super().attach(model, eff, ctx), eff)
 
-    def load(self, base_model: nn.Module, cfg: Any, ctx: AttachContext, out_dir: Path) -> nn.Module:
+    def load(self, base_model: nn.Module, eff: dict, ctx: AttachContext, out_dir: Path) -> nn.Module:
         """The saved full-rank peft LoRA adapter, with the truncation hooks re-attached (rank_variants work)."""
         model = PeftModel.from_pretrained(base_model, str(out_dir))
         saved_rank = int(model.peft_config[model.active_adapter].r)
-        return _install(model, self.effective_config(dict(cfg), saved_rank))
+        if saved_rank != int(eff["r"]):
+            raise BenchError(f"dylora: the adapter in {out_dir} has rank {saved_rank}, and the run's effective config "
+                             f"says r={eff['r']}; load it with the record of the run that saved it")
+        return _install(model, eff)
 
     def on_step(self, model: nn.Module, global_step: int) -> None:
         rank_state(model).train_rank = None  # the next step draws its own b

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from safetensors.torch import save_file
 from torch import nn
@@ -15,7 +14,7 @@ class Full(Method):
     name = "full"
     saved_format = "every tensor of the model (trainable.safetensors)"
 
-    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
+    def attach(self, model: nn.Module, eff: dict, ctx: AttachContext) -> nn.Module:
         for param in model.parameters():
             param.requires_grad = True
         return model

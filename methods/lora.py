@@ -42,20 +42,19 @@ class Lora(PeftMethod):
             return f"{self.display_label} (α={float(per_rank):g}r)"
         return self.display_label
 
-    def peft_config(self, cfg: Any, ctx: AttachContext) -> LoraConfig:
-        eff = self.effective_config(dict(cfg), ctx.rank)
+    def peft_config(self, eff: dict, ctx: AttachContext) -> LoraConfig:
         return LoraConfig(
             task_type=task_type(ctx.model_cfg),
             r=eff["r"],
             lora_alpha=eff["lora_alpha"],
-            lora_dropout=float(cfg.dropout),
-            target_modules=list(cfg.target_modules),
+            lora_dropout=float(eff["dropout"]),
+            target_modules=list(eff["target_modules"]),
             use_rslora=self.use_rslora,
             use_dora=self.use_dora,
-            **{"init_lora_weights": True, **self.init_kwargs(cfg)},  # True: A Kaiming-uniform, B = 0
+            **{"init_lora_weights": True, **self.init_kwargs(eff)},  # True: A Kaiming-uniform, B = 0
         )
 
-    def init_kwargs(self, cfg: Any) -> dict:
+    def init_kwargs(self, eff: dict) -> dict:
         """LoraConfig arguments of the initialisation (LoraInit); plain LoRA: none (B = 0)."""
         return {}
 
@@ -103,10 +102,10 @@ class LoraInit(Lora):
             raise BenchError(f"method={self.name} needs a CUDA GPU and bitsandbytes (peft 0.21 quantises LoftQ's NF4 "
                              "with bitsandbytes on CUDA only); use method=lora here, or run on a GPU machine")
 
-    def init_kwargs(self, cfg: Any) -> dict:
+    def init_kwargs(self, eff: dict) -> dict:
         from peft.tuners.lora.config import CordaConfig, EvaConfig, LoftQConfig, LoraGAConfig
 
-        opts = dict(cfg.get("init_options") or {})
+        opts = dict(eff.get("init_options") or {})
         out: dict[str, Any] = {"init_lora_weights": self._init["init"]}
         if self.lora_init == "pissa" and opts.get("niter"):
             out["init_lora_weights"] = f"pissa_niter_{int(opts['niter'])}"
@@ -122,13 +121,13 @@ class LoraInit(Lora):
             out["loftq_config"] = LoftQConfig(loftq_bits=int(opts.get("bits", 4)), loftq_iter=int(opts.get("iter", 1)))
         return out
 
-    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
+    def attach(self, model: nn.Module, eff: dict, ctx: AttachContext) -> nn.Module:
         if not self._init["needs_data"]:
-            return self._keep_initial(super().attach(model, cfg, ctx))
+            return self._keep_initial(super().attach(model, eff, ctx))
         if ctx.calibration is None:
             raise BenchError(f"method={self.name} initialises from the training data, and this caller gave none "
                              "(AttachContext.calibration)")
-        n = int(cfg.get("calibration_batches", 8))
+        n = int(eff.get("calibration_batches", 8))
         device = next(model.parameters()).device
 
         def batches(labels: bool):
@@ -140,13 +139,13 @@ class LoraInit(Lora):
         if self.lora_init == "eva":
             from peft import initialize_lora_eva_weights
 
-            peft_model = super().attach(model, cfg, ctx)
+            peft_model = super().attach(model, eff, ctx)
             was_training = peft_model.training
             peft_model.eval()
             initialize_lora_eva_weights(peft_model, list(batches(labels=False)), show_progress_bar=False)
             return peft_model.train(was_training)
         # CorDA and LoRA-GA: a pass over the data on the base model, then attach (peft's order).
-        peft_cfg = self.peft_config(cfg, ctx)
+        peft_cfg = self.peft_config(eff, ctx)
         if self.lora_init == "corda":
             from peft.tuners.lora.corda import preprocess_corda
 

@@ -9,8 +9,6 @@ variant; the suite keeps its one shared AdamW for every method (bench/train.py),
 that AdamW, not peft's optimiser."""
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from methods.base import AttachContext, register
@@ -22,8 +20,8 @@ from methods.lora import Lora
 class LoraFA(Lora):
     name = "lora_fa"
 
-    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
-        model = super().attach(model, cfg, ctx)
+    def attach(self, model: nn.Module, eff: dict, ctx: AttachContext) -> nn.Module:
+        model = super().attach(model, eff, ctx)
         frozen = 0
         for name, param in model.named_parameters():
             if ".lora_A." in name:

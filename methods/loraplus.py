@@ -12,8 +12,6 @@ override the helper's, so that LoRA+ differs from LoRA in B's learning rate only
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from peft.optimizers import create_loraplus_optimizer
 from torch import nn
@@ -44,9 +42,9 @@ class LoraPlus(Lora):
             return label
         return label[:-1] + f", λ={float(ratio):g})" if label.endswith(")") else label + f" (λ={float(ratio):g})"
 
-    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
-        model = super().attach(model, cfg, ctx)
-        setattr(model, _RATIO_ATTR, float(self.effective_config(dict(cfg), ctx.rank)["loraplus_lr_ratio"]))
+    def attach(self, model: nn.Module, eff: dict, ctx: AttachContext) -> nn.Module:
+        model = super().attach(model, eff, ctx)
+        setattr(model, _RATIO_ATTR, float(eff["loraplus_lr_ratio"]))
         return model
 
     def optimizer_param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:

@@ -54,8 +54,7 @@ class GenericPeftMethod(PeftMethod):
             args[arg] = int(value) if value == int(value) else value
         return {**settings, "peft_args": args}
 
-    def peft_config(self, cfg: Any, ctx: AttachContext) -> PeftConfig:
-        eff = self.effective_config(cfg, ctx.rank)
+    def peft_config(self, eff: dict, ctx: AttachContext) -> PeftConfig:
         config_class = getattr(peft, self.peft_config_class)
         try:
             return config_class(task_type=task_type(ctx.model_cfg), **eff["peft_args"])
@@ -78,11 +77,11 @@ class GenericPeftMethod(PeftMethod):
     def virtual_tokens(self, rank: int | None) -> int:
         return int(rank or 0) if self.facts.prepends_tokens else 0
 
-    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
-        return self._adapt(super().attach(model, cfg, ctx), ctx)
+    def attach(self, model: nn.Module, eff: dict, ctx: AttachContext) -> nn.Module:
+        return self._adapt(super().attach(model, eff, ctx), ctx)
 
-    def load(self, base_model: nn.Module, cfg: Any, ctx: AttachContext, out_dir: Path) -> nn.Module:
-        return self._adapt(super().load(base_model, cfg, ctx, out_dir), ctx)
+    def load(self, base_model: nn.Module, eff: dict, ctx: AttachContext, out_dir: Path) -> nn.Module:
+        return self._adapt(super().load(base_model, eff, ctx, out_dir), ctx)
 
     def _adapt(self, model: PeftModel, ctx: AttachContext) -> PeftModel:
         if self.facts.prepends_tokens:

@@ -47,11 +47,11 @@ class VirtualTokens(PeftMethod):
     def derive(self, settings: dict, rank: int | None) -> dict:
         return {**settings, "num_virtual_tokens": rank}
 
-    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
-        return self.adapt(super().attach(model, cfg, ctx), ctx)
+    def attach(self, model: nn.Module, eff: dict, ctx: AttachContext) -> nn.Module:
+        return self.adapt(super().attach(model, eff, ctx), ctx)
 
-    def load(self, base_model: nn.Module, cfg: Any, ctx: AttachContext, out_dir: Path) -> nn.Module:
-        return self.adapt(super().load(base_model, cfg, ctx, out_dir), ctx)
+    def load(self, base_model: nn.Module, eff: dict, ctx: AttachContext, out_dir: Path) -> nn.Module:
+        return self.adapt(super().load(base_model, eff, ctx, out_dir), ctx)
 
     def adapt(self, model: PeftModel, ctx: AttachContext) -> PeftModel:
         """What the model needs once peft has attached or loaded the method (each subclass's own fix)."""
@@ -73,14 +73,13 @@ class PromptTuning(VirtualTokens):
     def adapt(self, model: PeftModel, ctx: AttachContext) -> PeftModel:
         return read_real_first_token(model, ctx.model_cfg)
 
-    def peft_config(self, cfg: Any, ctx: AttachContext) -> PromptTuningConfig:
-        eff = self.effective_config(dict(cfg), ctx.rank)
+    def peft_config(self, eff: dict, ctx: AttachContext) -> PromptTuningConfig:
         kwargs: dict[str, Any] = {}
         if eff["init"] == "text":
             # peft tokenises the text and repeats/truncates it to num_virtual_tokens tokens.
             if not ctx.tokenizer_path:
                 raise BenchError("prompt_tuning: init=text needs the tokenizer's path in the attach context")
-            kwargs = {"prompt_tuning_init_text": str(cfg.init_text), "tokenizer_name_or_path": ctx.tokenizer_path}
+            kwargs = {"prompt_tuning_init_text": str(eff["init_text"]), "tokenizer_name_or_path": ctx.tokenizer_path}
         return PromptTuningConfig(task_type=task_type(ctx.model_cfg), num_virtual_tokens=int(eff["num_virtual_tokens"]),
                                   prompt_tuning_init=_INITS[eff["init"]], **kwargs)
 
@@ -95,11 +94,10 @@ class PrefixTuning(VirtualTokens):
             out.pop("encoder_hidden_size", None)  # only used by the reparametrisation MLP
         return out
 
-    def peft_config(self, cfg: Any, ctx: AttachContext) -> PrefixTuningConfig:
-        eff = self.effective_config(dict(cfg), ctx.rank)
+    def peft_config(self, eff: dict, ctx: AttachContext) -> PrefixTuningConfig:
         kwargs: dict[str, Any] = {}
         if eff["prefix_projection"]:
-            kwargs["encoder_hidden_size"] = int(cfg.encoder_hidden_size)
+            kwargs["encoder_hidden_size"] = int(eff["encoder_hidden_size"])
         return PrefixTuningConfig(task_type=task_type(ctx.model_cfg), num_virtual_tokens=int(eff["num_virtual_tokens"]),
                                   prefix_projection=bool(eff["prefix_projection"]), **kwargs)
 

@@ -1,9 +1,10 @@
 """Every method's facts live in its yaml (`facts:` in conf/method/<name>.yaml, methods/facts.py) and check against one
 schema; they never reach a run's identity; a bad fact is one line naming the file and key; a method that says it
-merges can."""
+merges can; `attach` builds from the effective config it is given."""
 from __future__ import annotations
 
 import pytest
+from torch import nn
 
 from bench import BenchError
 from bench.plan import plan
@@ -11,6 +12,7 @@ from methods import REGISTRY, Method
 from methods.base import register
 from methods.facts import MethodFacts, TunerFacts, method_yaml, read_facts
 from tests.conftest import REPO
+from tests.method_helpers import build
 
 _FACTS = {"label": "X", "summary": "s", "defaults_source": "guess", "lr_source": "guess", "rank_meaning": "r",
           "merges": False, "identity_at_init": True}
@@ -109,3 +111,31 @@ def test_a_registered_class_reads_its_facts_from_its_yaml(monkeypatch):
     monkeypatch.setattr("methods.base.REGISTRY", {})
     with pytest.raises(BenchError, match=r"conf/method/no_such_method\.yaml: no such file"):
         register(type("NoYaml", (Method,), {"name": "no_such_method"}))
+
+
+# attach builds from the effective config it is given
+
+
+def test_attach_builds_from_the_effective_config_not_the_composed_one(make_cfg):
+    cfg, method, base, ctx, eff = build(make_cfg, "lora", rank=4)
+    assert eff == plan(cfg).effective["method"] and eff["r"] == 4
+    model = method.attach(base, {**eff, "r": 3, "lora_alpha": 6.0}, ctx)  # ctx.rank is still 4
+    a = [p for n, p in model.named_parameters() if ".lora_A." in n]
+    assert a and all(p.shape[0] == 3 for p in a)
+    assert model.peft_config["default"].lora_alpha == 6.0
+
+
+def test_the_runner_attaches_with_the_hashed_method_config(make_cfg, monkeypatch):
+    from bench import steps
+
+    p = plan(make_cfg("method=houlsby", "rank=4"))
+    seen = []
+
+    def attach(model: nn.Module, eff: dict, ctx) -> nn.Module:
+        seen.append(eff)
+        return type(p.method).attach(p.method, model, eff, ctx)
+
+    monkeypatch.setattr(p.method, "attach", attach)
+    steps.attach(p, steps.build_model(p)[0], 4)
+    assert seen == [p.effective["method"]] and isinstance(seen[0], dict) and seen[0]["bottleneck"] == 4
+

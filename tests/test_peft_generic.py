@@ -80,29 +80,29 @@ def test_loftq_refuses_on_cpu_at_plan_time(make_cfg):
 
 @pytest.mark.parametrize("name", ["eva", "corda", "lora_ga"])
 def test_data_pass_inits_read_the_runs_batches(make_cfg, name):
-    cfg, method, base, ctx = build(make_cfg, name)
+    cfg, method, base, ctx, eff = build(make_cfg, name)
     calls = []
 
     def calibration():
         calls.append(1)
         return [batch(i) for i in range(3)]
 
-    model = method.attach(base, cfg.method, AttachContext(**{**ctx.__dict__, "calibration": calibration}))
+    model = method.attach(base, eff, AttachContext(**{**ctx.__dict__, "calibration": calibration}))
     assert calls
     lora = build(make_cfg, "lora")
-    plain = lora[1].attach(lora[2], lora[0].method, lora[3])
+    plain = lora[1].attach(lora[2], lora[4], lora[3])
     a = {n: p for n, p in model.named_parameters() if ".lora_A." in n}
     a_plain = {n: p for n, p in plain.named_parameters() if ".lora_A." in n}
     assert a.keys() == a_plain.keys() and any(not torch.equal(a[n], a_plain[n]) for n in a)
     with pytest.raises(BenchError, match=f"method={name} initialises from the training data") as err:
-        method.attach(fresh_base(cfg), cfg.method, AttachContext(**{**ctx.__dict__, "calibration": None}))
+        method.attach(fresh_base(cfg), eff, AttachContext(**{**ctx.__dict__, "calibration": None}))
     assert "\n" not in str(err.value)
 
 
 def test_an_init_that_moves_w_saves_a_plain_lora_on_the_unmodified_w(make_cfg, tmp_path):
-    cfg, method, base, ctx = build(make_cfg, "pissa", rank=4)
+    cfg, method, base, ctx, eff = build(make_cfg, "pissa", rank=4)
     w0 = {n: p.detach().clone() for n, p in base.named_parameters() if n.endswith("query.weight")}
-    model = method.attach(base, cfg.method, ctx)
+    model = method.attach(base, eff, ctx)
     assert any(not torch.equal(p, w0[n.replace("base_model.model.", "").replace(".base_layer", "")])
                for n, p in model.named_parameters() if n.endswith("query.base_layer.weight"))  # W holds the residual
     perturb(model, head_modules(cfg.model))
@@ -119,7 +119,7 @@ def test_an_init_that_moves_w_saves_a_plain_lora_on_the_unmodified_w(make_cfg, t
 @pytest.mark.parametrize("name", ["vera", "oft"])
 def test_yaml_tuners_merge_with_a_roberta_head(make_cfg, name):
     """peft 0.21's generic unload fails on RoBERTa's classification head (no `.weight`); the head is unwrapped first."""
-    cfg, method, base, ctx = build(make_cfg, name, "model=tiny-roberta")
-    model = method.attach(base, cfg.method, ctx)
+    cfg, method, base, ctx, eff = build(make_cfg, name, "model=tiny-roberta")
+    model = method.attach(base, eff, ctx)
     perturb(model, head_modules(cfg.model))
     torch.testing.assert_close(logits(method.merged(model)), logits(model), atol=1e-5, rtol=0)
