@@ -1,6 +1,6 @@
 """Every method's facts live in its yaml (`facts:` in conf/method/<name>.yaml, methods/facts.py) and check against one
 schema; they never reach a run's identity; a bad fact is one line naming the file and key; a method that says it
-merges can; `attach` builds from the effective config it is given."""
+merges can; `python -m methods` finds every method by name; `attach` builds from the effective config it is given."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,8 @@ from torch import nn
 
 from bench import BenchError
 from bench.plan import plan
-from methods import REGISTRY, Method
+from methods import REGISTRY, Method, in_display_order
+from methods.__main__ import main
 from methods.base import register
 from methods.facts import MethodFacts, TunerFacts, method_yaml, read_facts
 from tests.conftest import REPO
@@ -111,6 +112,46 @@ def test_a_registered_class_reads_its_facts_from_its_yaml(monkeypatch):
     monkeypatch.setattr("methods.base.REGISTRY", {})
     with pytest.raises(BenchError, match=r"conf/method/no_such_method\.yaml: no such file"):
         register(type("NoYaml", (Method,), {"name": "no_such_method"}))
+
+
+# python -m methods
+
+
+def test_show_says_where_a_yaml_only_method_is_defined_its_facts_defaults_and_sources(capsys):
+    assert main(["show", "vera"]) == 0
+    out = capsys.readouterr().out
+    assert "methods/peft_generic.py:" in out and "GenericPeftMethod" in out and "peft_config: VeraConfig" in out
+    assert "conf/method/vera.yaml" in out
+    assert "  label: VeRA" in out and "  merges: true" in out and "  rank_meaning: null" in out
+    assert "  lr: 4e-3" in out and "  warmup_ratio: 0.06" in out and "  weight_decay: 0.0" in out
+    assert "    r: 256" in out and "    target_modules: ${model.lora_targets}" in out  # the yaml as written
+    assert "defaults_source: paper" in out and "lr_source: VeRA paper, RoBERTa-base SST-2" in out
+    assert "VeRA (Kopiczko et al. 2024" in out  # the header's sources
+
+
+def test_show_names_a_python_method_s_module_and_class_and_inherited_defaults(capsys):
+    assert main(["show", "lora"]) == 0
+    out = capsys.readouterr().out
+    assert "methods/lora.py:" in out and " Lora\n" in out and "conf/method/lora.yaml" in out
+    assert "  alpha_over_rank: 2" in out and "`rank` means: r" in out
+    assert main(["show", "pissa"]) == 0
+    out = capsys.readouterr().out
+    assert "LoraInit, built from the yaml (lora_init: pissa)" in out
+    assert "  alpha_over_rank: 1\n" in out and "  dropout: 0.1    (from conf/method/lora.yaml)" in out
+
+
+def test_list_names_every_method_once_in_display_order(capsys):
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == in_display_order()
+
+
+def test_an_unknown_method_is_one_line_and_exit_2(capsys):
+    assert main(["show", "x"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("error: unknown method 'x'; choose one of: adalora, ")
+    assert captured.err.count("\n") == 1
 
 
 # attach builds from the effective config it is given
