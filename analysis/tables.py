@@ -29,7 +29,8 @@ from bench.data.tasks import TASKS
 from bench.model import CAUSAL_LM
 from methods import REGISTRY, in_display_order
 
-# Display facts come from their owners: each method's class attributes (methods/), each task's yaml (conf/task/).
+# Display facts come from their owners: each method's yaml (conf/method/, through the registry), each task's yaml
+# (conf/task/).
 METHOD_ORDER = in_display_order()
 METHOD_LABEL = {name: REGISTRY[name].display_label for name in METHOD_ORDER}
 TASK_ORDER = sorted(TASKS, key=lambda name: TASKS[name].display_order)  # the LoRA paper's column order

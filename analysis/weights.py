@@ -4,9 +4,10 @@
 
 A run folder holds `record.json` and `weights/`. The pre-trained model is rebuilt from the record's model
 config (`bench.model.load_model`); the fine-tuned one is that model plus the method's saved weights through
-the method registry (`get_method(name).load(...)`), merged into the base weights where the method merges
-(`full` is already the model). Random-init test models are rebuilt by seeding with the run's seed before
-building the model, as the runner does.
+the method registry (`get_method(name).load(...)`, given the method config the run hashed: the record's
+`effective_config["method"]`), merged into the base weights where the method merges (`full` is already the
+model). Random-init test models are rebuilt by seeding with the run's seed before building the model, as the
+runner does.
 
 Yields `(layer name, W0, W_tuned)` for every `nn.Linear` except embeddings, the task head (`model.head`)
 and the pooler (BERT's pooler only feeds the classification head). Weights follow PyTorch's `nn.Linear`
@@ -37,7 +38,7 @@ from bench import BenchError
 from bench.record import WEIGHTS_DIR, read_record, record_path
 from methods.base import HeadSpec, head_modules, is_head_param
 
-# What a method does to W is its own fact (methods/base.py: changes_base_weights, merges, edits_in_place).
+# What a method does to W is its own fact (its yaml's `facts:`: changes_base_weights, merges, edits_in_place).
 EXCLUDED_PARTS = ("embeddings", "embed_tokens", "pooler", "lm_head")
 
 
@@ -64,6 +65,14 @@ def read_run(run_dir: str | Path) -> tuple[dict, DictConfig]:
     if "config" not in record:
         raise BenchError(f"{path}: the record has no resolved config; it was written by an older version")
     return record, OmegaConf.create(record["config"])
+
+
+def effective_method(record: dict) -> dict:
+    """The method config the run was built with and identified by (`effective_config["method"]` of its record)."""
+    eff = (record.get("effective_config") or {}).get("method")
+    if not isinstance(eff, dict):
+        raise BenchError(f"{record.get('run_id')}: the record has no effective_config.method to rebuild its method")
+    return eff
 
 
 def task_num_labels(record: dict) -> int:
@@ -99,7 +108,7 @@ def base_model(record: dict, cfg: DictConfig) -> nn.Module:
     if reason:
         raise BenchError(f"{record.get('run_id')}: {reason}")
     device = analysis_device()
-    load_kwargs = get_method(record["method"]).load_kwargs(cfg.method, cfg.model, device)
+    load_kwargs = get_method(record["method"]).load_kwargs(effective_method(record), cfg.model, device)
     seed_everything(int(record["seed"]))
     model, _ = load_model(cfg.model, task_num_labels(record), **load_kwargs)
     return model.eval()
@@ -160,7 +169,7 @@ def tuned_model(run_dir: str | Path, base: nn.Module | None = None, merge: bool 
     method = get_method(record["method"])
     start = copy.deepcopy(base) if base is not None else base_model(record, cfg)
     try:
-        model = method.load(start, cfg.method, attach_context(record, cfg), weights_dir)
+        model = method.load(start, effective_method(record), attach_context(record, cfg), weights_dir)
     except BenchError:
         raise
     except Exception as exc:  # noqa: BLE001 - a truncated or corrupt weights file, a shape mismatch, ...: one line

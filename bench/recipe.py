@@ -147,7 +147,7 @@ def fresh_model(p: Plan, steps: int) -> nn.Module:
 
 def build_model(p: Plan) -> tuple[nn.Module, str]:
     """(the pre-trained model on the run's device, its source), loaded as the method asks (e.g. 4-bit)."""
-    load_kwargs = p.method.load_kwargs(p.cfg.method, p.cfg.model, p.device)
+    load_kwargs = p.method.load_kwargs(p.effective["method"], p.cfg.model, p.device)
     model, source = load_model(p.cfg.model, p.task.num_labels, **load_kwargs)
     return model.to(p.device), source
 
@@ -179,7 +179,7 @@ def attach(p: Plan, model: nn.Module, steps: int, data: Data | None = None) -> t
         def calibration():
             return train_loader(data.train_features, data.tokenizer, p.cfg)
     ctx = attach_context(p.cfg.model, p.rank, p.task.num_labels, steps, calibration)
-    model = p.method.attach(model, p.cfg.method, ctx).to(p.device)
+    model = p.method.attach(model, p.effective["method"], ctx).to(p.device)  # the method config the run's hash names
     head = head_modules(p.cfg.model)
     counts: dict[str, Any] = {**count_params(model, head), "head_modules": list(head)}
     if counts["trainable_params_excl_head"] == 0 and not p.method.trains_all_weights:

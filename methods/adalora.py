@@ -52,58 +52,49 @@ def _module_name(param_key: str) -> str:
 @register
 class AdaLora(PeftMethod):
     name = "adalora"
-    label = "AdaLoRA"
-    summary = "P·Λ·Q on W_q, W_v, from 1.5·r down to an average of r per matrix"
-    lr_source = "AdaLoRA authors' SST-2 script"
-    defaults_source = "paper"
-    display_order = 5
-    rank_meaning = "target rank"
-    rank_format = "target r={}"
-    merges = True
 
-    def effective_config(self, cfg: dict, rank: int | None) -> dict:
-        out = dict(cfg)
+    def derive(self, settings: dict, rank: int | None) -> dict:
+        out = dict(settings)
         out["target_r"] = rank
         # init_r > target_r is required: with equal ranks there is nothing to reallocate (and peft's
         # budget masking would be asked to drop k = 0 triplets).
-        out["init_r"] = max(math.ceil(float(cfg["init_r_multiple"]) * rank), rank + 1)
-        out["lora_alpha"] = float(cfg["alpha_over_rank"]) * out["init_r"]  # peft scales by alpha / init_r
-        tinit_ratio, tfinal_ratio = float(cfg["tinit_ratio"]), float(cfg["tfinal_ratio"])
+        out["init_r"] = max(math.ceil(float(settings["init_r_multiple"]) * rank), rank + 1)
+        out["lora_alpha"] = float(settings["alpha_over_rank"]) * out["init_r"]  # peft scales by alpha / init_r
+        tinit_ratio, tfinal_ratio = float(settings["tinit_ratio"]), float(settings["tfinal_ratio"])
         if tinit_ratio < 0 or tfinal_ratio < 0 or tinit_ratio + tfinal_ratio >= 1:
             raise BenchError(f"adalora: tinit_ratio ({tinit_ratio}) and tfinal_ratio ({tfinal_ratio}) must be >= 0 "
                              "and sum to < 1, to leave steps for the budget phase")
         return out
 
     @staticmethod
-    def schedule(cfg: Any, total_steps: int) -> tuple[int, int]:
+    def schedule(eff: dict, total_steps: int) -> tuple[int, int]:
         """(tinit, tfinal) in steps. floor(a*T) + floor(b*T) <= (a+b)*T < T, so tinit < T - tfinal."""
-        return int(float(cfg["tinit_ratio"]) * total_steps), int(float(cfg["tfinal_ratio"]) * total_steps)
+        return int(float(eff["tinit_ratio"]) * total_steps), int(float(eff["tfinal_ratio"]) * total_steps)
 
-    def peft_config(self, cfg: Any, ctx: AttachContext) -> AdaLoraConfig:
-        eff = self.effective_config(dict(cfg), ctx.rank)
+    def peft_config(self, eff: dict, ctx: AttachContext) -> AdaLoraConfig:
         if ctx.total_steps < 1:
             raise BenchError(f"adalora needs the number of training steps; got total_steps={ctx.total_steps}")
-        tinit, tfinal = self.schedule(cfg, ctx.total_steps)
+        tinit, tfinal = self.schedule(eff, ctx.total_steps)
         return AdaLoraConfig(
             task_type=task_type(ctx.model_cfg),
             target_r=eff["target_r"],
             init_r=eff["init_r"],
             lora_alpha=eff["lora_alpha"],
-            lora_dropout=float(cfg.dropout),
-            target_modules=list(cfg.target_modules),
+            lora_dropout=float(eff["dropout"]),
+            target_modules=list(eff["target_modules"]),
             total_step=ctx.total_steps,
             tinit=tinit,
             tfinal=tfinal,
-            deltaT=int(cfg.deltaT),
-            beta1=float(cfg.beta1),
-            beta2=float(cfg.beta2),
-            orth_reg_weight=float(cfg.orth_reg_weight),
+            deltaT=int(eff["deltaT"]),
+            beta1=float(eff["beta1"]),
+            beta2=float(eff["beta2"]),
+            orth_reg_weight=float(eff["orth_reg_weight"]),
         )
 
-    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
-        return _train_only_regulariser(super().attach(model, cfg, ctx))
+    def attach(self, model: nn.Module, eff: dict, ctx: AttachContext) -> nn.Module:
+        return _train_only_regulariser(super().attach(model, eff, ctx))
 
-    def load(self, base_model: nn.Module, cfg: Any, ctx: AttachContext, out_dir: Path) -> nn.Module:
+    def load(self, base_model: nn.Module, eff: dict, ctx: AttachContext, out_dir: Path) -> nn.Module:
         # peft >= 0.21 warns that rank_pattern keys "did not match any targeted module and were ignored": its
         # generic check expects module-name patterns, but AdaLoRA stores per-matrix masks keyed by `lora_E`
         # parameter names and does use them (AdaLoraModel._remap_adapter_state_dict_for_load resizes the

@@ -78,20 +78,15 @@ def _is_norm(module: nn.Module) -> bool:
 class BottleneckAdapter(Method):
     """Houlsby and Pfeiffer differ only in their config: `placement` and `train_layer_norm`."""
 
-    rank_meaning = "bottleneck width"
-    rank_format = "width {}"
-    changes_base_weights = False
-    unchanged_reason = "bottleneck adapters add new modules; the pre-trained W are unchanged"
+    def derive(self, settings: dict, rank: int | None) -> dict:
+        return {**settings, "bottleneck": rank}
 
-    def effective_config(self, cfg: dict, rank: int | None) -> dict:
-        return {**cfg, "bottleneck": rank}
-
-    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
+    def attach(self, model: nn.Module, eff: dict, ctx: AttachContext) -> nn.Module:
         head = head_modules(ctx.model_cfg)
         freeze_all_but_head(model, head)
-        width = int(ctx.rank)
+        width = int(eff["bottleneck"])
         for i, layer in enumerate(_layers(model, ctx.model_cfg)):
-            for placement in cfg.placement:  # keys of the model config: attention_output, ffn_output
+            for placement in eff["placement"]:  # keys of the model config: attention_output, ffn_output
                 sub_name = str(ctx.model_cfg[placement])
                 try:
                     sublayer = layer.get_submodule(sub_name)
@@ -107,10 +102,10 @@ class BottleneckAdapter(Method):
                 if not isinstance(dense, nn.Linear) or isinstance(dense, AdapterLinear):
                     raise BenchError(f"{self.name}: '{sub_name}' of layer {i} is not (or has no `dense` that is) a "
                                      "plain nn.Linear (already adapted, or a different architecture)")
-                adapter = Bottleneck(dense.out_features, width, str(cfg.activation), float(cfg.init_std))
+                adapter = Bottleneck(dense.out_features, width, str(eff["activation"]), float(eff["init_std"]))
                 adapter.to(device=dense.weight.device, dtype=dense.weight.dtype)
                 setattr(parent, attr, AdapterLinear(dense, adapter))
-        if cfg.train_layer_norm:
+        if eff["train_layer_norm"]:
             for name, module in model.named_modules():
                 if _is_norm(module) and not is_head_param(f"{name}.weight", head):
                     for param in module.parameters():
@@ -121,18 +116,8 @@ class BottleneckAdapter(Method):
 @register
 class Houlsby(BottleneckAdapter):
     name = "houlsby"
-    label = "Houlsby adapter"
-    summary = "bottleneck adapters after attention output and FFN output + every LayerNorm"
-    lr_source = "Houlsby et al.'s lr grid"
-    defaults_source = "paper"
-    display_order = 8
 
 
 @register
 class Pfeiffer(BottleneckAdapter):
     name = "pfeiffer"
-    label = "Pfeiffer adapter"
-    summary = "a bottleneck adapter after the FFN output"
-    lr_source = "our lr sweep: AdapterFusion's 1e-4 does not learn in the default budget"
-    defaults_source = "our lr sweep"
-    display_order = 9

@@ -1,24 +1,35 @@
 """The method interface and its name registry.
 
-A method says how to attach itself to a model and what trains; it never contains a training loop.
+A method is behaviour: how it attaches to a model (`attach`), what trains, how it merges, saves and loads, and its
+hooks into the loop; it never contains a training loop. Its facts and defaults live in its yaml
+(conf/method/<name>.yaml, methods/facts.py) and reach the code as `method.facts` (and one property per fact:
+`method.merges`, `method.label`, ...).
+
 The shared loop (bench/loop/train.py) builds one AdamW from `optimizer_param_groups` (the same for every method unless
 a method's learning rates differ per parameter, as LoRA+'s do) and calls `on_step` after every optimiser step,
 before zero_grad. After training the runner evaluates the model as trained and, for a method whose one training
 run gives models of several ranks (DyLoRA), each of `rank_variants`.
+
+`attach`, `load` and `load_kwargs` receive the method's effective config (`eff`): the plain dict that
+`effective_config` makes from the composed `cfg.method` and the rank, which is what the run's identity hashes
+(bench/plan.py `effective["method"]`; a run record's `effective_config["method"]`). They read their settings from
+it and derive nothing again, so the adapter that is built is the one the hash names.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from methods.errors import BenchError
+from methods.facts import FACTS_KEY, MethodFacts, read_facts
 
 
 @dataclass(frozen=True)
@@ -35,29 +46,65 @@ class AttachContext:
     calibration: Callable[[], Iterable[dict[str, torch.Tensor]]] | None = None
 
 
-class Method:
-    """A method's facts (class attributes; tables, plots, weight analysis and tests derive from them) and how
-    it attaches to a model."""
+def _fact(key: str) -> property:
+    return property(lambda self: getattr(self.facts, key),
+                    doc=f"`facts.{key}` of the method's yaml (methods/facts.py MethodFacts)")
 
-    name: ClassVar[str]  # registry name = conf/method/<name>.yaml
-    label: ClassVar[str] = ""  # display name in tables and plots ("LoRA", "Full FT"); empty: the name
-    display_order: ClassVar[int] = 100  # position in tables and plots (then by name)
-    rank_meaning: ClassVar[str | None] = "r"  # what the `rank` knob means; None: ignored, left out of the hash
-    rank_format: ClassVar[str] = "r={}"  # how a table labels the rank
-    merges: ClassVar[bool] = False  # True: can be folded into the base weights for zero-overhead inference
-    # True: the pre-trained parameters (W or biases) differ after training (after merging where it merges);
-    # False: the method only adds modules or inputs, and `unchanged_reason` says how.
-    changes_base_weights: ClassVar[bool] = True
-    unchanged_reason: ClassVar[str] = ""
-    edits_in_place: ClassVar[bool] = False  # trains pre-trained parameters in place: nothing added, nothing to merge
-    trains_all_weights: ClassVar[bool] = False  # every weight trains (no "attached nothing" check)
-    identity_at_init: ClassVar[bool] = True  # the attached model computes what the base model does, before training
-    saved_format: ClassVar[str] = "trainable tensors (trainable.safetensors)"  # what `save` writes
-    # The method table in docs/methods.md (bench/tools/method_table.py): what trains besides the head, and how the
-    # defaults were set (paper / peft example / our lr sweep / guess) with the learning rate's source.
-    summary: ClassVar[str] = ""
-    defaults_source: ClassVar[str] = ""
-    lr_source: ClassVar[str] = ""
+
+def plain(value: Any) -> Any:
+    """`value` with every OmegaConf node turned into plain dicts and lists (interpolations resolved)."""
+    if OmegaConf.is_config(value):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+class Method:
+    """How a method attaches to a model and trains, built with its facts (conf/method/<name>.yaml `facts:`).
+
+    A method written in Python is a subclass with a `name` and the `@register` decorator, which builds its one
+    instance with the facts of its yaml. A yaml-only method is an instance of a shared class built from its yaml
+    (methods/peft_generic.py). Subclasses override `derive` (not `effective_config`) and declare no facts: both
+    are checked when the subclass is defined."""
+
+    name: str  # registry name = conf/method/<name>.yaml (a class attribute of a registered subclass)
+    facts_schema: ClassVar[type[MethodFacts]] = MethodFacts
+    # What `save` writes: a description of this class's `save`, so it stays beside it (`python -m methods show`).
+    saved_format: ClassVar[str] = "trainable tensors (trainable.safetensors)"
+
+    def __init__(self, name: str, facts: MethodFacts):
+        if not isinstance(facts, self.facts_schema):
+            raise TypeError(f"method '{name}': facts must be {self.facts_schema.__name__}, got {type(facts).__name__}")
+        self.name = name
+        self.facts = facts
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declared = sorted(set(vars(cls)) & set(MethodFacts.model_fields))
+        if declared:
+            raise TypeError(f"{cls.__qualname__} declares facts {declared} in Python; they belong in its yaml's "
+                            "`facts:` block (conf/method/<name>.yaml)")
+        if "effective_config" in vars(cls):
+            raise TypeError(f"{cls.__qualname__} overrides effective_config; override `derive` instead (the facts "
+                            "must stay out of every effective config)")
+
+    label = _fact("label")
+    summary = _fact("summary")
+    defaults_source = _fact("defaults_source")
+    lr_source = _fact("lr_source")
+    display_order = _fact("display_order")
+    rank_meaning = _fact("rank_meaning")
+    rank_format = _fact("rank_format")
+    merges = _fact("merges")
+    changes_base_weights = _fact("changes_base_weights")
+    unchanged_reason = _fact("unchanged_reason")
+    edits_in_place = _fact("edits_in_place")
+    trains_all_weights = _fact("trains_all_weights")
+    identity_at_init = _fact("identity_at_init")
+    cannot_apply = _fact("cannot_apply")
 
     @property
     def uses_rank(self) -> bool:
@@ -68,27 +115,44 @@ class Method:
     def display_label(self) -> str:
         return self.label or self.name
 
-    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
+    def __repr__(self) -> str:
+        return f"<{type(self).__qualname__} '{self.name}'>"
+
+    def attach(self, model: nn.Module, eff: dict, ctx: AttachContext) -> nn.Module:
+        """The model with the method attached, built from `eff` (the effective config, `effective_config`)."""
         raise NotImplementedError
 
     def validate(self, device: torch.device) -> None:
         """Raise BenchError (at plan time, before anything loads) when the method cannot run on `device`."""
 
     def validate_model(self, model_cfg: Any) -> None:
-        """Raise BenchError (at plan time) when the method cannot apply to this model (conf/model/*.yaml)."""
+        """Raise BenchError (at plan time) when the method cannot apply to this model (conf/model/*.yaml): the
+        families its facts' `cannot_apply` names."""
+        family = str(model_cfg.get("family") or "")
+        if family in self.cannot_apply:
+            raise BenchError(f"method '{self.name}' cannot apply to model '{model_cfg.get('name')}' "
+                             f"({family} family): {self.cannot_apply[family]}")
 
     def virtual_tokens(self, rank: int | None) -> int:
         """Positions the method adds in front of every sequence (prompt/prefix tuning); 0 for most methods."""
         return 0
 
-    def load_kwargs(self, cfg: Any, model_cfg: Any, device: torch.device) -> dict:
-        """Extra keyword arguments for the base model's `from_pretrained` (e.g. a quantisation config).
-        Most methods load the model as it is."""
+    def load_kwargs(self, eff: dict, model_cfg: Any, device: torch.device) -> dict:
+        """Extra keyword arguments for the base model's `from_pretrained` (e.g. a quantisation config), from the
+        effective config. Most methods load the model as it is."""
         return {}
 
-    def effective_config(self, cfg: dict, rank: int | None) -> dict:
-        """The method's settings as they will be used (e.g. alpha derived from rank); hashed for identity."""
-        return dict(cfg)
+    def effective_config(self, cfg: Mapping, rank: int | None) -> dict:
+        """The method's settings as the run uses them, as a plain dict: the composed `cfg.method` without its
+        facts (descriptions, never part of a run's identity), with what the rank and the other settings set filled
+        in (`derive`). Hashed for the run's identity, and passed to `attach`, `load` and `load_kwargs`."""
+        settings = {k: v for k, v in plain(cfg).items() if k != FACTS_KEY}
+        return self.derive(settings, rank)
+
+    def derive(self, settings: dict, rank: int | None) -> dict:
+        """The settings with what follows from them and the rank (e.g. LoRA's r and lora_alpha); checks that stop
+        a bad combination at plan time go here. Most methods use their settings as they are."""
+        return settings
 
     def config_label(self, effective: dict) -> str:
         """The display label of a run with this effective method config: `display_label`, plus what tells
@@ -132,9 +196,9 @@ class Method:
         state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(state, str(out_dir / "trainable.safetensors"))
 
-    def load(self, base_model: nn.Module, cfg: Any, ctx: AttachContext, out_dir: Path) -> nn.Module:
-        """Rebuild the fine-tuned model from a fresh base model and what `save` wrote."""
-        model = self.attach(base_model, cfg, ctx)
+    def load(self, base_model: nn.Module, eff: dict, ctx: AttachContext, out_dir: Path) -> nn.Module:
+        """Rebuild the fine-tuned model from a fresh base model, the run's effective config and what `save` wrote."""
+        model = self.attach(base_model, eff, ctx)
         state = load_file(str(out_dir / "trainable.safetensors"))
         missing = set(state) - {n for n, _ in model.named_parameters()}
         if missing:
@@ -150,8 +214,17 @@ class Method:
 REGISTRY: dict[str, Method] = {}
 
 
+def add(method: Method) -> Method:
+    """Put `method` in the registry under its name; a name registered twice stops the import with one line."""
+    if method.name in REGISTRY:
+        raise BenchError(f"method '{method.name}' is registered twice ({REGISTRY[method.name]!r} and {method!r})")
+    REGISTRY[method.name] = method
+    return method
+
+
 def register(cls: type[Method]) -> type[Method]:
-    REGISTRY[cls.name] = cls()
+    """Class decorator: register the one instance of a method written in Python, with its yaml's facts."""
+    add(cls(cls.name, read_facts(cls.name, cls.facts_schema)))
     return cls
 
 
@@ -227,5 +300,6 @@ def tensor_bytes(model: nn.Module) -> int:
 
 
 __all__ = ["CAUSAL_LM", "is_causal_lm",
-           "AttachContext", "Method", "REGISTRY", "register", "get_method", "freeze_all_but_head", "head_modules",
+           "AttachContext", "Method", "REGISTRY", "add", "plain", "register", "get_method", "freeze_all_but_head",
+           "head_modules",
            "decays", "is_head_param", "count_params", "param_count", "tensor_bytes"]

@@ -33,23 +33,17 @@ def bias_names(model: nn.Module, head: HeadSpec, include_layer_norm_bias: bool) 
 @register
 class BitFit(Method):
     name = "bitfit"
-    label = "BitFit"
-    summary = "the existing bias terms, LayerNorm β included; no LayerNorm γ, no weight matrix"
-    lr_source = "BitFit authors' run_glue.py default"
-    defaults_source = "paper"
-    display_order = 1
-    rank_meaning = None
-    edits_in_place = True
 
     def validate_model(self, model_cfg: Any) -> None:
+        super().validate_model(model_cfg)
         if model_cfg.get("biases") is False:  # conf/model/family/*.yaml: e.g. Llama has no bias terms
             raise BenchError(f"bitfit cannot apply to model '{model_cfg.get('name')}' ({model_cfg.get('family')} "
                              "family): it has no bias terms to train; pick another method (e.g. method=lora or ia3)")
 
-    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
+    def attach(self, model: nn.Module, eff: dict, ctx: AttachContext) -> nn.Module:
         head = head_modules(ctx.model_cfg)
         freeze_all_but_head(model, head)
-        names = set(bias_names(model, head, bool(cfg.include_layer_norm_bias)))
+        names = set(bias_names(model, head, bool(eff["include_layer_norm_bias"])))
         if not names:
             raise BenchError("bitfit: the model has no bias terms outside the task head; BitFit cannot apply")
         for name, param in model.named_parameters():

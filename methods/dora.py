@@ -10,9 +10,4 @@ from methods.lora import Lora
 @register
 class Dora(Lora):
     name = "dora"
-    label = "DoRA"
-    summary = "as lora + a magnitude vector per adapted matrix's output features"
-    lr_source = "DoRA reuses its LoRA baseline's settings"
-    defaults_source = "paper"
-    display_order = 4
     use_dora = True

@@ -26,7 +26,6 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -146,30 +145,25 @@ def truncated(model: nn.Module, rank: int) -> Iterator[nn.Module]:
 @register
 class DyLora(Lora):
     name = "dylora"
-    label = "DyLoRA"
-    display_order = 5
-    rank_meaning = "maximum rank r_max"
-    summary = ("as lora at rank r, trained at a rank b ~ uniform{1..r} drawn each step (scale α/b); evaluated at "
-               "every `eval_ranks` (1, 2, 4, 8)")
-    lr_source = "as lora"
-    defaults_source = "paper"
-    rank_format = "r_max={}"
 
-    def effective_config(self, cfg: dict, rank: int | None) -> dict:
-        out = super().effective_config(cfg, rank)  # lora_alpha = alpha_over_rank * r_max: LoRA's scale at r_max
-        ranks = sorted({int(b) for b in cfg.get("eval_ranks") or [] if 1 <= int(b) <= rank} | {rank})
+    def derive(self, settings: dict, rank: int | None) -> dict:
+        out = super().derive(settings, rank)  # lora_alpha = alpha_over_rank * r_max: LoRA's scale at r_max
+        ranks = sorted({int(b) for b in settings.get("eval_ranks") or [] if 1 <= int(b) <= rank} | {rank})
         out["eval_ranks"] = ranks
-        out["frozen"] = bool(cfg["frozen"])
+        out["frozen"] = bool(settings["frozen"])
         return out
 
-    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
-        return _install(super().attach(model, cfg, ctx), self.effective_config(dict(cfg), ctx.rank))
+    def attach(self, model: nn.Module, eff: dict, ctx: AttachContext) -> nn.Module:
+        return _install(super().attach(model, eff, ctx), eff)
 
-    def load(self, base_model: nn.Module, cfg: Any, ctx: AttachContext, out_dir: Path) -> nn.Module:
+    def load(self, base_model: nn.Module, eff: dict, ctx: AttachContext, out_dir: Path) -> nn.Module:
         """The saved full-rank peft LoRA adapter, with the truncation hooks re-attached (rank_variants work)."""
         model = PeftModel.from_pretrained(base_model, str(out_dir))
         saved_rank = int(model.peft_config[model.active_adapter].r)
-        return _install(model, self.effective_config(dict(cfg), saved_rank))
+        if saved_rank != int(eff["r"]):
+            raise BenchError(f"dylora: the adapter in {out_dir} has rank {saved_rank}, and the run's effective config "
+                             f"says r={eff['r']}; load it with the record of the run that saved it")
+        return _install(model, eff)
 
     def on_step(self, model: nn.Module, global_step: int) -> None:
         rank_state(model).train_rank = None  # the next step draws its own b

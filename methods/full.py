@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from safetensors.torch import save_file
 from torch import nn
@@ -13,23 +12,12 @@ from methods.base import AttachContext, Method, register
 @register
 class Full(Method):
     name = "full"
-    label = "Full FT"
-    summary = "every weight"
-    lr_source = "BERT/RoBERTa GLUE range"
-    defaults_source = "paper"
-    display_order = 0
-    rank_meaning = None
-    edits_in_place = True
-    trains_all_weights = True
-    saved_format = "every tensor of the model (model.safetensors)"
+    saved_format = "every tensor of the model (trainable.safetensors)"
 
-    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
+    def attach(self, model: nn.Module, eff: dict, ctx: AttachContext) -> nn.Module:
         for param in model.parameters():
             param.requires_grad = True
         return model
-
-    def effective_config(self, cfg: dict, rank: int | None) -> dict:
-        return dict(cfg)
 
     def save(self, model: nn.Module, out_dir: Path) -> None:
         # The fine-tuned model *is* the artefact: every tensor, buffers included.

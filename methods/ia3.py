@@ -9,7 +9,6 @@ anchored regular expression, because peft's list matching is by suffix: `output.
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from peft import IA3Config
 
@@ -26,17 +25,10 @@ def layer_regex(layers: str, names: list[str]) -> str:
 @register
 class IA3(PeftMethod):
     name = "ia3"
-    label = "IA3"
-    summary = "scaling vectors on keys, values and the FFN activation (init 1)"
-    lr_source = "T-Few"
-    defaults_source = "paper"
-    display_order = 7
-    rank_meaning = None
-    merges = True
 
-    def peft_config(self, cfg: Any, ctx: AttachContext) -> IA3Config:
+    def peft_config(self, eff: dict, ctx: AttachContext) -> IA3Config:
         layers = str(ctx.model_cfg.layers)
         return IA3Config(task_type=task_type(ctx.model_cfg),
-                         target_modules=layer_regex(layers, list(cfg.target_modules)),
-                         feedforward_modules=layer_regex(layers, list(cfg.feedforward_modules)),
+                         target_modules=layer_regex(layers, list(eff["target_modules"])),
+                         feedforward_modules=layer_regex(layers, list(eff["feedforward_modules"])),
                          init_ia3_weights=True)

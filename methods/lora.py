@@ -15,29 +15,22 @@ from torch import nn
 
 from methods.base import AttachContext, register
 from methods.errors import BenchError
+from methods.facts import MethodFacts
 from methods.peft_common import PeftMethod, task_type
 
 
 @register
 class Lora(PeftMethod):
     name = "lora"
-    label = "LoRA"
-    summary = ("B·A on W_q, W_v; B = 0 at init; scale α/r with α = 2r; dropout 0.1 on the adapter's input "
-               "(costs time: a CPU training step took ~8-10 % longer than with "
-               "`method.dropout=0`)")
-    lr_source = "LoRA paper, RoBERTa-base GLUE"
-    defaults_source = "paper"
-    display_order = 2
-    merges = True
-    use_rslora = False
-    use_dora = False
+    use_rslora: ClassVar[bool] = False
+    use_dora: ClassVar[bool] = False
 
-    def effective_config(self, cfg: dict, rank: int | None) -> dict:
-        out = dict(cfg)
+    def derive(self, settings: dict, rank: int | None) -> dict:
+        out = dict(settings)
         out["r"] = rank
         # alpha: a fixed alpha (rsLoRA) when set, else alpha_over_rank * r (LoRA: a constant alpha/r).
-        fixed = cfg.get("alpha")
-        out["lora_alpha"] = float(fixed) if fixed is not None else float(cfg["alpha_over_rank"]) * rank
+        fixed = settings.get("alpha")
+        out["lora_alpha"] = float(fixed) if fixed is not None else float(settings["alpha_over_rank"]) * rank
         return out
 
     def config_label(self, effective: dict) -> str:
@@ -49,20 +42,19 @@ class Lora(PeftMethod):
             return f"{self.display_label} (α={float(per_rank):g}r)"
         return self.display_label
 
-    def peft_config(self, cfg: Any, ctx: AttachContext) -> LoraConfig:
-        eff = self.effective_config(dict(cfg), ctx.rank)
+    def peft_config(self, eff: dict, ctx: AttachContext) -> LoraConfig:
         return LoraConfig(
             task_type=task_type(ctx.model_cfg),
             r=eff["r"],
             lora_alpha=eff["lora_alpha"],
-            lora_dropout=float(cfg.dropout),
-            target_modules=list(cfg.target_modules),
+            lora_dropout=float(eff["dropout"]),
+            target_modules=list(eff["target_modules"]),
             use_rslora=self.use_rslora,
             use_dora=self.use_dora,
-            **{"init_lora_weights": True, **self.init_kwargs(cfg)},  # True: A Kaiming-uniform, B = 0
+            **{"init_lora_weights": True, **self.init_kwargs(eff)},  # True: A Kaiming-uniform, B = 0
         )
 
-    def init_kwargs(self, cfg: Any) -> dict:
+    def init_kwargs(self, eff: dict) -> dict:
         """LoraConfig arguments of the initialisation (LoraInit); plain LoRA: none (B = 0)."""
         return {}
 
@@ -70,14 +62,12 @@ class Lora(PeftMethod):
 @register
 class LoraFixedAlpha(Lora):
     """LoRA with alpha fixed across ranks (scale alpha/r): the rank study's third scaling rule
-    (conf/method/lora_fixed_alpha.yaml; label "LoRA (α=16)")."""
+    (conf/method/lora_fixed_alpha.yaml sets `alpha`; its label reads "LoRA (α=16)")."""
 
     name = "lora_fixed_alpha"
-    summary = "as lora with α fixed at 16 (scale α/r: 16 at r=1, 0.25 at r=64); the rank study's third rule"
-    lr_source = "as lora"
 
 
-# The LoRA initialisations peft ships (conf/method/<name>.yaml with `lora_init:`, registered by
+# The LoRA initialisations peft ships (conf/method/<name>.yaml with `lora_init:`, built as LoraInit instances by
 # methods/peft_generic.py like any yaml-only method). `needs_data`: a pass over the run's first training batches
 # (ctx.calibration) before training; `mutates_base`: the init moves the principal part out of W (W_res = W - s·B·A),
 # so `save` converts the adapter to a plain LoRA of rank 2r on the unmodified W (peft's
@@ -95,26 +85,27 @@ _INITIAL = "_bench_initial_adapter"  # attribute of the attached model: the LoRA
 
 class LoraInit(Lora):
     """LoRA with one of peft's initialisations (`lora_init` in the yaml: pissa, olora, eva, corda, lora_ga, loftq);
-    everything else is lora's. The facts come from the yaml (methods/peft_generic.py)."""
+    everything else is lora's. One instance per yaml, built by methods/peft_generic.py with the yaml's facts."""
 
-    lora_init: ClassVar[str]
+    def __init__(self, name: str, facts: MethodFacts, lora_init: str):
+        if lora_init not in LORA_INITS:
+            raise BenchError(f"conf/method/{name}.yaml: lora_init: {lora_init}; choose one of {', '.join(LORA_INITS)}")
+        super().__init__(name, facts)
+        self.lora_init = lora_init
 
     @property
     def _init(self) -> dict[str, Any]:
         return LORA_INITS[self.lora_init]
-
-    def effective_config(self, cfg: dict, rank: int | None) -> dict:
-        return {k: v for k, v in super().effective_config(cfg, rank).items() if k != "facts"}
 
     def validate(self, device: torch.device) -> None:
         if self.lora_init == "loftq" and (device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None):
             raise BenchError(f"method={self.name} needs a CUDA GPU and bitsandbytes (peft 0.21 quantises LoftQ's NF4 "
                              "with bitsandbytes on CUDA only); use method=lora here, or run on a GPU machine")
 
-    def init_kwargs(self, cfg: Any) -> dict:
+    def init_kwargs(self, eff: dict) -> dict:
         from peft.tuners.lora.config import CordaConfig, EvaConfig, LoftQConfig, LoraGAConfig
 
-        opts = dict(cfg.get("init_options") or {})
+        opts = dict(eff.get("init_options") or {})
         out: dict[str, Any] = {"init_lora_weights": self._init["init"]}
         if self.lora_init == "pissa" and opts.get("niter"):
             out["init_lora_weights"] = f"pissa_niter_{int(opts['niter'])}"
@@ -130,13 +121,13 @@ class LoraInit(Lora):
             out["loftq_config"] = LoftQConfig(loftq_bits=int(opts.get("bits", 4)), loftq_iter=int(opts.get("iter", 1)))
         return out
 
-    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
+    def attach(self, model: nn.Module, eff: dict, ctx: AttachContext) -> nn.Module:
         if not self._init["needs_data"]:
-            return self._keep_initial(super().attach(model, cfg, ctx))
+            return self._keep_initial(super().attach(model, eff, ctx))
         if ctx.calibration is None:
             raise BenchError(f"method={self.name} initialises from the training data, and this caller gave none "
                              "(AttachContext.calibration)")
-        n = int(cfg.get("calibration_batches", 8))
+        n = int(eff.get("calibration_batches", 8))
         device = next(model.parameters()).device
 
         def batches(labels: bool):
@@ -148,13 +139,13 @@ class LoraInit(Lora):
         if self.lora_init == "eva":
             from peft import initialize_lora_eva_weights
 
-            peft_model = super().attach(model, cfg, ctx)
+            peft_model = super().attach(model, eff, ctx)
             was_training = peft_model.training
             peft_model.eval()
             initialize_lora_eva_weights(peft_model, list(batches(labels=False)), show_progress_bar=False)
             return peft_model.train(was_training)
         # CorDA and LoRA-GA: a pass over the data on the base model, then attach (peft's order).
-        peft_cfg = self.peft_config(cfg, ctx)
+        peft_cfg = self.peft_config(eff, ctx)
         if self.lora_init == "corda":
             from peft.tuners.lora.corda import preprocess_corda
 

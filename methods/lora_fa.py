@@ -9,8 +9,6 @@ variant; the suite keeps its one shared AdamW for every method (bench/loop/train
 trained by that AdamW, not peft's optimiser."""
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from methods.base import AttachContext, register
@@ -21,14 +19,9 @@ from methods.lora import Lora
 @register
 class LoraFA(Lora):
     name = "lora_fa"
-    label = "LoRA-FA"
-    display_order = 4
-    summary = "as lora with A frozen at its random init: only B (d_out x r per matrix) trains"
-    lr_source = "guess (LoRA's), not swept"
-    defaults_source = "paper (A frozen), guess (lr)"
 
-    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
-        model = super().attach(model, cfg, ctx)
+    def attach(self, model: nn.Module, eff: dict, ctx: AttachContext) -> nn.Module:
+        model = super().attach(model, eff, ctx)
         frozen = 0
         for name, param in model.named_parameters():
             if ".lora_A." in name:

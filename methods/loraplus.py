@@ -12,8 +12,6 @@ override the helper's, so that LoRA+ differs from LoRA in B's learning rate only
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from peft.optimizers import create_loraplus_optimizer
 from torch import nn
@@ -28,15 +26,10 @@ _RATIO_ATTR = "loraplus_lr_ratio"  # where attach leaves the ratio on the model,
 @register
 class LoraPlus(Lora):
     name = "loraplus"
-    label = "LoRA+"
-    display_order = 4
-    summary = "as lora; B's lr = `loraplus_lr_ratio` (16) x A's"
-    lr_source = "A and the head, as lora; ratio 16: LoRA+ paper's suggested 2^4"
-    defaults_source = "paper"
 
-    def effective_config(self, cfg: dict, rank: int | None) -> dict:
-        out = super().effective_config(cfg, rank)
-        ratio = float(cfg["loraplus_lr_ratio"])
+    def derive(self, settings: dict, rank: int | None) -> dict:
+        out = super().derive(settings, rank)
+        ratio = float(settings["loraplus_lr_ratio"])
         if ratio < 1:  # peft's docs: "Should be ≥1"; below 1 B would learn slower than A, the opposite of LoRA+
             raise BenchError(f"loraplus: method.loraplus_lr_ratio must be >= 1 (B's lr / A's lr); got {ratio:g}")
         out["loraplus_lr_ratio"] = ratio
@@ -49,9 +42,9 @@ class LoraPlus(Lora):
             return label
         return label[:-1] + f", λ={float(ratio):g})" if label.endswith(")") else label + f" (λ={float(ratio):g})"
 
-    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
-        model = super().attach(model, cfg, ctx)
-        setattr(model, _RATIO_ATTR, float(self.effective_config(dict(cfg), ctx.rank)["loraplus_lr_ratio"]))
+    def attach(self, model: nn.Module, eff: dict, ctx: AttachContext) -> nn.Module:
+        model = super().attach(model, eff, ctx)
+        setattr(model, _RATIO_ATTR, float(eff["loraplus_lr_ratio"]))
         return model
 
     def optimizer_param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:

@@ -24,13 +24,14 @@ def task_type(model_cfg: Any) -> TaskType:
 class PeftMethod(Method):
     saved_format = "peft adapter (adapter_model.safetensors + adapter_config.json)"
 
-    def peft_config(self, cfg: Any, ctx: AttachContext) -> PeftConfig:
+    def peft_config(self, eff: dict, ctx: AttachContext) -> PeftConfig:
+        """The peft config built from the effective config."""
         raise NotImplementedError
 
-    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
+    def attach(self, model: nn.Module, eff: dict, ctx: AttachContext) -> nn.Module:
         # The whole task head trains, as for every method (conf/model/family `head`: BERT's pooler too). task_type
         # SEQ_CLS adds peft's own `classifier`/`score` to modules_to_save; the family's names are added here.
-        return self.attach_config(model, self.peft_config(cfg, ctx), ctx)
+        return self.attach_config(model, self.peft_config(eff, ctx), ctx)
 
     def attach_config(self, model: nn.Module, peft_cfg: PeftConfig, ctx: AttachContext) -> nn.Module:
         """`get_peft_model` with this peft config, the task head trained in full; one line when nothing matches."""
@@ -49,5 +50,6 @@ class PeftMethod(Method):
     def save(self, model: nn.Module, out_dir: Path) -> None:
         model.save_pretrained(str(out_dir), safe_serialization=True)
 
-    def load(self, base_model: nn.Module, cfg: Any, ctx: AttachContext, out_dir: Path) -> nn.Module:
+    def load(self, base_model: nn.Module, eff: dict, ctx: AttachContext, out_dir: Path) -> nn.Module:
+        """peft's own loader: the saved adapter_config.json (written from `eff` at attach) rebuilds the adapter."""
         return PeftModel.from_pretrained(base_model, str(out_dir))

@@ -1,74 +1,60 @@
 """Any peft tuner from a yaml alone: every `conf/method/<name>.yaml` with a `peft_config:` key (the name of a
-`peft.*Config` class) is registered here as a method, with no Python of its own.
+`peft.*Config` class) is a `GenericPeftMethod` built with its yaml's facts, and every one with a `lora_init:` key (one
+of LoRA's initialisations) a `LoraInit` (methods/lora.py); neither has Python of its own.
 
-The yaml holds:
+A tuner's yaml holds:
 - `peft_config`: the peft config class (`VeraConfig`, `LoHaConfig`, ...), built with the model's peft task type;
 - `peft_args`: its constructor arguments (target modules from conf/model, e.g. `${model.lora_targets}`);
-- `facts`: what the registry says about the method (methods/base.py `Method`): `label`, `summary` (what trains,
-  in docs/methods.md), `rank_meaning` (null: `rank` is ignored and left out of the run's identity), `rank_fills`
-  (the peft arguments the `rank` knob sets, each as a multiple of it: `{r: 1, alpha: 2}`), `merges`,
-  `identity_at_init`, `changes_base_weights` (+ `unchanged_reason`), `prepends_tokens` (P-tuning: virtual tokens
-  in front of the input, so the head reads the real first token as for prompt tuning), `cannot_apply` (model
-  family -> the one line saying why it stops at plan time), `defaults_source` (how the defaults were chosen:
-  paper, peft example, our lr sweep, guess) and `lr_source` (the learning rate's source, for the table);
-- the loop's settings every method has (`lr`, `warmup_ratio`, `weight_decay`).
+- the loop's settings every method has (`lr`, `warmup_ratio`, `weight_decay`);
+- `facts` (methods/facts.py `TunerFacts`): every method's facts, plus `rank_fills` (the peft arguments the `rank`
+  knob sets, each as a multiple of it: `{r: 1, alpha: 2}`; with `rank_meaning`, or neither when `rank` is ignored)
+  and `prepends_tokens` (P-tuning: virtual tokens in front of the input, so the head reads the real first token as
+  for prompt tuning).
 
-`facts` are descriptions, not settings: they are left out of the effective config (the run's identity), whereas
-`peft_config` and `peft_args` (with the rank filled in) are in it. Attaching, counting, saving, loading and merging
-are PeftMethod's (methods/peft_common.py).
+`peft_config` and `peft_args` (with the rank filled in) are in the effective config, the run's identity; the facts
+are not. Attaching, counting, saving, loading and merging are PeftMethod's (methods/peft_common.py).
 """
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import peft
-from omegaconf import OmegaConf
 from peft import PeftConfig, PeftModel
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
-from methods.base import REGISTRY, AttachContext
+from methods.base import AttachContext, add
 from methods.errors import BenchError
-from methods.lora import LORA_INITS, LoraInit
+from methods.facts import FACTS_KEY, METHOD_CONF, MethodFacts, TunerFacts, method_yaml, validate_facts
+from methods.lora import LoraInit
 from methods.peft_common import PeftMethod, task_type
 from methods.prompt import read_real_first_token
 
-METHOD_CONF = Path(__file__).resolve().parent.parent / "conf" / "method"
-
-# Facts a yaml may set, with their Method attribute names (methods/base.py); anything else under `facts` is a typo.
-_FACTS = {"label", "summary", "display_order", "rank_meaning", "rank_format", "rank_fills", "merges",
-          "identity_at_init", "changes_base_weights", "unchanged_reason", "prepends_tokens", "cannot_apply",
-          "defaults_source", "lr_source"}
-
 
 class GenericPeftMethod(PeftMethod):
-    """A peft tuner described by its yaml (module docstring). One subclass per yaml, made by `register_yaml`."""
+    """A peft tuner described by its yaml (module docstring): one instance per yaml, with the yaml's facts and the
+    name of its peft config class."""
 
-    peft_config_class: ClassVar[str]
-    rank_fills: ClassVar[dict[str, float]] = {}
-    prepends_tokens: ClassVar[bool] = False
-    cannot_apply: ClassVar[dict[str, str]] = {}
+    facts_schema = TunerFacts
+    facts: TunerFacts
 
-    def validate_model(self, model_cfg: Any) -> None:
-        family = str(model_cfg.get("family") or "")
-        if family in self.cannot_apply:
-            raise BenchError(f"method '{self.name}' cannot apply to model '{model_cfg.get('name')}' "
-                             f"({family} family): {self.cannot_apply[family]}")
+    def __init__(self, name: str, facts: TunerFacts, peft_config_class: str):
+        config_class = getattr(peft, peft_config_class, None)
+        if not (isinstance(config_class, type) and issubclass(config_class, PeftConfig)):
+            raise BenchError(f"conf/method/{name}.yaml: peft_config: {peft_config_class} is not a peft config class")
+        super().__init__(name, facts)
+        self.peft_config_class = peft_config_class
 
-    def effective_config(self, cfg: dict, rank: int | None) -> dict:
-        out = {k: v for k, v in cfg.items() if k != "facts"}
-        args = dict(out.get("peft_args") or {})
-        for arg, times in self.rank_fills.items():
+    def derive(self, settings: dict, rank: int | None) -> dict:
+        args = dict(settings.get("peft_args") or {})
+        for arg, times in self.facts.rank_fills.items():
             value = float(times) * int(rank or 0)
             args[arg] = int(value) if value == int(value) else value
-        out["peft_args"] = args
-        return out
+        return {**settings, "peft_args": args}
 
-    def peft_config(self, cfg: Any, ctx: AttachContext) -> PeftConfig:
-        eff = self.effective_config(OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg)
-                                    else dict(cfg), ctx.rank)
+    def peft_config(self, eff: dict, ctx: AttachContext) -> PeftConfig:
         config_class = getattr(peft, self.peft_config_class)
         try:
             return config_class(task_type=task_type(ctx.model_cfg), **eff["peft_args"])
@@ -89,67 +75,41 @@ class GenericPeftMethod(PeftMethod):
         return model.merge_and_unload()
 
     def virtual_tokens(self, rank: int | None) -> int:
-        return int(rank or 0) if self.prepends_tokens else 0
+        return int(rank or 0) if self.facts.prepends_tokens else 0
 
-    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
-        return self._adapt(super().attach(model, cfg, ctx), ctx)
+    def attach(self, model: nn.Module, eff: dict, ctx: AttachContext) -> nn.Module:
+        return self._adapt(super().attach(model, eff, ctx), ctx)
 
-    def load(self, base_model: nn.Module, cfg: Any, ctx: AttachContext, out_dir: Path) -> nn.Module:
-        return self._adapt(super().load(base_model, cfg, ctx, out_dir), ctx)
+    def load(self, base_model: nn.Module, eff: dict, ctx: AttachContext, out_dir: Path) -> nn.Module:
+        return self._adapt(super().load(base_model, eff, ctx, out_dir), ctx)
 
     def _adapt(self, model: PeftModel, ctx: AttachContext) -> PeftModel:
-        if self.prepends_tokens:
+        if self.facts.prepends_tokens:
             return read_real_first_token(model, ctx.model_cfg)
         return model
 
 
 def method_yamls() -> dict[str, dict]:
-    """{name: the yaml as written (interpolations unresolved)} of every method yaml that names a peft config
-    (`peft_config:`) or one of LoRA's initialisations (`lora_init:`, methods/lora.py LoraInit)."""
+    """{name: the yaml as composed (methods/facts.py `method_yaml`; interpolations unresolved)} of every method yaml
+    that names a peft config (`peft_config:`) or one of LoRA's initialisations (`lora_init:`)."""
     out = {}
     for path in sorted(METHOD_CONF.glob("*.yaml")):
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-        if isinstance(raw, dict) and (raw.get("peft_config") or raw.get("lora_init")):
+        raw = method_yaml(path.stem)
+        if raw.get("peft_config") or raw.get("lora_init"):
             out[path.stem] = raw
     return out
 
 
-def register_yaml(name: str, raw: dict) -> type[PeftMethod]:
-    """Register the method a yaml describes; a yaml that names no such peft class or an unknown fact stops here
-    with one line (every command imports the registry, so a broken yaml cannot go unnoticed)."""
+def from_yaml(name: str, raw: dict[str, Any]) -> PeftMethod:
+    """The method a tuner's yaml describes (`raw`: the composed yaml). A yaml that names no such peft class, an unknown
+    LoRA initialisation, or facts that do not check stops here with one line (every command imports the registry, so
+    a broken yaml cannot go unnoticed)."""
     if raw.get("name") != name:
         raise BenchError(f"conf/method/{name}.yaml: name: {raw.get('name')!r} must equal the file's name")
-    base: type[PeftMethod]
     if raw.get("lora_init"):
-        if str(raw["lora_init"]) not in LORA_INITS:
-            raise BenchError(f"conf/method/{name}.yaml: lora_init: {raw['lora_init']}; choose one of "
-                             f"{', '.join(LORA_INITS)}")
-        base, extra = LoraInit, {"lora_init": str(raw["lora_init"]), "merges": True}
-    else:
-        config_class = str(raw["peft_config"])
-        if not isinstance(getattr(peft, config_class, None), type) or not issubclass(getattr(peft, config_class),
-                                                                                     PeftConfig):
-            raise BenchError(f"conf/method/{name}.yaml: peft_config: {config_class} is not a peft config class")
-        base, extra = GenericPeftMethod, {"peft_config_class": config_class}
-    facts = dict(raw.get("facts") or {})
-    unknown = sorted(set(facts) - _FACTS)
-    if unknown:
-        raise BenchError(f"conf/method/{name}.yaml: unknown facts {unknown}; known: {sorted(_FACTS)}")
-    attrs: dict[str, Any] = {"name": name, "__module__": __name__, **extra, **facts}
-    if base is GenericPeftMethod:
-        attrs["rank_fills"] = dict(facts.get("rank_fills") or {})
-        attrs["cannot_apply"] = dict(facts.get("cannot_apply") or {})
-        if bool(attrs.get("rank_meaning")) != bool(attrs["rank_fills"]):
-            raise BenchError(f"conf/method/{name}.yaml: facts.rank_meaning and facts.rank_fills go together "
-                             "(both set: `rank` fills those peft arguments; both null: `rank` is ignored)")
-    if facts.get("prepends_tokens"):
-        attrs.setdefault("rank_format", "{} tokens")
-    cls = type(f"Peft_{name}", (base,), attrs)
-    if name in REGISTRY:
-        raise BenchError(f"conf/method/{name}.yaml: method '{name}' is also registered in Python")
-    REGISTRY[name] = cls()
-    return cls
+        return LoraInit(name, validate_facts(name, raw.get(FACTS_KEY), MethodFacts), str(raw["lora_init"]))
+    return GenericPeftMethod(name, validate_facts(name, raw.get(FACTS_KEY), TunerFacts), str(raw["peft_config"]))
 
 
 for _name, _raw in method_yamls().items():
-    register_yaml(_name, _raw)
+    add(from_yaml(_name, _raw))

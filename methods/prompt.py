@@ -41,22 +41,17 @@ _INITS = {"random": PromptTuningInit.RANDOM, "sample_vocab": PromptTuningInit.SA
 class VirtualTokens(PeftMethod):
     """Prompt and prefix tuning: `rank` virtual tokens in front of every sequence; W unchanged; not identity."""
 
-    rank_meaning = "virtual tokens"
-    rank_format = "{} tokens"
-    changes_base_weights = False
-    identity_at_init = False
-
     def virtual_tokens(self, rank: int | None) -> int:
         return int(rank or 0)
 
-    def effective_config(self, cfg: dict, rank: int | None) -> dict:
-        return {**cfg, "num_virtual_tokens": rank}
+    def derive(self, settings: dict, rank: int | None) -> dict:
+        return {**settings, "num_virtual_tokens": rank}
 
-    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
-        return self.adapt(super().attach(model, cfg, ctx), ctx)
+    def attach(self, model: nn.Module, eff: dict, ctx: AttachContext) -> nn.Module:
+        return self.adapt(super().attach(model, eff, ctx), ctx)
 
-    def load(self, base_model: nn.Module, cfg: Any, ctx: AttachContext, out_dir: Path) -> nn.Module:
-        return self.adapt(super().load(base_model, cfg, ctx, out_dir), ctx)
+    def load(self, base_model: nn.Module, eff: dict, ctx: AttachContext, out_dir: Path) -> nn.Module:
+        return self.adapt(super().load(base_model, eff, ctx, out_dir), ctx)
 
     def adapt(self, model: PeftModel, ctx: AttachContext) -> PeftModel:
         """What the model needs once peft has attached or loaded the method (each subclass's own fix)."""
@@ -66,15 +61,9 @@ class VirtualTokens(PeftMethod):
 @register
 class PromptTuning(VirtualTokens):
     name = "prompt_tuning"
-    label = "Prompt tuning"
-    summary = "r virtual input embeddings (init: sampled vocabulary)"
-    lr_source = "our lr sweep over 1e-3, 1e-2, 3e-2"
-    defaults_source = "our lr sweep"
-    display_order = 10
-    unchanged_reason = "prompt tuning learns input tokens; the pre-trained W are unchanged"
 
-    def effective_config(self, cfg: dict, rank: int | None) -> dict:
-        out = super().effective_config(cfg, rank)
+    def derive(self, settings: dict, rank: int | None) -> dict:
+        out = super().derive(settings, rank)
         if out["init"] not in _INITS:
             raise BenchError(f"prompt_tuning: init={out['init']}; choose one of {', '.join(_INITS)}")
         if out["init"] != "text":
@@ -84,14 +73,13 @@ class PromptTuning(VirtualTokens):
     def adapt(self, model: PeftModel, ctx: AttachContext) -> PeftModel:
         return read_real_first_token(model, ctx.model_cfg)
 
-    def peft_config(self, cfg: Any, ctx: AttachContext) -> PromptTuningConfig:
-        eff = self.effective_config(dict(cfg), ctx.rank)
+    def peft_config(self, eff: dict, ctx: AttachContext) -> PromptTuningConfig:
         kwargs: dict[str, Any] = {}
         if eff["init"] == "text":
             # peft tokenises the text and repeats/truncates it to num_virtual_tokens tokens.
             if not ctx.tokenizer_path:
                 raise BenchError("prompt_tuning: init=text needs the tokenizer's path in the attach context")
-            kwargs = {"prompt_tuning_init_text": str(cfg.init_text), "tokenizer_name_or_path": ctx.tokenizer_path}
+            kwargs = {"prompt_tuning_init_text": str(eff["init_text"]), "tokenizer_name_or_path": ctx.tokenizer_path}
         return PromptTuningConfig(task_type=task_type(ctx.model_cfg), num_virtual_tokens=int(eff["num_virtual_tokens"]),
                                   prompt_tuning_init=_INITS[eff["init"]], **kwargs)
 
@@ -99,24 +87,17 @@ class PromptTuning(VirtualTokens):
 @register
 class PrefixTuning(VirtualTokens):
     name = "prefix_tuning"
-    label = "Prefix tuning"
-    summary = "r key and value prefixes in every layer"
-    lr_source = "peft seq-cls example"
-    defaults_source = "peft example"
-    display_order = 11
-    unchanged_reason = "prefix tuning learns key/value prefixes; the pre-trained W are unchanged"
 
-    def effective_config(self, cfg: dict, rank: int | None) -> dict:
-        out = super().effective_config(cfg, rank)
+    def derive(self, settings: dict, rank: int | None) -> dict:
+        out = super().derive(settings, rank)
         if not out["prefix_projection"]:
             out.pop("encoder_hidden_size", None)  # only used by the reparametrisation MLP
         return out
 
-    def peft_config(self, cfg: Any, ctx: AttachContext) -> PrefixTuningConfig:
-        eff = self.effective_config(dict(cfg), ctx.rank)
+    def peft_config(self, eff: dict, ctx: AttachContext) -> PrefixTuningConfig:
         kwargs: dict[str, Any] = {}
         if eff["prefix_projection"]:
-            kwargs["encoder_hidden_size"] = int(cfg.encoder_hidden_size)
+            kwargs["encoder_hidden_size"] = int(eff["encoder_hidden_size"])
         return PrefixTuningConfig(task_type=task_type(ctx.model_cfg), num_virtual_tokens=int(eff["num_virtual_tokens"]),
                                   prefix_projection=bool(eff["prefix_projection"]), **kwargs)
 

@@ -21,12 +21,6 @@ from methods.lora import Lora
 @register
 class QLora(Lora):
     name = "qlora"
-    label = "QLoRA"
-    summary = "as lora on a 4-bit NF4 base (bitsandbytes, CUDA only)"
-    lr_source = "as lora"
-    defaults_source = "as lora"
-    display_order = 6
-    merges = True
 
     def validate(self, device: torch.device) -> None:
         if device.type != "cuda":
@@ -36,23 +30,23 @@ class QLora(Lora):
             raise BenchError("method=qlora needs the bitsandbytes package: pip install -e '.[gpu]' "
                              "(or pip install bitsandbytes)")
 
-    def load_kwargs(self, cfg: Any, model_cfg: Any, device: torch.device) -> dict:
+    def load_kwargs(self, eff: dict, model_cfg: Any, device: torch.device) -> dict:
         from transformers import BitsAndBytesConfig
 
         quant = BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_quant_type=str(cfg.quant_type),
-            bnb_4bit_use_double_quant=bool(cfg.double_quant),
-            bnb_4bit_compute_dtype=getattr(torch, str(cfg.compute_dtype)),
+            bnb_4bit_quant_type=str(eff["quant_type"]),
+            bnb_4bit_use_double_quant=bool(eff["double_quant"]),
+            bnb_4bit_compute_dtype=getattr(torch, str(eff["compute_dtype"])),
             llm_int8_skip_modules=list(head_modules(model_cfg)),  # the task head trains: keep it unquantised
         )
         return {"quantization_config": quant, "device_map": {"": device.index or 0}}
 
-    def attach(self, model: nn.Module, cfg: Any, ctx: AttachContext) -> nn.Module:
+    def attach(self, model: nn.Module, eff: dict, ctx: AttachContext) -> nn.Module:
         from peft import prepare_model_for_kbit_training
 
         # Freezes the base, casts its remaining 16-bit tensors (LayerNorm, embeddings) to fp32 for stability,
         # and optionally turns on gradient checkpointing (the QLoRA paper's setting; off by default so that
         # the memory difference to `lora` is the quantisation alone).
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.gradient_checkpointing))
-        return super().attach(model, cfg, ctx)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(eff["gradient_checkpointing"]))
+        return super().attach(model, eff, ctx)

@@ -10,9 +10,4 @@ from methods.lora import Lora
 @register
 class RsLora(Lora):
     name = "rslora"
-    label = "rsLoRA"
-    summary = "as lora, scale α/√r with α fixed at 16"
-    lr_source = "as lora; rsLoRA keeps lr across ranks"
-    defaults_source = "paper"
-    display_order = 3
     use_rslora = True

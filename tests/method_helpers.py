@@ -58,13 +58,13 @@ def fresh_base(cfg: DictConfig) -> nn.Module:
 
 
 def build(make_cfg, method_name: str, *overrides: str, rank: int = 4, total_steps: int = 8
-          ) -> tuple[DictConfig, Method, nn.Module, AttachContext]:
-    """(cfg, method, base model, ctx): nothing attached yet."""
+          ) -> tuple[DictConfig, Method, nn.Module, AttachContext, dict]:
+    """(cfg, method, base model, ctx, the method's effective config as the run hashes it): nothing attached yet."""
     cfg = make_cfg(f"method={method_name}", f"rank={rank}", *overrides)
     p = plan(cfg)
     ctx = AttachContext(rank=p.rank, model_cfg=cfg.model, num_labels=NUM_LABELS, total_steps=total_steps,
                         calibration=lambda: [batch(i) for i in range(4)])
-    return cfg, p.method, fresh_base(cfg), ctx
+    return cfg, p.method, fresh_base(cfg), ctx, p.effective["method"]
 
 
 def batch(seed: int = 0, size: int = 4, length: int = 12) -> dict[str, torch.Tensor]:

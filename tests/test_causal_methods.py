@@ -104,7 +104,7 @@ def build(name: str, rank: int = 4, total_steps: int = 8):
     p = plan(cfg)
     ctx = AttachContext(rank=p.rank, model_cfg=cfg.model, num_labels=2, total_steps=total_steps,
                         calibration=lambda: [causal_batch(i) for i in range(4)])
-    return cfg, p.method, fresh_base(cfg), ctx
+    return cfg, p.method, fresh_base(cfg), ctx, p.effective["method"]
 
 
 def train_steps(model: nn.Module, method: Method, cfg: DictConfig, steps: int, lr: float = 1e-2) -> None:
@@ -131,11 +131,11 @@ def test_a_refusal_on_llama_stops_the_run_at_plan_time(name):
 
 @pytest.mark.parametrize("name", _cases(RUNS))
 def test_method_attaches_is_identity_at_init_and_trains_on_the_causal_lm(name):
-    cfg, method, base, ctx = build(name)
+    cfg, method, base, ctx, eff = build(name)
     head = head_modules(cfg.model)
     assert head == ()  # the Llama family has no task head: every trainable parameter is the method's
     before = lm_logits(base)
-    model = method.attach(base, cfg.method, ctx)
+    model = method.attach(base, eff, ctx)
     body = [n for n, p in model.named_parameters() if p.requires_grad and not is_head_param(n, head)]
     assert body, "nothing trains outside the (empty) head"
     at_init = lm_logits(model)
@@ -147,8 +147,8 @@ def test_method_attaches_is_identity_at_init_and_trains_on_the_causal_lm(name):
 
 @pytest.mark.parametrize("name", _cases(MERGING, fast=MERGE_FAST))
 def test_merged_equals_unmerged_on_the_causal_lm(name):
-    cfg, method, base, ctx = build(name)
-    model = method.attach(base, cfg.method, ctx)
+    cfg, method, base, ctx, eff = build(name)
+    model = method.attach(base, eff, ctx)
     perturb(model, head_modules(cfg.model), scale=0.05)
     unmerged = lm_logits(model)
     assert (unmerged - lm_logits(fresh_base(cfg))).abs().max() > 1e-4  # the perturbation moved the outputs
@@ -159,12 +159,12 @@ def test_merged_equals_unmerged_on_the_causal_lm(name):
 
 @pytest.mark.parametrize("name", _cases(ROUND_TRIP, fast=ROUND_TRIP_FAST))
 def test_save_load_round_trip_reproduces_causal_logits(tmp_path, name):
-    cfg, method, base, ctx = build(name)
-    model = method.attach(base, cfg.method, ctx)
+    cfg, method, base, ctx, eff = build(name)
+    model = method.attach(base, eff, ctx)
     perturb(model, head_modules(cfg.model), scale=0.05)
     expected = lm_logits(model)
     method.save(model, tmp_path / "w")
-    loaded = method.load(fresh_base(cfg), cfg.method, ctx, tmp_path / "w")
+    loaded = method.load(fresh_base(cfg), eff, ctx, tmp_path / "w")
     torch.testing.assert_close(lm_logits(loaded), expected, atol=1e-5, rtol=0)
 
 
@@ -173,8 +173,8 @@ def test_save_load_round_trip_reproduces_causal_logits(tmp_path, name):
 def test_virtual_token_methods_generate_on_the_causal_lm(name):
     """Decoding with the method attached: prefix tuning hands its prefix through the model's cache (transformers 5
     cache API), and generation must extend it token by token."""
-    cfg, method, base, ctx = build(name)
-    model = method.attach(base, cfg.method, ctx)
+    cfg, method, base, ctx, eff = build(name)
+    model = method.attach(base, eff, ctx)
     model.eval()
     b = causal_batch(5)
     with torch.no_grad():

@@ -12,9 +12,9 @@ STEPS = 20  # AdaLoRA: tinit 2, tfinal 8; masks every step (deltaT=1) from step 
 
 
 def test_keep_best_restores_adalora_rank_pattern_so_evaluated_and_saved_model_agree(make_cfg, tmp_path):
-    cfg, method, base, ctx = build(make_cfg, "adalora", "method.deltaT=1", "budget.eval_every_steps=2",
+    cfg, method, base, ctx, eff = build(make_cfg, "adalora", "method.deltaT=1", "budget.eval_every_steps=2",
                                    "budget.keep_best=true", rank=4, total_steps=STEPS)
-    model = method.attach(base, cfg.method, ctx)
+    model = method.attach(base, eff, ctx)
     scores = iter([0.0, 0.0, 1.0] + [0.0] * 7)  # evaluations at steps 2, 4, ..., 18, then the final one: 6 wins
     scored = {}
 
@@ -32,13 +32,13 @@ def test_keep_best_restores_adalora_rank_pattern_so_evaluated_and_saved_model_ag
     assert final_ranks == scored["ranks"]  # the record's rank pattern is the scored model's
     torch.testing.assert_close(logits(model), scored["logits"], atol=1e-6, rtol=0)
     method.save(model, tmp_path / "weights")
-    reloaded = method.load(fresh_base(cfg), cfg.method, ctx, tmp_path / "weights")
+    reloaded = method.load(fresh_base(cfg), eff, ctx, tmp_path / "weights")
     torch.testing.assert_close(logits(reloaded), scored["logits"], atol=1e-5, rtol=0)
 
 
 def test_keep_best_copy_is_in_host_memory_and_independent(make_cfg):
-    cfg, method, base, ctx = build(make_cfg, "lora")
-    model = method.attach(base, cfg.method, ctx)
+    cfg, method, base, ctx, eff = build(make_cfg, "lora")
+    model = method.attach(base, eff, ctx)
     copy = copy_trainable_to_cpu(model)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert set(copy) == set(trainable)

@@ -13,10 +13,14 @@ def _ctx(cfg, rank):
     return AttachContext(rank=rank, model_cfg=cfg.model, num_labels=2, total_steps=10)
 
 
+def _eff(cfg, rank):
+    return get_method("lora").effective_config(cfg.method, rank)
+
+
 def test_lora_param_count_roberta_base_qv_r8(make_cfg):
     cfg = make_cfg("method=lora", "rank=8", "model=roberta-base")
     model = AutoModelForSequenceClassification.from_config(RobertaConfig(num_labels=2))
-    model = get_method("lora").attach(model, cfg.method, _ctx(cfg, 8))
+    model = get_method("lora").attach(model, _eff(cfg, 8), _ctx(cfg, 8))
     # 12 layers x 2 matrices (q, v) x (A: 8x768 + B: 768x8)
     assert count_params(model, "classifier")["trainable_params_excl_head"] == 12 * 2 * (8 * 768 + 768 * 8) == 294_912
 
@@ -31,7 +35,7 @@ def test_lora_starts_as_base_and_only_adapters_and_head_get_gradients(make_cfg):
     ids = torch.randint(1000, 2000, (3, 12))
     with torch.no_grad():
         before = model(input_ids=ids).logits.clone()
-    model = get_method("lora").attach(model, cfg.method, _ctx(cfg, 4))
+    model = get_method("lora").attach(model, _eff(cfg, 4), _ctx(cfg, 4))
     model.eval()
     with torch.no_grad():
         after = model(input_ids=ids).logits

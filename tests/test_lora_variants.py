@@ -27,9 +27,9 @@ QUICK = ["measure.latency=false", "save_weights=none"]
 
 def test_loraplus_groups_give_b_ratio_times_the_lr_and_keep_the_loops_rules(make_cfg):
     ratio = 4  # the knob, not the default 16 (test_loraplus_ratio_is_part_of_the_runs_identity)
-    cfg, method, base, ctx = build(make_cfg, "loraplus", f"method.loraplus_lr_ratio={ratio}")
+    cfg, method, base, ctx, eff = build(make_cfg, "loraplus", f"method.loraplus_lr_ratio={ratio}")
     head = head_modules(cfg.model)
-    model = method.attach(base, cfg.method, ctx)
+    model = method.attach(base, eff, ctx)
     lr, wd = 3e-4, 0.1
     optimizer = torch.optim.AdamW(method.optimizer_param_groups(model, lr, wd), lr=lr)
     seen = {}
@@ -75,8 +75,8 @@ def test_loraplus_ratio_is_part_of_the_runs_identity(make_cfg):
 
 
 def test_lora_fa_keeps_a_at_its_init_and_trains_b(make_cfg):
-    cfg, method, base, ctx = build(make_cfg, "lora_fa")
-    model = method.attach(base, cfg.method, ctx)
+    cfg, method, base, ctx, eff = build(make_cfg, "lora_fa")
+    model = method.attach(base, eff, ctx)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
     train_steps(model, method, cfg, steps=3, lr=1e-2)
     after = dict(model.named_parameters())
@@ -109,8 +109,8 @@ def _plain_lora_of_first_components(cfg, dylora_model, b: int):
 
 
 def test_dylora_truncated_to_b_is_the_lora_of_its_first_b_components(make_cfg):
-    cfg, method, base, ctx = build(make_cfg, "dylora", rank=4)
-    model = method.attach(base, cfg.method, ctx)
+    cfg, method, base, ctx, eff = build(make_cfg, "dylora", rank=4)
+    model = method.attach(base, eff, ctx)
     perturb(model, head_modules(cfg.model))
     for b in (1, 2, 3, 4):
         with truncated(model, b):
@@ -124,8 +124,8 @@ def test_dylora_truncated_to_b_is_the_lora_of_its_first_b_components(make_cfg):
 
 def test_dylora_samples_every_rank_and_trains_only_the_bth_component(make_cfg):
     steps = 24  # seeded: the draws are the same every time (P(a rank missing) = 4 * (3/4)^24 < 0.5% per seed)
-    cfg, method, base, ctx = build(make_cfg, "dylora", rank=4)
-    model = method.attach(base, cfg.method, ctx)
+    cfg, method, base, ctx, eff = build(make_cfg, "dylora", rank=4)
+    model = method.attach(base, eff, ctx)
     train_steps(model, method, cfg, steps=steps, lr=1e-3)
     sampled = method.info(model)["sampled_ranks"]
     assert set(sampled) == {"1", "2", "3", "4"} and all(n > 0 for n in sampled.values())
@@ -144,8 +144,8 @@ def test_dylora_samples_every_rank_and_trains_only_the_bth_component(make_cfg):
 
 
 def test_dylora_merges_and_reloads_at_full_rank_and_reloads_every_rank(make_cfg, tmp_path):
-    cfg, method, base, ctx = build(make_cfg, "dylora", rank=4)
-    model = method.attach(base, cfg.method, ctx)
+    cfg, method, base, ctx, eff = build(make_cfg, "dylora", rank=4)
+    model = method.attach(base, eff, ctx)
     perturb(model, head_modules(cfg.model))
     full = logits(model)
     with truncated(model, 2):
@@ -153,7 +153,7 @@ def test_dylora_merges_and_reloads_at_full_rank_and_reloads_every_rank(make_cfg,
         merged = method.merged(model)  # merging is always the full-rank adapter (peft's merge_and_unload)
     torch.testing.assert_close(logits(merged), full, atol=1e-5, rtol=0)
     method.save(model, tmp_path / "w")
-    loaded = method.load(fresh_base(cfg), cfg.method, ctx, tmp_path / "w")
+    loaded = method.load(fresh_base(cfg), eff, ctx, tmp_path / "w")
     torch.testing.assert_close(logits(loaded), full, atol=1e-5, rtol=0)
     with truncated(loaded, 2):
         torch.testing.assert_close(logits(loaded), two, atol=1e-5, rtol=0)

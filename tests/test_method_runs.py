@@ -72,8 +72,8 @@ def test_virtual_tokens_past_the_positions_fail_before_training(make_cfg, name):
 
 
 def _saved_adapter(make_cfg, tmp_path, name: str, seed: int):
-    cfg, method, base, ctx = build(make_cfg, name)
-    model = method.attach(base, cfg.method, ctx)
+    cfg, method, base, ctx, eff = build(make_cfg, name)
+    model = method.attach(base, eff, ctx)
     perturb(model, head_modules(cfg.model), seed=seed)
     with torch.no_grad():  # a different head per adapter too
         for n, p in model.named_parameters():
@@ -98,8 +98,8 @@ def test_hot_swap_gives_each_adapter_its_own_logits(make_cfg, tmp_path, name):
 
 
 def test_hot_swap_refuses_non_peft_folders(make_cfg, tmp_path):
-    cfg, method, base, ctx = build(make_cfg, "houlsby")
-    method.save(method.attach(base, cfg.method, ctx), tmp_path / "h")
+    cfg, method, base, ctx, eff = build(make_cfg, "houlsby")
+    method.save(method.attach(base, eff, ctx), tmp_path / "h")
     with pytest.raises(BenchError, match="not a peft adapter folder"):
         load_adapters(fresh_base(cfg), {"h": tmp_path / "h"})
 

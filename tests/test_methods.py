@@ -72,9 +72,9 @@ def test_every_method_is_registered_with_a_config():
 
 @pytest.mark.parametrize("name", registry_cases(ALL_METHODS))
 def test_exactly_the_intended_parameters_train(make_cfg, name):
-    cfg, method, base, ctx = build(make_cfg, name)
+    cfg, method, base, ctx, eff = build(make_cfg, name)
     head = head_modules(cfg.model)
-    model = method.attach(base, cfg.method, ctx)
+    model = method.attach(base, eff, ctx)
     body, head_names = trainable(model, head)
     assert body
     if name in TRAINS:
@@ -109,9 +109,9 @@ def _head_params(model, head) -> dict[str, int]:
 
 
 def _head_and_counts(make_cfg, name: str) -> tuple[dict[str, int], dict[str, int]]:
-    cfg, method, base, ctx = build(make_cfg, name)
+    cfg, method, base, ctx, eff = build(make_cfg, name)
     head = head_modules(cfg.model)
-    model = method.attach(base, cfg.method, ctx)
+    model = method.attach(base, eff, ctx)
     return _head_params(model, head), count_params(model, head)
 
 
@@ -135,10 +135,10 @@ def test_the_same_task_head_trains_for_every_method(make_cfg, name):
 
 @pytest.mark.parametrize("name", registry_cases(ALL_METHODS))
 def test_identity_at_init_and_changed_after_one_step(make_cfg, name):
-    cfg, method, base, ctx = build(make_cfg, name)
+    cfg, method, base, ctx, eff = build(make_cfg, name)
     head = head_modules(cfg.model)
     before = logits(base)
-    model = method.attach(base, cfg.method, ctx)
+    model = method.attach(base, eff, ctx)
     at_init = logits(model)
     if name in IDENTITY_AT_INIT:
         torch.testing.assert_close(at_init, before, atol=1e-6, rtol=0)
@@ -155,8 +155,8 @@ def test_identity_at_init_and_changed_after_one_step(make_cfg, name):
 
 @pytest.mark.parametrize("name", registry_cases(sorted(MERGING)))
 def test_merged_equals_unmerged(make_cfg, name):
-    cfg, method, base, ctx = build(make_cfg, name)
-    model = method.attach(base, cfg.method, ctx)
+    cfg, method, base, ctx, eff = build(make_cfg, name)
+    model = method.attach(base, eff, ctx)
     perturb(model, head_modules(cfg.model))
     unmerged = logits(model)
     merged = method.merged(model)
@@ -224,9 +224,9 @@ KNOWN_COUNTS = set(hand_counts(64, 2, 128, 4))
 
 @pytest.mark.parametrize("name", registry_cases([n for n in ALL_METHODS if n in KNOWN_COUNTS]))
 def test_trainable_parameter_count_matches_hand_calculation(make_cfg, name):
-    cfg, method, base, ctx = build(make_cfg, name, rank=4)
+    cfg, method, base, ctx, eff = build(make_cfg, name, rank=4)
     total = sum(p.numel() for p in base.parameters())
-    model = method.attach(base, cfg.method, ctx)
+    model = method.attach(base, eff, ctx)
     counts = count_params(model, head_modules(cfg.model))
     expected = hand_counts(*_dims(cfg), 4)[name]
     if name == "full":
@@ -242,28 +242,28 @@ def test_lora_on_default_roberta_config(make_cfg, name, expected):
     with torch.device("meta"):  # shapes only: no memory, no init time
         model = RobertaForSequenceClassification(RobertaConfig(num_labels=2))
     ctx = AttachContext(rank=8, model_cfg=cfg.model, num_labels=2, total_steps=10)
-    model = get_method(name).attach(model, cfg.method, ctx)
+    model = get_method(name).attach(model, get_method(name).effective_config(cfg.method, 8), ctx)
     assert count_params(model, "classifier")["trainable_params_excl_head"] == expected
 
 
 @pytest.mark.parametrize("name", registry_cases(ALL_METHODS))
 def test_save_load_round_trip_reproduces_logits(make_cfg, tmp_path, name):
-    cfg, method, base, ctx = build(make_cfg, name)
-    model = method.attach(base, cfg.method, ctx)
+    cfg, method, base, ctx, eff = build(make_cfg, name)
+    model = method.attach(base, eff, ctx)
     perturb(model, head_modules(cfg.model))
     expected = logits(model)
     method.save(model, tmp_path / "w")
-    loaded = method.load(fresh_base(cfg), cfg.method, ctx, tmp_path / "w")
+    loaded = method.load(fresh_base(cfg), eff, ctx, tmp_path / "w")
     torch.testing.assert_close(logits(loaded), expected, atol=1e-5, rtol=0)
 
 
 def test_adalora_reallocates_rank_during_a_short_run(make_cfg, tmp_path):
     steps = 12
-    cfg, method, base, ctx = build(make_cfg, "adalora", "method.deltaT=2", rank=2, total_steps=steps)
-    model = method.attach(base, cfg.method, ctx)
+    cfg, method, base, ctx, eff = build(make_cfg, "adalora", "method.deltaT=2", rank=2, total_steps=steps)
+    model = method.attach(base, eff, ctx)
     start = method.info(model)
     assert not start["reallocated"] and set(start["rank_pattern"].values()) == {start["init_r"]} == {3}
-    tinit, tfinal = method.schedule(cfg.method, steps)
+    tinit, tfinal = method.schedule(eff, steps)
     assert tinit < steps - tfinal
     train_steps(model, method, cfg, steps=steps, lr=5e-3)
     end = method.info(model)
@@ -277,22 +277,22 @@ def test_adalora_reallocates_rank_during_a_short_run(make_cfg, tmp_path):
     method.save(model, tmp_path / "w")
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no "rank_pattern keys ... ignored" false alarm
-        loaded = method.load(fresh_base(cfg), cfg.method, ctx, tmp_path / "w")
+        loaded = method.load(fresh_base(cfg), eff, ctx, tmp_path / "w")
     torch.testing.assert_close(logits(loaded), expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 4, 7, 400])
 def test_adalora_schedule_leaves_a_budget_phase_for_any_step_count(make_cfg, steps):
-    cfg, method, base, ctx = build(make_cfg, "adalora", total_steps=steps)
-    method.attach(base, cfg.method, ctx)  # peft raises when tinit >= total_step - tfinal
+    cfg, method, base, ctx, eff = build(make_cfg, "adalora", total_steps=steps)
+    method.attach(base, eff, ctx)  # peft raises when tinit >= total_step - tfinal
 
 
 def test_adalora_eval_loss_is_the_task_loss(make_cfg):
     """peft adds the orthogonal regulariser whenever a loss is computed; we add it only in training."""
-    cfg, method, base, ctx = build(make_cfg, "adalora")
+    cfg, method, base, ctx, eff = build(make_cfg, "adalora")
     b = batch(3)
     plain = base.eval()(**b).loss.item()
-    model = method.attach(base, cfg.method, ctx)
+    model = method.attach(base, eff, ctx)
     assert model.eval()(**b).loss.item() == pytest.approx(plain, abs=1e-6)
     assert model.train()(**b).loss.item() > plain + 1e-3 or cfg.method.orth_reg_weight == 0
 
@@ -310,21 +310,21 @@ def test_ranked_methods_differ_by_rank(make_cfg, name):
 
 
 def test_unmatched_lora_targets_are_one_line_bench_error(make_cfg):
-    cfg, method, base, ctx = build(make_cfg, "lora", "method.target_modules=[nonexistent]")
+    cfg, method, base, ctx, eff = build(make_cfg, "lora", "method.target_modules=[nonexistent]")
     with pytest.raises(BenchError, match=r"method 'lora' could not attach to target_modules=.*nonexistent") as err:
-        method.attach(base, cfg.method, ctx)
+        method.attach(base, eff, ctx)
     assert "\n" not in str(err.value)
 
 
 def test_adapter_with_wrong_module_name_is_bench_error(make_cfg):
-    cfg, method, base, ctx = build(make_cfg, "pfeiffer", "model.ffn_output=nope")
+    cfg, method, base, ctx, eff = build(make_cfg, "pfeiffer", "model.ffn_output=nope")
     with pytest.raises(BenchError, match="no module 'nope'"):
-        method.attach(base, cfg.method, ctx)
+        method.attach(base, eff, ctx)
 
 
 def test_ia3_does_not_scale_the_attention_output(make_cfg):
-    cfg, method, base, ctx = build(make_cfg, "ia3")
-    body, _ = trainable(method.attach(base, cfg.method, ctx), head_modules(cfg.model))
+    cfg, method, base, ctx, eff = build(make_cfg, "ia3")
+    body, _ = trainable(method.attach(base, eff, ctx), head_modules(cfg.model))
     assert not any("attention.output" in n for n in body)
     assert sum(".output.dense." in n for n in body) == int(cfg.model.config.num_hidden_layers)
 
@@ -332,8 +332,8 @@ def test_ia3_does_not_scale_the_attention_output(make_cfg):
 def test_prompt_methods_run_without_token_type_ids(make_cfg):
     """The runner's latency batch has only input_ids and attention_mask."""
     for name in ("prompt_tuning", "prefix_tuning"):
-        cfg, method, base, ctx = build(make_cfg, name)
-        model = method.attach(base, cfg.method, ctx).eval()
+        cfg, method, base, ctx, eff = build(make_cfg, name)
+        model = method.attach(base, eff, ctx).eval()
         ids = torch.randint(1000, 30000, (2, 16))
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
@@ -344,8 +344,8 @@ def test_prompt_methods_run_without_token_type_ids(make_cfg):
                                                      ("rslora", 16, 16 / 4), ("dora", 4, 2.0)])
 def test_lora_family_scaling(make_cfg, name, rank, scale):
     """lora/dora: alpha = 2r so alpha/r = 2 at every rank; rslora: fixed alpha 16 over sqrt(r)."""
-    cfg, method, base, ctx = build(make_cfg, name, rank=rank)
-    model = method.attach(base, cfg.method, ctx)
+    cfg, method, base, ctx, eff = build(make_cfg, name, rank=rank)
+    model = method.attach(base, eff, ctx)
     scalings = {m.scaling["default"] for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)}
     assert len(scalings) == 1 and scalings.pop() == pytest.approx(scale)
 
@@ -356,10 +356,10 @@ def test_prompt_tuning_head_reads_the_real_first_token(make_cfg, tmp_path, name,
     """peft puts the virtual tokens first (prompt tuning, P-tuning); the pooler (RoBERTa: the classifier's dense)
     must read the encoder's output at position num_virtual_tokens, the [CLS], after attach, after a deep copy and
     after loading."""
-    cfg, method, base, ctx = build(make_cfg, name, f"model={model_name}", rank=3)
-    model = method.attach(base, cfg.method, ctx)
+    cfg, method, base, ctx, eff = build(make_cfg, name, f"model={model_name}", rank=3)
+    model = method.attach(base, eff, ctx)
     method.save(model, tmp_path / "weights")
-    reloaded = method.load(fresh_base(cfg), cfg.method, ctx, tmp_path / "weights")
+    reloaded = method.load(fresh_base(cfg), eff, ctx, tmp_path / "weights")
     reader_input = "pooler.dense" if model_name == "tiny-bert" else "classifier.modules_to_save.default.dense"
     seen: dict[str, torch.Tensor] = {}
     for m in (model, copy.deepcopy(model), reloaded):

@@ -91,7 +91,7 @@ def test_every_method_attaches_to_every_random_init_model(model_name, method_nam
         config = AutoConfig.for_model(cfg.model.family, **head_kwargs, **dict(cfg.model.config))
         with torch.device("meta"):
             model = (AutoModelForCausalLM if causal else AutoModelForSequenceClassification).from_config(config)
-    model = method.attach(model, cfg.method, ctx)
+    model = method.attach(model, method.effective_config(cfg.method, ctx.rank), ctx)
     head = head_modules(cfg.model)
     assert any(p.requires_grad for n, p in model.named_parameters() if not is_head_param(n, head))
 

@@ -1,7 +1,8 @@
 """The yaml-only methods (methods/peft_generic.py) and LoRA's initialisations (methods/lora.py LoraInit): a broken
 yaml is one line, facts stay out of the run's identity, `rank` fills the peft arguments the yaml names, a method
 that cannot apply stops at plan time, the data-pass inits read the run's batches, the inits that move W save a
-plain LoRA. What every method does (trains, identity, one step, merge, save/load, counts) is tests/test_methods.py."""
+plain LoRA. What every method does (trains, identity, one step, merge, save/load, counts) is tests/test_methods.py;
+the facts of every method, tests/test_method_facts.py."""
 from __future__ import annotations
 
 import json
@@ -13,24 +14,27 @@ from bench import BenchError
 from bench.plan import plan
 from methods import REGISTRY, AttachContext
 from methods.base import head_modules
-from methods.peft_generic import method_yamls, register_yaml
+from methods.peft_generic import GenericPeftMethod, from_yaml, method_yamls
 from tests.method_helpers import batch, build, fresh_base, logits, perturb
 
-_GOOD = {"name": "x", "peft_config": "VeraConfig", "facts": {"label": "X", "rank_meaning": None}}
+_FACTS = {"label": "X", "summary": "s", "defaults_source": "guess", "lr_source": "guess", "rank_meaning": None,
+          "merges": True, "identity_at_init": True}
+_GOOD = {"name": "x", "peft_config": "VeraConfig", "facts": _FACTS}
 
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"peft_config": "NoSuchConfig"}, "NoSuchConfig is not a peft config class"),
-    ({"facts": {"lable": "X"}}, "unknown facts \\['lable'\\]"),
     ({"name": "y"}, "must equal the file's name"),
-    ({"facts": {"rank_meaning": "r"}}, "rank_meaning and facts.rank_fills go together"),
+    ({"facts": {**_FACTS, "rank_meaning": "r"}}, "facts.rank_meaning and rank_fills go together"),
+    ({"facts": {**_FACTS, "rank_fills": {"r": "one"}}}, "facts.rank_fills.r: Input should be a valid number"),
     ({"peft_config": None, "lora_init": "nope"}, "lora_init: nope; choose one of"),
+    ({"peft_config": None, "lora_init": "pissa", "facts": {**_FACTS, "rank_fills": {"r": 1}}},
+     "facts.rank_fills: unknown fact"),  # a LoRA init's rank is LoRA's r, not a tuner's peft argument
 ])
-def test_a_broken_method_yaml_is_one_line(monkeypatch, change, message):
-    monkeypatch.setattr("methods.peft_generic.REGISTRY", {})
+def test_a_broken_tuner_yaml_is_one_line_naming_the_file(change, message):
     with pytest.raises(BenchError, match=message) as err:
-        register_yaml("x", {**_GOOD, **change})
-    assert "\n" not in str(err.value)
+        from_yaml("x", {**_GOOD, **change})
+    assert "\n" not in str(err.value) and str(err.value).startswith("conf/method/")
 
 
 def test_facts_stay_out_of_the_identity_and_rank_fills_the_named_arguments(make_cfg):
@@ -44,18 +48,15 @@ def test_facts_stay_out_of_the_identity_and_rank_fills_the_named_arguments(make_
     assert a.rank is None and a.config_hash == b.config_hash
 
 
-def test_every_method_yaml_states_how_its_defaults_were_set():
-    for name, raw in method_yamls().items():
-        facts = raw["facts"]
-        assert facts.get("label") and facts.get("summary") and facts.get("defaults_source"), name
-        assert facts.get("lr_source"), name
+def test_yaml_only_tuners_are_instances_of_one_class():
+    tuners = {name for name, raw in method_yamls().items() if raw.get("peft_config")}
+    assert len(tuners) >= 20 and {type(REGISTRY[name]) for name in tuners} == {GenericPeftMethod}
+    assert REGISTRY["vera"].peft_config_class == "VeraConfig" and REGISTRY["vera"].facts.label == "VeRA"
 
 
 def test_a_method_that_cannot_apply_to_the_model_stops_at_plan_time(make_cfg, monkeypatch):
     raw = {**_GOOD, "facts": {**_GOOD["facts"], "cannot_apply": {"bert": "it needs a decoder"}}}
-    monkeypatch.setattr("methods.peft_generic.REGISTRY", {})
-    cls = register_yaml("x", raw)
-    monkeypatch.setitem(REGISTRY, "x", cls())
+    monkeypatch.setitem(REGISTRY, "x", from_yaml("x", raw))
     with pytest.raises(BenchError, match=r"method 'x' cannot apply to model 'tiny-bert' \(bert family\): it needs "
                                          r"a decoder") as err:
         plan(make_cfg("method=vera", "method.name=x"))
@@ -79,29 +80,29 @@ def test_loftq_refuses_on_cpu_at_plan_time(make_cfg):
 
 @pytest.mark.parametrize("name", ["eva", "corda", "lora_ga"])
 def test_data_pass_inits_read_the_runs_batches(make_cfg, name):
-    cfg, method, base, ctx = build(make_cfg, name)
+    cfg, method, base, ctx, eff = build(make_cfg, name)
     calls = []
 
     def calibration():
         calls.append(1)
         return [batch(i) for i in range(3)]
 
-    model = method.attach(base, cfg.method, AttachContext(**{**ctx.__dict__, "calibration": calibration}))
+    model = method.attach(base, eff, AttachContext(**{**ctx.__dict__, "calibration": calibration}))
     assert calls
     lora = build(make_cfg, "lora")
-    plain = lora[1].attach(lora[2], lora[0].method, lora[3])
+    plain = lora[1].attach(lora[2], lora[4], lora[3])
     a = {n: p for n, p in model.named_parameters() if ".lora_A." in n}
     a_plain = {n: p for n, p in plain.named_parameters() if ".lora_A." in n}
     assert a.keys() == a_plain.keys() and any(not torch.equal(a[n], a_plain[n]) for n in a)
     with pytest.raises(BenchError, match=f"method={name} initialises from the training data") as err:
-        method.attach(fresh_base(cfg), cfg.method, AttachContext(**{**ctx.__dict__, "calibration": None}))
+        method.attach(fresh_base(cfg), eff, AttachContext(**{**ctx.__dict__, "calibration": None}))
     assert "\n" not in str(err.value)
 
 
 def test_an_init_that_moves_w_saves_a_plain_lora_on_the_unmodified_w(make_cfg, tmp_path):
-    cfg, method, base, ctx = build(make_cfg, "pissa", rank=4)
+    cfg, method, base, ctx, eff = build(make_cfg, "pissa", rank=4)
     w0 = {n: p.detach().clone() for n, p in base.named_parameters() if n.endswith("query.weight")}
-    model = method.attach(base, cfg.method, ctx)
+    model = method.attach(base, eff, ctx)
     assert any(not torch.equal(p, w0[n.replace("base_model.model.", "").replace(".base_layer", "")])
                for n, p in model.named_parameters() if n.endswith("query.base_layer.weight"))  # W holds the residual
     perturb(model, head_modules(cfg.model))
@@ -118,7 +119,7 @@ def test_an_init_that_moves_w_saves_a_plain_lora_on_the_unmodified_w(make_cfg, t
 @pytest.mark.parametrize("name", ["vera", "oft"])
 def test_yaml_tuners_merge_with_a_roberta_head(make_cfg, name):
     """peft 0.21's generic unload fails on RoBERTa's classification head (no `.weight`); the head is unwrapped first."""
-    cfg, method, base, ctx = build(make_cfg, name, "model=tiny-roberta")
-    model = method.attach(base, cfg.method, ctx)
+    cfg, method, base, ctx, eff = build(make_cfg, name, "model=tiny-roberta")
+    model = method.attach(base, eff, ctx)
     perturb(model, head_modules(cfg.model))
     torch.testing.assert_close(logits(method.merged(model)), logits(model), atol=1e-5, rtol=0)

@@ -25,7 +25,8 @@ def test_qlora_config_composes(make_cfg):
 
 def test_qlora_load_kwargs_ask_for_nf4_with_double_quantisation(make_cfg):
     cfg = make_cfg("method=qlora")
-    kwargs = get_method("qlora").load_kwargs(cfg.method, cfg.model, torch.device("cuda", 0))
+    method = get_method("qlora")
+    kwargs = method.load_kwargs(method.effective_config(cfg.method, 4), cfg.model, torch.device("cuda", 0))
     quant = kwargs["quantization_config"]
     assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4" and quant.bnb_4bit_use_double_quant
     assert quant.bnb_4bit_compute_dtype == torch.bfloat16

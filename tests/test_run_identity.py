@@ -1,5 +1,6 @@
-"""Data and weights in a run's identity: a truncated copy of a data file, or another checkpoint under the
-same model name, is another run and is never skipped as done; the record says which rows and files it used."""
+"""Data and weights in a run's identity: a truncated copy of a data file, or another checkpoint under the same model
+name, is another run and is never skipped as done; the record says which rows and files it used. (That today's
+configs keep the committed baselines' identity is tests/test_record.py's.)"""
 from __future__ import annotations
 
 import shutil

@@ -36,11 +36,12 @@ def _pct(times_ms: list[float]) -> str:
 def make_adapters(cfg, n: int, out: Path, num_labels: int) -> dict[str, Path]:
     method = get_method(str(cfg.method.name))
     ctx = attach_context(cfg.model, int(cfg.rank), num_labels, 100)
+    eff = method.effective_config(cfg.method, ctx.rank)
     dirs = {}
     for i in range(n):
         torch.manual_seed(0)  # same base model every time
         model, _ = load_model(cfg.model, num_labels)
-        model = method.attach(model, cfg.method, ctx)
+        model = method.attach(model, eff, ctx)
         torch.manual_seed(1000 + i)
         with torch.no_grad():
             for name, param in model.named_parameters():
