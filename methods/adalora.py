@@ -76,7 +76,7 @@ class AdaLora(PeftMethod):
             raise BenchError(f"adalora needs the number of training steps; got total_steps={ctx.total_steps}")
         tinit, tfinal = self.schedule(eff, ctx.total_steps)
         return AdaLoraConfig(
-            task_type=task_type(ctx.model_cfg),
+            task_type=task_type(ctx),
             target_r=eff["target_r"],
             init_r=eff["init_r"],
             lora_alpha=eff["lora_alpha"],

@@ -38,6 +38,7 @@ class AttachContext:
 
     rank: int | None
     model_cfg: Any  # conf/model/*.yaml: module names per family
+    causal_lm: bool  # a decoder LM scored through its LM head (no task head); decided by bench.model.model_kind
     num_labels: int
     total_steps: int  # optimiser steps the loop will take (AdaLoRA's schedule needs it)
     tokenizer_path: str | None = None  # where the model's tokenizer loads from (prompt tuning's text init)
@@ -235,14 +236,6 @@ def get_method(name: str) -> Method:
 
 
 HeadSpec = str | Sequence[str]
-CAUSAL_LM = "causal_lm"  # conf/model/family/*.yaml `kind`: a decoder LM scored through its LM head (bench/data/text.py)
-
-
-def is_causal_lm(model_cfg: Any) -> bool:
-    """True for a causal LM (no task head; peft's CAUSAL_LM task type); False for a sequence classifier."""
-    return str(model_cfg.get("kind") or "classifier") == CAUSAL_LM
-
-
 def head_modules(model_cfg: Any) -> tuple[str, ...]:
     """The task head's module names from a model config (conf/model/family/*.yaml `head`: a list, or one name;
     an empty list: no task head, as for a causal LM whose pre-trained LM head scores the answers)."""
@@ -299,7 +292,7 @@ def tensor_bytes(model: nn.Module) -> int:
     return total
 
 
-__all__ = ["CAUSAL_LM", "is_causal_lm",
+__all__ = [
            "AttachContext", "Method", "REGISTRY", "add", "plain", "register", "get_method", "freeze_all_but_head",
            "head_modules",
            "decays", "is_head_param", "count_params", "param_count", "tensor_bytes"]

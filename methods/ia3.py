@@ -28,7 +28,7 @@ class IA3(PeftMethod):
 
     def peft_config(self, eff: dict, ctx: AttachContext) -> IA3Config:
         layers = str(ctx.model_cfg.layers)
-        return IA3Config(task_type=task_type(ctx.model_cfg),
+        return IA3Config(task_type=task_type(ctx),
                          target_modules=layer_regex(layers, list(eff["target_modules"])),
                          feedforward_modules=layer_regex(layers, list(eff["feedforward_modules"])),
                          init_ia3_weights=True)

@@ -44,7 +44,7 @@ class Lora(PeftMethod):
 
     def peft_config(self, eff: dict, ctx: AttachContext) -> LoraConfig:
         return LoraConfig(
-            task_type=task_type(ctx.model_cfg),
+            task_type=task_type(ctx),
             r=eff["r"],
             lora_alpha=eff["lora_alpha"],
             lora_dropout=float(eff["dropout"]),

@@ -6,19 +6,18 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any
 
 from peft import PeftConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 
-from methods.base import AttachContext, Method, head_modules, is_causal_lm
+from methods.base import AttachContext, Method, head_modules
 from methods.errors import BenchError
 
 
-def task_type(model_cfg: Any) -> TaskType:
+def task_type(ctx: AttachContext) -> TaskType:
     """peft's task type for the model: CAUSAL_LM for a decoder LM (no head; labels shifted by the model), SEQ_CLS for
     a classifier (peft adds its `classifier`/`score` to modules_to_save)."""
-    return TaskType.CAUSAL_LM if is_causal_lm(model_cfg) else TaskType.SEQ_CLS
+    return TaskType.CAUSAL_LM if ctx.causal_lm else TaskType.SEQ_CLS
 
 
 class PeftMethod(Method):

@@ -57,7 +57,7 @@ class GenericPeftMethod(PeftMethod):
     def peft_config(self, eff: dict, ctx: AttachContext) -> PeftConfig:
         config_class = getattr(peft, self.peft_config_class)
         try:
-            return config_class(task_type=task_type(ctx.model_cfg), **eff["peft_args"])
+            return config_class(task_type=task_type(ctx), **eff["peft_args"])
         except (TypeError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BenchError(f"method '{self.name}': {self.peft_config_class}({eff['peft_args']}) failed: {first}; "
@@ -85,7 +85,7 @@ class GenericPeftMethod(PeftMethod):
 
     def _adapt(self, model: PeftModel, ctx: AttachContext) -> PeftModel:
         if self.facts.prepends_tokens:
-            return read_real_first_token(model, ctx.model_cfg)
+            return read_real_first_token(model, ctx)
         return model
 
 

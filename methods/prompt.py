@@ -30,7 +30,7 @@ from typing import Any
 from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit
 from torch import nn
 
-from methods.base import AttachContext, is_causal_lm, register
+from methods.base import AttachContext, register
 from methods.errors import BenchError
 from methods.peft_common import PeftMethod, task_type
 
@@ -71,7 +71,7 @@ class PromptTuning(VirtualTokens):
         return out
 
     def adapt(self, model: PeftModel, ctx: AttachContext) -> PeftModel:
-        return read_real_first_token(model, ctx.model_cfg)
+        return read_real_first_token(model, ctx)
 
     def peft_config(self, eff: dict, ctx: AttachContext) -> PromptTuningConfig:
         kwargs: dict[str, Any] = {}
@@ -80,7 +80,7 @@ class PromptTuning(VirtualTokens):
             if not ctx.tokenizer_path:
                 raise BenchError("prompt_tuning: init=text needs the tokenizer's path in the attach context")
             kwargs = {"prompt_tuning_init_text": str(eff["init_text"]), "tokenizer_name_or_path": ctx.tokenizer_path}
-        return PromptTuningConfig(task_type=task_type(ctx.model_cfg), num_virtual_tokens=int(eff["num_virtual_tokens"]),
+        return PromptTuningConfig(task_type=task_type(ctx), num_virtual_tokens=int(eff["num_virtual_tokens"]),
                                   prompt_tuning_init=_INITS[eff["init"]], **kwargs)
 
 
@@ -98,7 +98,7 @@ class PrefixTuning(VirtualTokens):
         kwargs: dict[str, Any] = {}
         if eff["prefix_projection"]:
             kwargs["encoder_hidden_size"] = int(eff["encoder_hidden_size"])
-        return PrefixTuningConfig(task_type=task_type(ctx.model_cfg), num_virtual_tokens=int(eff["num_virtual_tokens"]),
+        return PrefixTuningConfig(task_type=task_type(ctx), num_virtual_tokens=int(eff["num_virtual_tokens"]),
                                   prefix_projection=bool(eff["prefix_projection"]), **kwargs)
 
     def adapt(self, model: PeftModel, ctx: AttachContext) -> PeftModel:
@@ -117,11 +117,12 @@ class SkipVirtualTokens:
         return (hidden[:, self.n:], *rest)
 
 
-def read_real_first_token(model: PeftModel, model_cfg: Any) -> PeftModel:
+def read_real_first_token(model: PeftModel, ctx: AttachContext) -> PeftModel:
     """Make the head module that reads the first position (`model_cfg.first_token_reader`) read the real first
     token (module docstring). The outermost match is hooked: peft's wrapper where the module trains as head."""
-    if is_causal_lm(model_cfg):  # a causal LM reads the answer's positions, after the real sequence
+    if ctx.causal_lm:  # a causal LM reads the answer's positions, after the real sequence
         return model
+    model_cfg = ctx.model_cfg
     reader = str(model_cfg.get("first_token_reader") or "")
     modules = [m for name, m in model.named_modules() if reader and f".{name}".endswith(f".{reader}")]
     if not modules:

@@ -9,7 +9,7 @@ from torch import nn
 
 from bench import BenchError
 from bench.loop.train import TrainSettings, train
-from bench.model import load_model
+from bench.model import is_causal_lm, load_model
 from bench.plan import plan
 from methods import REGISTRY, AttachContext, Method, in_display_order
 from methods.base import HeadSpec, head_modules, is_head_param
@@ -62,7 +62,8 @@ def build(make_cfg, method_name: str, *overrides: str, rank: int = 4, total_step
     """(cfg, method, base model, ctx, the method's effective config as the run hashes it): nothing attached yet."""
     cfg = make_cfg(f"method={method_name}", f"rank={rank}", *overrides)
     p = plan(cfg)
-    ctx = AttachContext(rank=p.rank, model_cfg=cfg.model, num_labels=NUM_LABELS, total_steps=total_steps,
+    ctx = AttachContext(rank=p.rank, model_cfg=cfg.model, causal_lm=is_causal_lm(cfg.model),
+                        num_labels=NUM_LABELS, total_steps=total_steps,
                         calibration=lambda: [batch(i) for i in range(4)])
     return cfg, p.method, fresh_base(cfg), ctx, p.effective["method"]
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from bench import BenchError
 from bench.loop.train import TrainSettings, train
-from bench.model import load_model
+from bench.model import is_causal_lm, load_model
 from bench.plan import plan
 from methods import REGISTRY, AttachContext, Method, in_display_order
 from methods.base import head_modules, is_head_param
@@ -102,7 +102,8 @@ def lm_logits(model: nn.Module, b: dict[str, torch.Tensor] | None = None) -> tor
 def build(name: str, rank: int = 4, total_steps: int = 8):
     cfg = _cfg(f"method={name}", f"rank={rank}")
     p = plan(cfg)
-    ctx = AttachContext(rank=p.rank, model_cfg=cfg.model, num_labels=2, total_steps=total_steps,
+    ctx = AttachContext(rank=p.rank, model_cfg=cfg.model, causal_lm=is_causal_lm(cfg.model),
+                        num_labels=2, total_steps=total_steps,
                         calibration=lambda: [causal_batch(i) for i in range(4)])
     return cfg, p.method, fresh_base(cfg), ctx, p.effective["method"]
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForSequenceClassification, RobertaConfig
 
+from bench.model import is_causal_lm
 from methods import AttachContext, get_method
 from methods.base import count_params
 
 
 def _ctx(cfg, rank):
-    return AttachContext(rank=rank, model_cfg=cfg.model, num_labels=2, total_steps=10)
+    return AttachContext(rank=rank, model_cfg=cfg.model, causal_lm=is_causal_lm(cfg.model),
+                         num_labels=2, total_steps=10)
 
 
 def _eff(cfg, rank):

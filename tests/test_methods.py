@@ -13,6 +13,7 @@ from peft import PromptLearningConfig
 from transformers import RobertaConfig, RobertaForSequenceClassification
 
 from bench import BenchError
+from bench.model import is_causal_lm
 from bench.plan import plan
 from methods import REGISTRY, AttachContext, get_method
 from methods.base import count_params, head_modules, is_head_param
@@ -241,7 +242,7 @@ def test_lora_on_default_roberta_config(make_cfg, name, expected):
     cfg = make_cfg(f"method={name}", "rank=8", "model=tiny-roberta")
     with torch.device("meta"):  # shapes only: no memory, no init time
         model = RobertaForSequenceClassification(RobertaConfig(num_labels=2))
-    ctx = AttachContext(rank=8, model_cfg=cfg.model, num_labels=2, total_steps=10)
+    ctx = AttachContext(rank=8, model_cfg=cfg.model, causal_lm=is_causal_lm(cfg.model), num_labels=2, total_steps=10)
     model = get_method(name).attach(model, get_method(name).effective_config(cfg.method, 8), ctx)
     assert count_params(model, "classifier")["trainable_params_excl_head"] == expected
 

@@ -9,9 +9,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from bench import BenchError
 from bench.config import compose_config
-from bench.model import attach_context, load_model
+from bench.model import attach_context, is_causal_lm, load_model
 from methods import REGISTRY, in_display_order
-from methods.base import head_modules, is_causal_lm, is_head_param
+from methods.base import head_modules, is_head_param
 from methods.lora import LoraInit
 from tests.conftest import CONF
 from tests.method_helpers import FAST_YAML, batch, registry_cases

@@ -22,6 +22,7 @@ import os
 import random
 import shutil
 import tempfile
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +31,25 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from bench import BenchError
-from methods.base import CAUSAL_LM, AttachContext, is_causal_lm
+from bench.record.schema import ModelKind
+from methods.base import AttachContext
 
-CLASSIFIER = "classifier"
-KINDS = (CLASSIFIER, CAUSAL_LM)
+KINDS = typing.get_args(ModelKind)  # the record's schema says which kinds there are
+CLASSIFIER, CAUSAL_LM = KINDS
 
 
 def model_kind(model_cfg: Any) -> str:
-    """`classifier` or `causal_lm` (conf/model/family/*.yaml `kind`; older configs: classifier)."""
+    """The one place that decides a model's kind: its config's `kind` (conf/model/family/*.yaml), `classifier` when
+    the family does not say. BenchError for a kind the record's schema does not know."""
     kind = str(model_cfg.get("kind") or CLASSIFIER)
     if kind not in KINDS:
         raise BenchError(f"model '{model_cfg.get('name')}': kind={kind}; choose one of {', '.join(KINDS)}")
     return kind
+
+
+def is_causal_lm(model_cfg: Any) -> bool:
+    """True for a causal LM (no task head; answers scored as text); False for a sequence classifier."""
+    return model_kind(model_cfg) == CAUSAL_LM
 
 
 def seed_everything(seed: int) -> None:
@@ -126,8 +134,8 @@ def attach_context(model_cfg: Any, rank: int | None, num_labels: int, total_step
                    calibration: Any = None) -> AttachContext:
     """What a method gets besides its own config, the tokenizer's path resolved here (methods import no bench);
     `calibration`: a fresh iterable of the run's training batches, for methods that initialise from data."""
-    return AttachContext(rank=rank, model_cfg=model_cfg, num_labels=num_labels, total_steps=total_steps,
-                         tokenizer_path=tokenizer_path(model_cfg), calibration=calibration)
+    return AttachContext(rank=rank, model_cfg=model_cfg, causal_lm=is_causal_lm(model_cfg), num_labels=num_labels,
+                         total_steps=total_steps, tokenizer_path=tokenizer_path(model_cfg), calibration=calibration)
 
 
 def load_tokenizer(model_cfg: Any):

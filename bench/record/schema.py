@@ -19,6 +19,7 @@ FAILED_STATUSES = ("error", "nan", "oom")  # a run that finished with a failure;
 STATUSES = (OK, *FAILED_STATUSES)
 Status = Literal["ok", "error", "nan", "oom"]
 Metrics = dict[str, float | None]
+ModelKind = Literal["classifier", "causal_lm"]  # an encoder with a task head, or a decoder LM answering as text
 
 
 class _Block(BaseModel):
@@ -242,7 +243,7 @@ class Record(_Block):
     # measured
     gpu_start: GpuStart | None = Field(None, description="CUDA: the GPU's memory at run start")
     data: DataInfo | None = None
-    model_kind: Literal["classifier", "causal_lm"] | None = Field(
+    model_kind: ModelKind | None = Field(
         None, description="classifier (encoder + task head) or causal_lm (answers scored as text)")
     model_source: str | None = Field(None, description="where the weights came from")
     model_note: str | None = Field(None, description="set for random-init test models: metrics are meaningless")
