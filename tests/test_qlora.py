@@ -67,12 +67,18 @@ def test_qlora_record_analysis_says_in_one_line_why_it_cannot_rebuild_the_4bit_b
 
     from analysis.weights import pairs_for_cli, tuned_model, weight_pairs
     from bench.record import write_record
+    from tests.conftest import planned_record
+
+    from methods import get_method
 
     cfg = make_cfg("method=qlora", "rank=4")
+    qlora = get_method("qlora").effective_config(OmegaConf.to_container(cfg.method, resolve=True), 4)
+    record = planned_record(make_cfg("method=lora", "rank=4"), run_id="qlora-run", method="qlora", status="ok",
+                            config=OmegaConf.to_container(cfg, resolve=True), weights_dir="weights")
+    record["effective_config"]["method"] = qlora  # planning refuses qlora on a CPU: the record is built by hand
     run_dir = tmp_path / "qlora-run"
     (run_dir / "weights").mkdir(parents=True)
-    write_record(run_dir, {"run_id": "qlora-run", "status": "ok", "method": "qlora", "task": "sst2", "rank": 4,
-                           "seed": 42, "config": OmegaConf.to_container(cfg, resolve=True), "weights_dir": "weights"})
+    write_record(run_dir, record)
     wp = weight_pairs(run_dir)
     assert not wp.applicable and not wp.pairs
     assert "\n" not in wp.reason and "needs" in wp.reason and "fp32 base would be a different model" in wp.reason
