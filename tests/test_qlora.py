@@ -67,9 +67,8 @@ def test_qlora_record_analysis_says_in_one_line_why_it_cannot_rebuild_the_4bit_b
 
     from analysis.weights import pairs_for_cli, tuned_model, weight_pairs
     from bench.record import write_record
-    from tests.conftest import planned_record
-
     from methods import get_method
+    from tests.conftest import planned_record
 
     cfg = make_cfg("method=qlora", "rank=4")
     qlora = get_method("qlora").effective_config(OmegaConf.to_container(cfg.method, resolve=True), 4)
