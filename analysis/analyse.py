@@ -27,8 +27,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from analysis import intruders, spectrum
-from analysis.weights import not_applicable, saved_weights
+from analysis.weights import not_applicable
 from bench import BenchError
+from bench.model.rebuild import saved_weights
 from bench.record import find_records, read_record, write_json_atomic
 
 ANALYSIS_FILE = "analysis.json"
@@ -105,7 +106,8 @@ def analyse_run(
     force: bool = False,
 ) -> dict:
     """Intruders + spectrum of one run (from the cache when its key is current)."""
-    from analysis.weights import read_run, weight_pairs
+    from analysis.weights import weight_pairs
+    from bench.model.rebuild import read_run
 
     run_dir = Path(run_dir)
     record, _ = read_run(run_dir)

@@ -14,10 +14,8 @@ Probes (`forgetting=<probe>` in a run; settings in `conf/forgetting/<probe>.yaml
   pre-trained MLM head on top of the fine-tuned encoder. A clear error for models without one (MiniLM).
 - `ppl`: causal-LM perplexity on the same held-out text, for causal LMs with a pre-trained LM head; a clear
   error otherwise.
-- `sequential`: the dev metric on task A after then training on task B. Needs two trainings, so it is not
-  an in-run probe: `python -m analysis.forgetting sequential <run dir of task A> --task-b rte` rebuilds the
-  run's fine-tuned model, evaluates task A (before), trains the same method on task B with the suite's
-  training loop and a new head, puts task A's head back and evaluates task A again (after).
+- `sequential`: the dev metric on task A after then training on task B. It trains, so it is an experiment on a
+  finished run rather than an analysis of it: `python -m bench.tools.sequential <run dir of task A> --task-b rte`.
 
 What "the fine-tuned model's encoder" is: the backbone module (`model.base_model` of the transformers
 model, under peft's wrapper when there is one) with the method's changes in place: LoRA-family deltas,
@@ -25,36 +23,30 @@ adapters and BitFit biases count; prompt and prefix tuning only add inputs, so t
 and their forgetting on `sts`/`mlm`/`ppl` is 0 by construction.
 
 The in-run probes live in bench/measure/probes.py (the run measures them); this module runs them on finished runs
-from saved weights and holds the `sequential` experiment. Probes run under `torch.random.fork_rng`, so
-turning forgetting on does not change the run's training.
+from saved weights. Probes run under `torch.random.fork_rng`, so turning forgetting on does not change the run's
+training.
 
     python -m analysis.forgetting probe <run dir> [--probe sts]    # before/after from saved weights
-    python -m analysis.forgetting sequential <run dir of A> --task-b rte
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from bench import BenchError
 from bench.measure.probes import PROBES, make_probe, probe_config
-from methods import get_method
-from methods.base import head_modules
 
-__all__ = ["PROBES", "make_probe", "probe_config", "probe_run", "sequential", "main"]
+__all__ = ["PROBES", "make_probe", "probe_config", "probe_run", "main"]
 
 
 def probe_run(run_dir, probe: str = "sts", **overrides: Any) -> dict:
     """Forgetting of a finished run from its saved weights: the probe on the rebuilt base model and on the
     rebuilt fine-tuned model (unmerged, as trained)."""
-    from analysis.weights import base_model, read_run, tuned_model
     from bench.model import load_tokenizer
+    from bench.model.rebuild import base_model, read_run, tuned_model
 
     record, cfg = read_run(run_dir)
     probe_obj = make_probe(
@@ -67,115 +59,6 @@ def probe_run(run_dir, probe: str = "sts", **overrides: Any) -> dict:
     return {"run_id": record["run_id"], **probe_obj.result(before, after)}
 
 
-def sequential(run_dir, task_b: str, max_steps: int | None = None, train_samples: int | None = None) -> dict:
-    """Dev metric of the run's task A before and after training the same method on task B.
-
-    The run's fine-tuned model (merged where the method merges; `full` as is) is evaluated on A; its head is
-    set aside, a fresh head for B is put on, the method is attached again and trained on B with the suite's
-    loop and the run's budget (optionally fewer steps/samples); then A's head goes back and A is evaluated
-    again. Methods that do not merge (adapters, prompt tuning) are not supported: their trained modules
-    would have to be stacked, which is a different experiment."""
-    from analysis.weights import read_run, tuned_model
-    from bench.data import load_data
-    from bench.loop.evaluate import evaluate
-    from bench.loop.train import total_steps
-    from bench.model import seed_everything
-    from bench.plan import plan
-    from bench.recipe import attach, train_model
-
-    record, cfg = read_run(run_dir)
-    method = get_method(record["method"])
-    if not (method.merges or method.edits_in_place):
-        raise BenchError(f"sequential forgetting supports methods that merge (and full); not '{method.name}'")
-    budget = {k: v for k, v in (("max_steps", max_steps), ("train_samples", train_samples)) if v is not None}
-    # Task A as the run had it (older records: completed from conf/task), task B from conf/task; both on CPU.
-    p_a = plan(_on_cpu(cfg, OmegaConf.merge(_task_conf(record["task"]), cfg.task), budget))
-    p_b = plan(_on_cpu(cfg, _task_conf(task_b), budget))
-    data_a = load_data(p_a.task, p_a.cfg)
-    data_b = load_data(p_b.task, p_b.cfg, tokenizer=data_a.tokenizer)
-    head = head_modules(cfg.model)  # empty for a causal LM: its LM head answers both tasks as text, untouched here
-
-    def main_metric(model, p, data) -> float:
-        return evaluate(model, data.dev_loader, p.task, p.device, p.precision)[0][p.task.main_metric]
-
-    def set_head(model, modules: dict[str, nn.Module], task):
-        for path, module in modules.items():
-            parent, _, leaf = path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, module)
-        model.num_labels = model.config.num_labels = task.num_labels
-        model.config.problem_type = "regression" if task.is_regression else "single_label_classification"
-
-    model = tuned_model(run_dir, merge=True)
-    before = main_metric(model, p_a, data_a)
-    # Task A's whole head (BERT: pooler + classifier) is set aside and put back; B starts from A's head with a
-    # fresh output layer.
-    head_a = {path: copy.deepcopy(module) for path, module in model.named_modules()
-              if any(path == h or path.endswith(f".{h}") for h in head)}
-    seed_everything(int(record["seed"]))
-    if head:  # the head's output layer (conf/model/family: the last of `head`) gets B's labels
-        set_head(model, {head[-1]: _fresh_head(model.get_submodule(head[-1]), p_b.task.num_labels)}, p_b.task)
-    n_steps = total_steps(len(data_b.train_loader), p_b.cfg.budget)
-    model, _ = attach(p_b, model, n_steps, data_b)
-    train_model(p_b, model, data_b.train_loader, n_steps)
-    metric_b = main_metric(model, p_b, data_b)
-    if method.merges and not method.edits_in_place:
-        model = method.merged(model)
-    if head:
-        set_head(model, head_a, p_a.task)
-    after = main_metric(model, p_a, data_a)
-    task_a = p_a.task
-    return {
-        "run_id": record["run_id"],
-        "probe": "sequential",
-        "metric": f"{task_a.name}_{task_a.main_metric}",
-        "higher_is_better": True,
-        "task_a": task_a.name,
-        "task_b": task_b,
-        "steps_b": n_steps,
-        f"task_b_{p_b.task.main_metric}": metric_b,
-        "before": before,
-        "after": after,
-        "forgetting": before - after,
-    }
-
-
-def _task_conf(name: str) -> DictConfig:
-    from bench.config import compose_config
-
-    return compose_config([f"task={name}"]).task
-
-
-def _on_cpu(cfg: DictConfig, task: DictConfig, budget: dict) -> DictConfig:
-    """The run's config with `task`, the budget overrides, on CPU in fp32."""
-    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    out.task = task
-    out.budget = OmegaConf.merge(out.budget, budget)
-    out.device, out.precision = "cpu", "fp32"
-    return out
-
-
-def _fresh_head(old: nn.Module, num_labels: int) -> nn.Module:
-    """A new task head of the same structure as `old` with `num_labels` outputs (BERT: one Linear;
-    RoBERTa: dense + out_proj), freshly initialised."""
-    new = copy.deepcopy(old)
-    linears = [(n, m) for n, m in new.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise BenchError("the task head has no linear layer to resize")
-    name, last = linears[-1]
-    repl = nn.Linear(last.in_features, num_labels, bias=last.bias is not None)
-    if name:
-        parent = new.get_submodule(name.rpartition(".")[0]) if "." in name else new
-        setattr(parent, name.rpartition(".")[2], repl)
-    else:
-        new = repl
-    for m in new.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    return new
-
-
 def main(argv: list[str] | None = None) -> None:
     import json
 
@@ -185,18 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("run_dir")
     p.add_argument("--probe", default="sts", choices=[x for x in PROBES if x != "sequential"])
     p.add_argument("--max-pairs", type=int, default=None, help="sts: cap on STS-B dev pairs")
-    s = sub.add_parser("sequential", help="task A's dev metric before/after training on task B")
-    s.add_argument("run_dir", help="a finished run of task A")
-    s.add_argument("--task-b", required=True)
-    s.add_argument("--max-steps", type=int, default=None, help="override the run's budget for task B")
-    s.add_argument("--train-samples", type=int, default=None)
     args = ap.parse_args(argv)
     try:
-        if args.cmd == "probe":
-            overrides = {"max_pairs": args.max_pairs} if args.max_pairs and args.probe == "sts" else {}
-            res = probe_run(args.run_dir, args.probe, **overrides)
-        else:
-            res = sequential(args.run_dir, args.task_b, args.max_steps, args.train_samples)
+        overrides = {"max_pairs": args.max_pairs} if args.max_pairs and args.probe == "sts" else {}
+        res = probe_run(args.run_dir, args.probe, **overrides)
     except BenchError as exc:
         raise SystemExit(f"error: {exc}") from None
     print(json.dumps(res, indent=2))

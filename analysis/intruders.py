@@ -124,7 +124,7 @@ def peft_counts(run_dir, k: int = DEFAULT_K, epsilon: float = DEFAULT_EPSILON) -
     from peft import PeftModel
     from peft.tuners.lora.intruders import reduce_intruder_dimension
 
-    from analysis.weights import tuned_model
+    from bench.model.rebuild import tuned_model
 
     model = tuned_model(run_dir, merge=False)
     if not isinstance(model, PeftModel) or model.peft_type != "LORA":

@@ -18,8 +18,9 @@ from analysis.analyse import ANALYSIS_FILE, analyse_run
 from analysis.collect import collect
 from analysis.html import external_urls
 from analysis.tables import method_task_tables, ok_frame, rank_tables
-from analysis.weights import read_run, tuned_model, weight_pairs
+from analysis.weights import weight_pairs
 from bench import BenchError
+from bench.model.rebuild import read_run, tuned_model
 from bench.orchestrate.runner import run
 from bench.record import RECORD_FILE
 from tests.conftest import GLUE_DIR, compose_cfg
@@ -37,7 +38,7 @@ def runs(tmp_path_factory) -> Path:
         rec = run(compose_cfg(*overrides, *STS, results_dir=results))
         assert rec["status"] == "ok", rec.get("error")
     failed = run(compose_cfg("method=lora", "rank=4", "forgetting=sequential", results_dir=results))
-    assert failed["status"] == "error" and "analysis.forgetting sequential" in failed["error"]
+    assert failed["status"] == "error" and "bench.tools.sequential" in failed["error"]
     return results
 
 
@@ -144,8 +145,8 @@ def test_the_cache_is_keyed_by_what_changes_its_numbers(runs, tmp_path):
 
 def test_forgetting_of_the_base_model_against_itself_is_zero(runs):
     from analysis.forgetting import make_probe, probe_config
-    from analysis.weights import base_model
     from bench.model import load_tokenizer
+    from bench.model.rebuild import base_model
 
     record, cfg = read_run(_run_dir(runs, "full"))
     probe = make_probe(
@@ -180,7 +181,7 @@ def test_mlm_probe_on_a_model_without_mlm_head_is_a_clear_error():
 
 
 def test_sequential_forgetting_trains_task_b_and_re_evaluates_task_a(runs):
-    from analysis.forgetting import sequential
+    from bench.tools.sequential import sequential
 
     res = sequential(_run_dir(runs, "lora", 2), "rte", max_steps=2)
     assert res["task_a"] == "sst2" and res["task_b"] == "rte" and res["steps_b"] == 2

@@ -177,7 +177,7 @@ def test_a_causal_lm_run_records_zero_shot_scores_and_generation(causal_run):
 @needs_glue
 def test_sequential_forgetting_runs_on_a_causal_lm(causal_run):
     """Task A (SST-2) after training on task B (RTE) as text: no head to swap, the LM head answers both."""
-    from analysis.forgetting import sequential
+    from bench.tools.sequential import sequential
 
     out = sequential(_run_dir(causal_run), "rte", max_steps=2, train_samples=16)
     assert out["task_a"] == "sst2" and out["steps_b"] == 2 and 0 <= out["task_b_accuracy"] <= 1

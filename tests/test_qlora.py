@@ -65,7 +65,8 @@ def test_qlora_record_analysis_says_in_one_line_why_it_cannot_rebuild_the_4bit_b
     """A QLoRA run (constructed: it cannot run here) is not analysed on the fp32 base; analysis says why."""
     from omegaconf import OmegaConf
 
-    from analysis.weights import pairs_for_cli, tuned_model, weight_pairs
+    from analysis.weights import pairs_for_cli, weight_pairs
+    from bench.model.rebuild import tuned_model
     from bench.record import write_record
     from methods import get_method
     from tests.conftest import planned_record

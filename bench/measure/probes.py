@@ -270,7 +270,7 @@ def make_probe(cfg: Any, model_cfg: Any, tokenizer, task: str | None = None) -> 
     if name == "sequential":
         raise BenchError(
             "forgetting=sequential needs two trainings and is not an in-run probe; run "
-            "`python -m analysis.forgetting sequential <run dir of task A> --task-b <task>`"
+            "`python -m bench.tools.sequential <run dir of task A> --task-b <task>`"
         )
     if name not in PROBE_CLASSES:
         raise BenchError(f"unknown forgetting probe '{name}'; choose one of: {', '.join(PROBES)}")
