@@ -157,7 +157,7 @@ def lora_does_not_forget(df: pd.DataFrame) -> Claim:
 
 
 def _flag(df: pd.DataFrame, column: str) -> pd.Series:
-    """A boolean column that older records lack (False there)."""
+    """A boolean column, False where the records do not have the field (the column may be missing altogether)."""
     if column not in df:
         return pd.Series(False, index=df.index)
     return df[column].map(lambda v: v is True or v == 1.0).astype(bool)

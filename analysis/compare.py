@@ -310,7 +310,7 @@ def _same_device(b: pd.DataFrame, c: pd.DataFrame) -> str | None:
                       ("provenance.torch_threads", "threads")):
         bd = _mode(b[col]) if col in b.columns else None
         cd = _mode(c[col]) if col in c.columns else None
-        if bd != cd and not (what == "threads" and None in (bd, cd)):  # older records lack threads
+        if bd != cd and not (what == "threads" and None in (bd, cd)):  # a record may not say its thread count
             return f"{what} differs"
     return None
 

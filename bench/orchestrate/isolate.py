@@ -1,8 +1,8 @@
 """One process per run in a sweep, so that a run killed from outside is a record, not the end of the sweep.
 
-The kernel's out-of-memory killer sends SIGKILL to the largest process, which no Python code can catch. In a
-sweep that process used to be the launcher's worker itself: the basic launcher's sweep ended there, and joblib's
-pool broke (TerminatedWorkerError), killing the other worker's run and never starting the rest. With
+The kernel's out-of-memory killer sends SIGKILL to the largest process, which no Python code can catch. Without
+isolation that process is the launcher's worker itself: the basic launcher's sweep ends there, and joblib's pool
+breaks (TerminatedWorkerError), killing the other worker's run and never starting the rest. With
 `isolate_runs` (default `auto`: in multirun) each job starts its run in a child process
 (`python -m bench.orchestrate.isolate <config>`) and waits for it. The child is the large process, so the OOM
 killer picks it; the job then writes an `error` record for it ("killed by SIGKILL ...") and returns, and the sweep

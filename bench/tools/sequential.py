@@ -43,7 +43,7 @@ def sequential(run_dir, task_b: str, max_steps: int | None = None, train_samples
     if not (method.merges or method.edits_in_place):
         raise BenchError(f"sequential forgetting supports methods that merge (and full); not '{method.name}'")
     budget = {k: v for k, v in (("max_steps", max_steps), ("train_samples", train_samples)) if v is not None}
-    # Task A as the run had it (older records: completed from conf/task), task B from conf/task; both on CPU.
+    # Task A as the run had it, with any key its record lacks taken from conf/task; task B from conf/task; on CPU.
     p_a = plan(_on_cpu(cfg, OmegaConf.merge(_task_conf(record["task"]), cfg.task), budget))
     p_b = plan(_on_cpu(cfg, _task_conf(task_b), budget))
     data_a = load_data(p_a.task, p_a.cfg)
