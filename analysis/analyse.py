@@ -13,17 +13,21 @@ and the ΔW spectrum (all singular values per layer) with the rank lab.
 Only runs with saved weights are analysed; nothing is loaded for the others, and one line says how many were
 skipped. Methods that leave W unchanged (or do not merge into it) get `status: "n/a"` and the reason from the
 record alone, with or without weights; a run that cannot be rebuilt gets `status: "error"` (not cached).
+
+analysis.json is typed (`Analysis`, with its `AnalysisKey`): it is validated when written, and a file that does not
+follow the schema is computed again rather than read.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
 from analysis import intruders, spectrum
@@ -35,6 +39,48 @@ from bench.record import find_records, read_record, write_json_atomic
 ANALYSIS_FILE = "analysis.json"
 ANALYSIS_VERSION = 2
 DEFAULT_MAX_RANK = 64
+
+
+class _Block(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AnalysisKey(_Block):
+    """Everything that changes an analysis's numbers: a cached analysis.json is used only under the same key."""
+
+    version: int = Field(description="ANALYSIS_VERSION: bumped when the computation changes")
+    config_hash: str | None = Field(description="the record's identity")
+    ended_at: str | None = Field(description="the record's end time (a rerun of the same config is another run)")
+    weights: dict[str, int] = Field(description="the saved weights: {file inside weights/: size in bytes}")
+    k: int = Field(description="top-k left singular vectors scored per layer")
+    epsilon: float = Field(description="a vector is an intruder when its largest |cosine| with W0's is below this")
+    rtol: float = Field(description="numerical rank: singular values above rtol x the largest")
+    max_rank: int = Field(description="the rank lab's largest rank")
+
+
+class Intruders(_Block):
+    k: int
+    epsilon: float
+    total: int = Field(description="intruders over all analysed layers at epsilon")
+    layers: int
+    layers_with_intruders: int
+    per_layer: dict[str, int]
+    total_by_epsilon: dict[str, int] = Field(description="the total at each epsilon of the grid")
+    scores: dict[str, list[float]] = Field(description="per layer: each top-k vector's largest |cosine| with W0's")
+
+
+class Analysis(_Block):
+    """A run's analysis.json: intruder dimensions and the ΔW spectrum, or why there are none."""
+
+    key: AnalysisKey
+    run_id: str
+    method: str
+    status: Literal["ok", "n/a"] = Field(description="n/a: the method leaves W unchanged (the reason says how)")
+    reason: str | None = None
+    intruders: Intruders | None = None
+    spectrum: dict[str, Any] | None = Field(None, description="analysis/spectrum.py `spectrum`: per layer and mean "
+                                                              "ranks of ΔW, the rank lab")
+    timing_s: dict[str, float] | None = Field(None, description="rebuild_weights, intruders, spectrum")
 
 
 def analysis_key(
@@ -59,11 +105,15 @@ def analysis_key(
 
 
 def _read(path: Path) -> dict | None:
+    """The analysis in `path` when it follows the schema; None otherwise (it is then computed again)."""
     try:
-        res = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return Analysis.model_validate_json(path.read_text()).model_dump(mode="json", exclude_unset=True)
+    except (OSError, ValidationError):
         return None
-    return res if isinstance(res, dict) and isinstance(res.get("key"), dict) else None
+
+
+def _write(path: Path, analysis: dict) -> None:
+    write_json_atomic(path, Analysis.model_validate(analysis).model_dump(mode="json", exclude_unset=True))
 
 
 def cached_analysis(run_dir: str | Path, key: dict) -> dict | None:
@@ -81,7 +131,7 @@ def cached_analysis(run_dir: str | Path, key: dict) -> dict | None:
     if cached.get("status") == "ok":
         cached["intruders"].update(intruders.summarise(cached["intruders"]["scores"], key["epsilon"]))
     cached["key"] = key
-    write_json_atomic(path, cached)
+    _write(path, cached)
     return cached
 
 
@@ -138,7 +188,7 @@ def analyse_run(
                 "spectrum": time.perf_counter() - start - intr_s,
             },
         )
-    write_json_atomic(run_dir / ANALYSIS_FILE, out)
+    _write(run_dir / ANALYSIS_FILE, out)
     return out
 
 
