@@ -131,6 +131,11 @@ def test_the_cache_is_keyed_by_what_changes_its_numbers(runs, tmp_path):
     five = analyse_run(run_dir, k=5)
     assert five["key"]["k"] == 5 and all(len(s) == 5 for s in five["intruders"]["scores"].values())
     assert cached_analysis(run_dir, analysis_key(run_dir, record, k=5)) is not None
+    # a file that does not follow analysis.json's schema is not read, whatever its key says
+    (run_dir / ANALYSIS_FILE).write_text(json.dumps({**json.loads((run_dir / ANALYSIS_FILE).read_text()),
+                                                     "intruders": {"total": "many"}}))
+    assert cached_analysis(run_dir, analysis_key(run_dir, record, k=5)) is None
+    analyse_run(run_dir, k=5)
     # other weights (here: a file that grew): the cache is not theirs
     weights_file = next((run_dir / "weights").glob("*.safetensors"))
     weights_file.write_bytes(weights_file.read_bytes() + b" ")
