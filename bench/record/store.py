@@ -198,16 +198,23 @@ def load_records(root: str | Path) -> tuple[list[dict], list[str]]:
     `problems` and skipped."""
     records, problems = [], []
     for path in find_records(root):
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            problems.append(f"{path}: unreadable ({type(exc).__name__})")
-            continue
-        try:
-            rec = as_dict(validate(raw))
-        except SchemaError as exc:
-            problems.append(f"{path}: {exc}")
+        _, rec, problem = read_checked(path)
+        if rec is None:
+            problems.append(f"{path}: {problem}")
             continue
         rec["record_path"] = str(path)
         records.append(rec)
     return records, problems
+
+
+def read_checked(path: Path) -> tuple[dict | None, dict | None, str | None]:
+    """(the record as stored, migrated and validated, the problem) of a record file; where there is a problem (not
+    JSON, an unknown schema version, fields that do not validate) the second is None."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return None, None, f"unreadable ({type(exc).__name__})"
+    try:
+        return raw, as_dict(validate(raw)), None
+    except SchemaError as exc:
+        return raw, None, str(exc)

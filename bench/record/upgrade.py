@@ -12,29 +12,22 @@ those configs again beside the old folders. Each record is rewritten atomically 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from bench.record.schema import SCHEMA_VERSION
-from bench.record.store import SchemaError, as_dict, find_records, validate, write_json_atomic
+from bench.record.store import find_records, read_checked, write_json_atomic
 
 
 def upgrade(root: Path, apply: bool) -> list[str]:
     """One line per record that is, or would be, upgraded or that cannot be."""
     lines = []
     for path in find_records(root):
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            lines.append(f"skip {path}: unreadable ({type(exc).__name__})")
+        raw, rec, problem = read_checked(path)
+        if rec is None:
+            lines.append(f"skip {path}: {problem}")
             continue
-        if raw.get("schema_version") == SCHEMA_VERSION:
-            continue
-        try:
-            rec = as_dict(validate(raw))
-        except SchemaError as exc:
-            lines.append(f"skip {path}: {exc}")
+        if raw["schema_version"] == SCHEMA_VERSION:
             continue
         old_dir = path.parent
         new_dir = old_dir.parent / rec["run_id"]
