@@ -84,7 +84,8 @@ def test_tables_and_plots_label_each_scaling_rule_apart(tmp_path):
     for i, (arm, r) in enumerate([(a, r) for a in ("lora", "lora_fixed_alpha", "rslora") for r in (4, 16)]):
         cfg = compose_config([f"method={arm}", f"rank={r}"])
         eff = get_method(arm).effective_config(OmegaConf.to_container(cfg.method, resolve=True), r)
-        records.append({"run_id": f"run{i}", "status": "ok", "method": arm, "task": "sst2", "model": "minilm",
+        records.append({"run_id": f"run{i}", "config_group": f"group{i}", "status": "ok", "method": arm,
+                        "task": "sst2", "model": "minilm",
                         "rank": r, "seed": 1, "lr": 4e-4, "main_metric": "accuracy", "main_metric_value": 0.8 + i / 100,
                         "trainable_params_excl_head": 1000 * r, "effective_config": {"method": eff}})
     df = to_frame(records)
