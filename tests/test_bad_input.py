@@ -225,26 +225,29 @@ def test_the_command_line_prints_one_line_per_problem_and_no_traceback(tmp_path)
 
 
 @needs_glue
-def test_analysis_tools_skip_a_corrupt_weights_file_and_exit_codes_tell_usage_from_regression(tmp_path):
+def test_analysis_tools_skip_a_corrupt_weights_file_and_exit_codes_tell_usage_from_regression(tmp_path, capsys):
+    """The analysis commands, called as the command line calls them (`main(argv)`): any exception but their exit
+    would fail the test with its traceback."""
+    from analysis.analyse import main as analyse
+    from analysis.compare import main as compare
+    from analysis.intruders import main as intruders
+    from analysis.report import main as report
+
     results = tmp_path / "runs"
-    out = _bench("--multirun", "model=tiny-bert", "budget=smoke", "measure.latency=false", "seed=1,2",
-                 f"results_dir={results}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
-    assert out.returncode == 0, out.stderr[-2000:]
+    for seed in (1, 2):
+        assert run(compose_cfg("measure.latency=false", f"seed={seed}", results_dir=results))["status"] == "ok"
     broken = sorted(results.glob("*-s1-*/weights/*.safetensors"))[0]
     broken.write_bytes(broken.read_bytes()[:100])  # truncated
-    py = [sys.executable, "-m"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    analyse = subprocess.run([*py, "analysis.analyse", str(results)], capture_output=True, text=True, env=env,
-                             cwd=REPO, check=False, timeout=300)
-    assert analyse.returncode == 0 and "Traceback" not in analyse.stderr
-    assert "warning: skipped" in analyse.stderr and "cannot load its saved weights" in analyse.stderr
-    assert "intruders" in analyse.stdout  # the other run was analysed
-    intr = subprocess.run([*py, "analysis.intruders", str(broken.parent.parent)], capture_output=True, text=True,
-                          env=env, cwd=REPO, check=False, timeout=300)
-    assert intr.returncode != 0 and "Traceback" not in intr.stderr and "cannot load its saved weights" in intr.stderr
-    report = subprocess.run([*py, "analysis.report", str(results), "--out", str(tmp_path / "report")],
-                            capture_output=True, text=True, env=env, cwd=REPO, check=False, timeout=300)
-    assert report.returncode == 0 and "Traceback" not in report.stderr, report.stderr[-2000:]
-    missing = subprocess.run([*py, "analysis.compare", "--baseline", str(tmp_path / "nope"), "--current",
-                              str(results)], capture_output=True, text=True, env=env, cwd=REPO, check=False)
-    assert missing.returncode == 2 and "no such folder" in missing.stderr and "Traceback" not in missing.stderr
+    capsys.readouterr()
+    analyse([str(results)])
+    out = capsys.readouterr()
+    assert "warning: skipped" in out.err and "cannot load its saved weights" in out.err
+    assert "intruders" in out.out  # the other run was analysed
+    with pytest.raises(SystemExit) as exit_:
+        intruders([str(broken.parent.parent)])
+    assert exit_.value.code not in (0, None)
+    assert "cannot load its saved weights" in str(exit_.value.code) + capsys.readouterr().err
+    report([str(results), "--out", str(tmp_path / "report")])
+    assert (tmp_path / "report" / "index.md").is_file()
+    assert compare(["--baseline", str(tmp_path / "nope"), "--current", str(results)]) == 2
+    assert "no such folder" in capsys.readouterr().err
