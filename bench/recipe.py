@@ -17,7 +17,7 @@ from torch import nn
 
 from bench import BenchError
 from bench.data import Data, Rows, load_data, train_loader
-from bench.loop.evaluate import evaluate, evaluate_rank_variants
+from bench.loop.evaluate import evaluate, evaluate_rank_variants, evaluate_solutions
 from bench.loop.faults import injected_faults
 from bench.loop.train import TrainResult, TrainSettings, total_steps, train
 from bench.measure.latency import generation_interleaved, latency_batch, latency_interleaved, latency_ratios
@@ -26,7 +26,7 @@ from bench.metrics import directions
 from bench.model import attach_context, is_causal_lm, load_model, seed_everything
 from bench.model.precision import autocast_dtype
 from bench.plan import Plan
-from bench.record import CURVE_FILE, WEIGHTS_DIR
+from bench.record import CURVE_FILE, SAMPLES_FILE, WEIGHTS_DIR, write_jsonl
 from methods import Method
 from methods.base import count_params, head_modules, tensor_bytes
 
@@ -38,6 +38,7 @@ class Recipe:
         self.p, self.rows = p, rows
         self.causal = is_causal_lm(p.cfg.model)
         self.out: dict[str, Any] = {}
+        self.samples: list[dict[str, Any]] = []  # generation tasks: each evaluated answer (SAMPLES_FILE)
 
     def run(self) -> dict[str, Any]:
         self.setup()
@@ -68,8 +69,10 @@ class Recipe:
         self.amp = autocast_dtype(p.precision)
         self.forgetting_before = self.probe.measure(model, p.device, self.amp) if self.probe is not None else None
         if self.causal:  # the pre-trained LM on the same evaluation: what fine-tuning adds over zero-shot prompting
-            out["zero_shot_metrics"] = self._evaluate(model)[0]
+            out["zero_shot_metrics"], _ = self._evaluate(model, stage="zero_shot")
             out["zero_shot_main_metric_value"] = out["zero_shot_metrics"][p.task.main_metric]
+        if self.data.few_shot_loader is not None:  # and over k-shot prompting (lm.shots)
+            out["few_shot_metrics"], _ = self._evaluate(model, stage="few_shot", loader=self.data.few_shot_loader)
         if cfg.model.get("random_init"):
             out["model_note"] = "random-init test model: metrics are meaningless"
         out["full_model_bytes"] = tensor_bytes(model)
@@ -83,7 +86,7 @@ class Recipe:
         warmup = timing_warmup(self.p, self.steps)
         with self.meter.phase("train"):
             tr = train_model(self.p, self.model, self.data.train_loader, self.steps, warmup,
-                             evaluate_fn=lambda: self._evaluate(self.model)[0])
+                             evaluate_fn=lambda: self._evaluate(self.model, stage=None)[0])
         self.curve = tr.curve
         self.out["train"] = train_summary(tr, warmup)
         self.out["train_samples_per_s"] = self.out["train"]["samples_per_s"]
@@ -94,7 +97,7 @@ class Recipe:
         model's metrics beside the unmerged one's."""
         p, out = self.p, self.out
         with self.meter.phase("eval"):
-            out["metrics"], logits = self._evaluate(self.model)
+            out["metrics"], logits = self._evaluate(self.model, stage="final")
         out["higher_is_better"] = directions(out["metrics"])
         out["main_metric"] = p.task.main_metric
         out["main_metric_value"] = out["metrics"][p.task.main_metric]
@@ -108,7 +111,8 @@ class Recipe:
         self.merged = None
         if p.method.merges:
             self.merged = p.method.merged(self.model)
-            out["merged_metrics"], merged_logits = self._evaluate(self.merged)
+            # a generation task compares the merged model by its teacher-forced gold-solution losses, not by decoding
+            out["merged_metrics"], merged_logits = self._evaluate(self.merged, stage=None, generate=False)
             out["merged_max_abs_logit_diff"] = float(np.abs(merged_logits - logits).max())
 
     def measure(self) -> None:
@@ -132,11 +136,26 @@ class Recipe:
         out["method_info"] = p.method.info(self.model)
 
     def save(self) -> None:
-        """The weights (unless save_weights=none) and the loss curve, into the run folder."""
+        """The weights (unless save_weights=none), the loss curve and a generation task's answers, into the run
+        folder."""
         self.out.update(save(self.p, self.p.method, self.model, self.curve))
+        if self.samples:
+            write_jsonl(self.p.run_dir / SAMPLES_FILE, self.samples)
 
-    def _evaluate(self, model: nn.Module) -> tuple[dict[str, float], np.ndarray]:
-        return evaluate(model, self.data.dev_loader, self.p.task, self.p.device, self.p.precision)
+    def _evaluate(self, model: nn.Module, stage: str | None, loader=None, generate: bool = True
+                  ) -> tuple[dict[str, float], np.ndarray]:
+        """(metrics, the scores merged and unmerged models are compared on) on the dev set (or `loader`). A generation
+        task decodes every answer (unless `generate=False`); its evaluation at a named `stage` (zero_shot, few_shot,
+        final) also records `<stage>_generation_eval` (`generation_eval` for the final one) and its answers."""
+        p, loader = self.p, loader or self.data.dev_loader
+        if not p.task.is_generation:
+            return evaluate(model, loader, p.task, p.device, p.precision)
+        res = evaluate_solutions(model, loader, self.data.tokenizer, p.device, p.precision, generate=generate)
+        if stage is not None:
+            key = "generation_eval" if stage == "final" else f"{stage}_generation_eval"
+            self.out[key] = {**res.stats, "samples_file": SAMPLES_FILE}
+            self.samples += [{"stage": stage, **s} for s in res.samples]
+        return res.metrics, res.scores
 
 
 def fresh_model(p: Plan, steps: int) -> nn.Module:

@@ -18,8 +18,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["BENCH_PROGRESS"] = "0"
 os.environ["PEFT_BENCH_STRICT_RECORDS"] = "1"  # a record that does not follow its schema fails the test
-if "GLUE_DIR" not in os.environ and (REPO.parent / "shared" / "data" / "glue").is_dir():
-    os.environ["GLUE_DIR"] = str(REPO.parent / "shared" / "data" / "glue")
+for _env, _folder in (("GLUE_DIR", "glue"), ("GSM_SYMBOLIC_DIR", "gsm_symbolic"), ("WIKI_DIR", "wiki")):
+    if _env not in os.environ and (REPO.parent / "shared" / "data" / _folder).is_dir():
+        os.environ[_env] = str(REPO.parent / "shared" / "data" / _folder)
 
 # Tiny test models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spinning
 # threads make each tiny backward ~50x slower (1.5 s instead of 0.02 s measured here).
@@ -27,6 +28,9 @@ torch.set_num_threads(1)
 
 GLUE_DIR = os.environ.get("GLUE_DIR")
 needs_glue = pytest.mark.skipif(not GLUE_DIR, reason="GLUE_DIR not set and ../shared/data/glue missing")
+GSM_SYMBOLIC_DIR = os.environ.get("GSM_SYMBOLIC_DIR")
+needs_gsm = pytest.mark.skipif(not GSM_SYMBOLIC_DIR, reason="GSM_SYMBOLIC_DIR not set and ../shared/data/gsm_symbolic "
+                                                            "missing")
 
 # Tiny, fast defaults for tests: random-init 2-layer BERT, smoke budget, few latency iterations.
 TINY = ["model=tiny-bert", "budget=smoke", "measure.latency_iters=3", "measure.latency_warmup_iters=1",

@@ -24,6 +24,7 @@ class Data:
     dev_loader: Any
     info: dict  # for the record: source, rows, note
     tokenize_s: float  # time to tokenise the train rows
+    few_shot_loader: Any = None  # generation tasks with lm.shots > 0: the dev prompts with k solved examples first
 
 
 @dataclass
@@ -54,9 +55,28 @@ def load_data(task: Task, cfg: DictConfig, tokenizer=None, rows: Rows | None = N
     train_df, dev_df, source = rows.train, rows.dev, rows.source
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     info = {"source": source, "train_rows": len(train_df), "dev_rows": len(dev_df),
-            "note": task.offline_note if source.startswith("glue_dir") else "", **rows.check}
+            "note": task.offline_note if source.startswith(f"{task.data_env.lower()}:") else "", **rows.check}
     start = time.perf_counter()
-    if is_causal_lm(cfg.model):  # the task as text (bench/data/text.py)
+    few_shot_loader = None
+    if task.is_generation:  # question -> worked solution (bench/data/text.py)
+        sv = lm.solving(cfg.task, cfg.lm, tokenizer)
+        encoded, train_cut = lm.encode_solutions(train_df, tokenizer, sv, int(budget.max_seq_len))
+        train_features = lm.solution_train_features(encoded, sv)
+        tokenize_s = time.perf_counter() - start
+        dev_features, dev_cut = lm.encode_solutions(dev_df, tokenizer, sv, int(budget.max_seq_len))
+        batch, new_tokens = int(cfg.lm.eval_batch_size), int(cfg.lm.max_new_tokens)
+        dev_loader = lm.solution_loader(dev_features, tokenizer, batch, new_tokens)
+        shots = int(cfg.lm.shots)
+        if shots:  # the first k training rows, solved, before each dev question
+            examples = tuple(zip(train_df["text_a"].head(shots), train_df["label"].head(shots)))
+            k_shot = lm.solving(cfg.task, cfg.lm, tokenizer, examples)
+            k_features, _ = lm.encode_solutions(dev_df, tokenizer, k_shot, int(budget.max_seq_len))
+            few_shot_loader = lm.solution_loader(k_features, tokenizer, batch, new_tokens)
+        info.update(prompt={"chat_template": sv.chat, "loss_on": sv.loss_on, "eval_mode": "generate",
+                            "answer_rule": task.answer_rule, "max_new_tokens": new_tokens, "shots": shots,
+                            "example": sv.prompt(tokenizer, str(dev_df.iloc[0]["text_a"]))},
+                    prompts_cut={"train": train_cut, "dev": dev_cut})
+    elif is_causal_lm(cfg.model):  # the task as text (bench/data/text.py)
         pr = lm.prompting(cfg.task, cfg.lm, tokenizer, task.name)
         encoded, train_cut = lm.encode(train_df, tokenizer, pr, int(budget.max_seq_len))
         train_features = lm.train_features(encoded, tokenizer, pr)
@@ -74,7 +94,7 @@ def load_data(task: Task, cfg: DictConfig, tokenizer=None, rows: Rows | None = N
         dev_features = tokenize(dev_df, tokenizer, budget.max_seq_len)
         dev_loader = make_loader(dev_features, tokenizer, cfg.measure.eval_batch_size, shuffle=False, seed=0)
     return Data(tokenizer, train_features, dev_features, train_loader(train_features, tokenizer, cfg), dev_loader,
-                info, tokenize_s)
+                info, tokenize_s, few_shot_loader)
 
 
 def train_loader(features: list, tokenizer, cfg: DictConfig):

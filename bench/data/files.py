@@ -1,4 +1,5 @@
-"""Reading a task's TSV file with checks: a broken file is one line naming the file, the line and what is wrong.
+"""Reading a task's data files with checks (TSV, JSON lines): a broken file is one line naming the file, the line
+and what is wrong.
 
 GLUE's TSVs are read with `quoting=3` (csv.QUOTE_NONE): their sentences hold unbalanced quotes, and default
 quoting silently merges rows. So one line of the file is one row, and a row's line number is its index plus
@@ -55,3 +56,33 @@ def read_tsv(path: Path, *, header: bool, column_names: Sequence[str] = (), requ
     if df.empty:
         raise BenchError(f"{path}: a header and no rows; replace it with the original TSV")
     return df
+
+
+def read_jsonl(path: Path, *, required: Sequence[str]) -> pd.DataFrame:
+    """A JSON-lines file (one object per line) as a DataFrame. BenchError (file, line, what) when it cannot be read,
+    is empty, has a line that is not a JSON object, or a row that lacks a required field or holds an empty one."""
+    import json
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise BenchError(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})") from exc
+    except UnicodeDecodeError:
+        raise BenchError(f"{path}: not UTF-8 text; is it the right file? Replace it with the original") from None
+    rows = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BenchError(f"{path}: line {number}: not a JSON object ({exc.msg}); is the file cut short?") from None
+        if not isinstance(row, dict):
+            raise BenchError(f"{path}: line {number}: not a JSON object")
+        missing = [k for k in required if not str(row.get(k) or "").strip()]
+        if missing:
+            raise BenchError(f"{path}: line {number}: no {missing[0]!r} (fields: {', '.join(row) or 'none'})")
+        rows.append({**row, "_line": number})
+    if not rows:
+        raise BenchError(f"{path}: the file is empty; replace it with the original")
+    return pd.DataFrame(rows)

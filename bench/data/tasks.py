@@ -19,9 +19,11 @@ from omegaconf import OmegaConf
 
 from bench import BenchError
 from bench.config import REPO_ROOT
-from bench.data.files import read_tsv
+from bench.data.answers import final_number
+from bench.data.files import read_jsonl, read_tsv
 
 HUB_DATASET = "nyu-mll/glue"
+CLASSIFICATION, GENERATION = "classification", "generation"  # a task's kind: a label per example, or a worked solution
 TASK_CONF = REPO_ROOT / "conf" / "task"
 
 
@@ -49,14 +51,24 @@ class Task:
     label: str = ""  # display name in tables and plots
     display_order: int = 100  # column position in tables
     list_order: int = 100  # position in listings (docs/configuration.md's task table, error messages)
+    # Generation tasks (question -> worked solution -> final number): `kind: generation`, their offline folder's
+    # environment variable, their Hub sources per split, and the answer rule (bench/data/answers.py).
+    kind: str = CLASSIFICATION
+    data_env: str = "GLUE_DIR"
+    hub: dict[str, Any] = field(default_factory=dict)
+    answer_rule: str = ""
 
     @property
     def is_regression(self) -> bool:
         return self.num_labels == 1
 
+    @property
+    def is_generation(self) -> bool:
+        return self.kind == GENERATION
+
     def row_check(self, rows: dict[str, int], source: str) -> dict:
         """`rows_below_expected` {split: [rows, expected]} for offline files shorter than `offline_rows` says."""
-        if not source.startswith("glue_dir"):
+        if not source.startswith(f"{self.data_env.lower()}:"):
             return {}
         short = {split: [n, self.offline_rows[split]] for split, n in rows.items()
                  if split in self.offline_rows and n < self.offline_rows[split]}
@@ -136,7 +148,10 @@ def _standardise(task: Task, df: pd.DataFrame, text_fields: tuple[str, ...], lab
 
 
 def load_task(task: Task, glue_dir: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, str]:
-    """Return (train, dev, source) with columns text_a, text_b, label. `source` says where data came from."""
+    """Return (train, dev, source) with columns text_a, text_b, label (generation tasks: the question, None, the
+    worked solution, and `answer`, the final number). `source` says where data came from."""
+    if task.is_generation:
+        return load_generation_task(task)
     glue_dir = glue_dir if glue_dir is not None else os.environ.get("GLUE_DIR")
     if glue_dir:
         folder = Path(glue_dir).expanduser() / task.folder
@@ -163,3 +178,57 @@ def load_task(task: Task, glue_dir: str | None = None) -> tuple[pd.DataFrame, pd
             f"{HUB_DATASET} ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
         ) from exc
     return train, dev, f"hub:{HUB_DATASET}/{task.name}"
+
+
+def load_generation_task(task: Task, data_dir: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """A generation task's (train, dev, source): JSON-lines files in the folder `$<data_env>` names when it is set,
+    else the Hub datasets of `task.hub`; one clear line when neither works. Each row's worked solution must end in a
+    final number (bench/data/answers.py); a row whose does not is one line naming the file and line."""
+    data_dir = data_dir if data_dir is not None else os.environ.get(task.data_env)
+    if data_dir:
+        folder = Path(data_dir).expanduser() / task.folder
+        paths = folder / task.train_file, folder / task.dev_file
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise BenchError(f"task '{task.name}': {task.data_env}={data_dir} has no {', '.join(missing)}; point "
+                             f"{task.data_env} at the task's folder (offline: ../shared/data/{task.name})")
+        train, dev = (_solutions(task, read_jsonl(p, required=(task.text_fields[0], task.label_field)), str(p))
+                      for p in paths)
+        return train, dev, f"{task.data_env.lower()}:{folder.resolve()}"
+    if not task.hub:
+        raise BenchError(f"task '{task.name}': no data. Set {task.data_env} to its folder (offline copy: "
+                         f"{task.data_env}=../shared/data/{task.name})")
+    splits = []
+    for split in ("train", "dev"):
+        src = task.hub[split]
+        where = f"hub:{src['dataset']}/{src.get('config') or 'default'}/{src['split']}"
+        try:
+            import datasets
+
+            df = datasets.load_dataset(src["dataset"], src.get("config"), split=src["split"]).to_pandas()
+        except Exception as exc:  # noqa: BLE001 - any failure here means "no data", reported in one line
+            raise BenchError(
+                f"task '{task.name}': no data. Go online for the Hub dataset {src['dataset']} or set "
+                f"{task.data_env} to an offline copy ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:120] if str(exc) else ''})") from exc
+        df = df.rename(columns={src["question"]: task.text_fields[0], src["solution"]: task.label_field})
+        if src.get("max_chars"):  # peft's MetaMathQA filter: query + " " + response at most this many characters
+            long = (df[task.text_fields[0]].str.len() + 1 + df[task.label_field].str.len()) > int(src["max_chars"])
+            df = df[~long]
+        df["_line"] = df.index + 1  # the row's position in the Hub split (1-based)
+        splits.append(_solutions(task, df.reset_index(drop=True), where))
+    sources = {f"{task.hub[s]['dataset']}" for s in ("train", "dev")}
+    return splits[0], splits[1], f"hub:{'+'.join(sorted(sources))}"
+
+
+def _solutions(task: Task, df: pd.DataFrame, where: str) -> pd.DataFrame:
+    """Columns text_a (the question), text_b (None), label (the worked solution) and answer (its final number)."""
+    solutions = df[task.label_field].astype(str)
+    values = [final_number(s) for s in solutions]
+    bad = next((i for i, v in enumerate(values) if v is None), None)
+    if bad is not None:
+        line = int(df["_line"].iloc[bad]) if "_line" in df else bad + 1
+        raise BenchError(f"{where}: line {line}: the worked solution does not end in a final number "
+                         f"(`#### <number>` or `The answer is: <number>`): {solutions.iloc[bad][-60:]!r}")
+    return pd.DataFrame({"text_a": df[task.text_fields[0]].astype(str).to_numpy(), "text_b": None,
+                         "label": solutions.to_numpy(), "answer": [str(v) for v in values]})

@@ -68,11 +68,16 @@ def prompting(task_cfg: Any, lm_cfg: Any, tokenizer, task_name: str) -> Promptin
                          "labels; give one answer per class id, in class-id order")
     if len(set(answers)) != len(answers):
         raise BenchError(f"task '{task_name}': prompt.answers {list(answers)} repeat a text; each label needs its own")
+    return Prompting(str(prompt.template), answers, _use_chat(lm_cfg, tokenizer), str(lm_cfg.loss_on))
+
+
+def _use_chat(lm_cfg: Any, tokenizer) -> bool:
+    """Whether prompts go in the tokenizer's chat template (`lm.chat_template`: auto, true or false)."""
     chat = str(lm_cfg.chat_template)
     use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat == "auto" else chat == "true"
     if use_chat and not getattr(tokenizer, "chat_template", None):
         raise BenchError("lm.chat_template=true but the tokenizer has no chat template; use auto or false")
-    return Prompting(str(prompt.template), answers, use_chat, str(lm_cfg.loss_on))
+    return use_chat
 
 
 def _ids(tokenizer, text: str, special: bool) -> list[int]:
@@ -261,3 +266,109 @@ def score_choices(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tup
     gold = batch["labels"]
     gold_nll = -(seq_lp / n_tokens).view(-1, k).gather(1, gold.unsqueeze(1)).squeeze(1)
     return scores, gold_nll
+
+
+# ---------------------------------------------------------------- generation tasks: question -> worked solution
+
+@dataclass(frozen=True)
+class Solving:
+    """How a generation task becomes text for one tokenizer: the question in the task's template (a user turn of the
+    chat template when used), the worked solution as the reply; `shots` are (question, solution) examples shown
+    before the question (k-shot prompting of an untrained model)."""
+
+    template: str
+    chat: bool
+    loss_on: str  # answer (the solution) | all
+    shots: tuple[tuple[str, str], ...] = ()
+
+    def prompt(self, tokenizer, question: str) -> str:
+        if self.chat:
+            turns = []
+            for q, solution in self.shots:
+                turns += [{"role": "user", "content": self.template.format(text_a=q, text_b="")},
+                          {"role": "assistant", "content": solution}]
+            turns.append({"role": "user", "content": self.template.format(text_a=question, text_b="")})
+            return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        examples = "".join(f"{self.template.format(text_a=q, text_b='')} {s}\n\n" for q, s in self.shots)
+        return examples + self.template.format(text_a=question, text_b="")
+
+    def solution(self, text: str) -> str:
+        return text if self.chat else " " + text
+
+
+def solving(task_cfg: Any, lm_cfg: Any, tokenizer, shots: tuple[tuple[str, str], ...] = ()) -> Solving:
+    """The generation task's prompting for this tokenizer (`lm.chat_template` as for classification tasks)."""
+    prompt = task_cfg.get("prompt") or {}
+    if not prompt.get("template"):
+        raise BenchError(f"task '{task_cfg.name}' has no prompt.template (conf/task/{task_cfg.name}.yaml)")
+    return Solving(str(prompt["template"]), _use_chat(lm_cfg, tokenizer), str(lm_cfg.loss_on), shots)
+
+
+def encode_solutions(df: pd.DataFrame, tokenizer, sv: Solving, max_seq_len: int) -> tuple[list[dict], int]:
+    """(features, rows cut to fit `max_seq_len`). A feature: the prompt's ids, the solution's ids with the
+    end-of-sequence token, the gold final number and the question. A training sequence (prompt + solution) longer
+    than `max_seq_len` loses the end of its solution (as peft's benchmark cuts its token lists); an evaluation prompt
+    keeps its start and end (`_fit`)."""
+    eos = [tokenizer.eos_token_id]
+    features, cut = [], 0
+    for question, solution, answer in zip(df["text_a"].tolist(), df["label"].tolist(), df["answer"].tolist()):
+        prompt, was_cut = _fit(_ids(tokenizer, sv.prompt(tokenizer, question), not sv.chat), max_seq_len - 1)
+        full = _ids(tokenizer, sv.solution(solution), False) + eos
+        sol = full[:max_seq_len - len(prompt)]
+        cut += was_cut or len(sol) < len(full)
+        features.append({"prompt_ids": prompt, "answer_ids": [sol], "label": 0, "answer": answer,
+                         "question": question})
+    return features, cut
+
+
+def solution_train_features(features: list[dict], sv: Solving) -> list[dict]:
+    """Prompt + worked solution (+ end of sequence), labels masked to the solution (`loss_on=answer`) or not."""
+    out = []
+    for f in features:
+        ids = f["prompt_ids"] + f["answer_ids"][0]
+        labels = ([IGNORE] * len(f["prompt_ids"]) + f["answer_ids"][0]) if sv.loss_on == "answer" else list(ids)
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return out
+
+
+class SolutionCollator(ChoiceCollator):
+    """A batch of generation-task examples: the prompt + gold solution sequences (right-padded, `answer_mask` on the
+    solution) for the teacher-forced loss, and the prompts left-padded for greedy decoding (`gen_*`), with the gold
+    numbers and questions as lists (`answers`, `questions`)."""
+
+    def __init__(self, pad_id: int, eos_id: int, max_new_tokens: int):
+        super().__init__(pad_id)
+        self.eos_id, self.max_new_tokens = eos_id, max_new_tokens
+
+    def __call__(self, features: list[dict]) -> dict[str, Any]:
+        batch: dict[str, Any] = self._choices(features)
+        batch["gen_input_ids"], batch["gen_attention_mask"] = left_padded([f["prompt_ids"] for f in features],
+                                                                          self.pad_id)
+        batch["gen_eos"], batch["gen_pad"] = torch.tensor(self.eos_id), torch.tensor(self.pad_id)
+        batch["gen_max_new_tokens"] = torch.tensor(self.max_new_tokens)
+        batch["answers"] = [f["answer"] for f in features]
+        batch["questions"] = [f["question"] for f in features]
+        return batch
+
+
+def solution_loader(features: list[dict], tokenizer, batch_size: int, max_new_tokens: int) -> DataLoader:
+    collate = SolutionCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, max_new_tokens)
+    return DataLoader(features, batch_size=batch_size, shuffle=False, collate_fn=collate)
+
+
+def is_solution_batch(batch: dict) -> bool:
+    return "gen_max_new_tokens" in batch
+
+
+def greedy_generations(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[list[list[int]], list[bool]]:
+    """Each prompt's greedy continuation with the KV cache (batched, left-padded), cut before the first end-of-sequence
+    token, and whether it stopped there (False: it ran into `max_new_tokens`)."""
+    prompt, eos = batch["gen_input_ids"], int(batch["gen_eos"])
+    out = model.generate(input_ids=prompt, attention_mask=batch["gen_attention_mask"], do_sample=False,
+                         max_new_tokens=int(batch["gen_max_new_tokens"]), eos_token_id=eos,
+                         pad_token_id=int(batch["gen_pad"]))
+    generated, stopped = [], []
+    for toks in out[:, prompt.shape[1]:].tolist():
+        stopped.append(eos in toks)
+        generated.append(toks[:toks.index(eos)] if eos in toks else toks)
+    return generated, stopped

@@ -2,13 +2,19 @@
 choice batches are scored by each label's answer log-likelihood (or greedy generation), bench/data/text.py."""
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
+from scipy.stats import binomtest
 from torch import nn
 
-from bench.data import text
+from bench.data import answers, text
 from bench.data.tasks import Task
 from bench.metrics import compute
+from bench.model.device import sync
 from bench.model.precision import autocast, autocast_dtype
 from methods import Method
 
@@ -65,3 +71,65 @@ def evaluate_rank_variants(method: Method, model: nn.Module, loader, task: Task,
             out[str(rank)] = evaluate(model, loader, task, device, precision)[0]
     return out
 
+
+
+@dataclass
+class SolutionEval:
+    """A generation task's evaluation: `metrics` (accuracy, no_answer_fraction, eval_loss), `scores` (each example's
+    teacher-forced gold-solution NLL per token: what merged and unmerged models are compared on), `stats` (the
+    record's GenerationEval block) and `samples` (question, generation, extracted answer, gold, correct)."""
+
+    metrics: dict[str, float]
+    scores: np.ndarray
+    stats: dict[str, Any]
+    samples: list[dict[str, Any]]
+
+
+@torch.no_grad()
+def evaluate_solutions(model: nn.Module, loader, tokenizer, device: torch.device, precision: str,
+                       generate: bool = True) -> SolutionEval:
+    """Each dev question answered by batched greedy decoding (KV cache, left padding; bench/data/text.py), its final
+    number read by the task's rule (bench/data/answers.py) and compared with the gold one; and the gold solution's
+    teacher-forced loss (`eval_loss`, nats per solution token, averaged over examples). `generate=False` computes the
+    loss alone (a merged model's check against the unmerged one)."""
+    model.eval()
+    amp_dtype = autocast_dtype(precision)
+    nll: list[float] = []
+    samples: list[dict[str, Any]] = []
+    new_tokens, unfinished, no_answer, generate_s = 0, 0, 0, 0.0
+    start = time.perf_counter()
+    for batch in loader:
+        tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        with autocast(device, amp_dtype):
+            _, gold_nll = text.score_choices(model, tensors)
+            nll += gold_nll.float().cpu().tolist()
+            if not generate:
+                continue
+            sync(device)
+            t0 = time.perf_counter()
+            generated, stopped = text.greedy_generations(model, tensors)
+            sync(device)
+            generate_s += time.perf_counter() - t0
+        for question, gold, toks, stop in zip(batch["questions"], batch["answers"], generated, stopped):
+            generation = tokenizer.decode(toks, skip_special_tokens=True)
+            extracted = answers.extract(generation)
+            value = answers.to_number(extracted)
+            samples.append({"question": question, "generation": generation, "extracted": extracted,
+                            "gold": gold, "correct": value is not None and float(value) == float(gold)})
+            new_tokens += len(toks) + stop  # the end-of-sequence token is generated too
+            unfinished += not stop
+            no_answer += value is None
+    metrics = {"eval_loss": float(np.mean(nll)) if nll else float("nan")}
+    stats: dict[str, Any] = {}
+    if generate:
+        n = len(samples)
+        correct = sum(s["correct"] for s in samples)
+        ci = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson") if n else None
+        metrics.update(accuracy=correct / n, no_answer_fraction=no_answer / n)
+        stats = {"examples": n, "correct": correct, "accuracy_ci95": [float(ci.low), float(ci.high)],
+                 "generated_tokens": new_tokens, "mean_generated_tokens": new_tokens / n,
+                 "unfinished_fraction": unfinished / n, "generate_s": generate_s,
+                 "eval_wall_s": time.perf_counter() - start,
+                 "generated_tokens_per_s": new_tokens / generate_s if generate_s else None,
+                 "answer_rule": answers.RULE}
+    return SolutionEval(metrics, np.asarray(nll, dtype=float), stats, samples)

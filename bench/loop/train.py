@@ -1,7 +1,7 @@
-"""The one training loop every method shares, and evaluation.
+"""The one training loop every method shares.
 
-Read top to bottom: AdamW over the method's parameter groups (no decay on biases and LayerNorm), linear
-warm-up then linear decay (transformers' scheduler), gradient accumulation, autocast on CUDA (bf16/fp16) and
+Read top to bottom: AdamW over the method's parameter groups (no decay on biases and LayerNorm), a linear warm-up
+then a linear or cosine decay (`budget.lr_schedule`, transformers' schedulers), gradient accumulation, autocast on CUDA (bf16/fp16) and
 fp32 on CPU, gradient clipping, the method's per-step hook after each optimiser step (before zero_grad), a loss
 curve every `log_every_steps`, and optional evaluation every `eval_every_steps` keeping the best (`keep_best`:
 the best evaluation's trainable tensors, copied to host memory, and the method's `scored_state`, e.g. AdaLoRA's rank
@@ -26,12 +26,15 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from bench import BenchError
 from bench.model.device import sync
 from bench.model.precision import autocast, autocast_dtype
 from methods.base import HeadSpec, Method, is_head_param
+
+# budget.lr_schedule: a linear warm-up over the method's warmup_ratio of the steps, then a decay to 0 at the last step
+SCHEDULES = {"linear": get_linear_schedule_with_warmup, "cosine": get_cosine_schedule_with_warmup}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -110,7 +113,8 @@ def train(model: nn.Module, method: Method, loader, s: TrainSettings,
     # (methods/base.py: the same lr everywhere, no decay on biases and LayerNorm; LoRA+: B at ratio x lr).
     optimizer = torch.optim.AdamW(method.optimizer_param_groups(model, s.lr, s.weight_decay), lr=s.lr,
                                   fused=device.type == "cuda")
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(round(s.warmup_ratio * steps)), steps)
+    schedule = SCHEDULES[str(budget.get("lr_schedule", "linear"))]
+    scheduler = schedule(optimizer, int(round(s.warmup_ratio * steps)), steps)
     amp_dtype = autocast_dtype(s.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=s.precision == "fp16")
     accum = int(budget.grad_accum_steps)

@@ -48,6 +48,9 @@ def plan(cfg: DictConfig) -> Plan:
     eff_method = method.effective_config(OmegaConf.to_container(cfg.method, resolve=True), rank)
     eff_method["lr"] = lr
     causal = is_causal_lm(cfg.model)
+    if task.is_generation and not causal:
+        raise BenchError(f"task '{task.name}' is a generation task (question -> worked solution -> final number): it "
+                         "needs a causal LM, e.g. model=smollm2 (or model=tiny-llama for a test)")
     if causal and cfg.task.num_labels == 1:
         raise BenchError(f"task '{task.name}' is regression: a causal LM scores answers as text, so it needs a "
                          "classification task (e.g. task=sst2)")

@@ -33,6 +33,7 @@ class Budget(_Strict):
     log_every_steps: int = Field(gt=0)
     eval_every_steps: int | None = Field(gt=0)
     keep_best: bool
+    lr_schedule: Literal["linear", "cosine"] = "linear"
 
     @model_validator(mode="after")
     def _length_and_best(self) -> Budget:
@@ -64,6 +65,8 @@ class LM(_Strict):
     loss_on: Literal["answer", "all"]
     eval_mode: Literal["loglik", "generate"]
     eval_batch_size: int = Field(gt=0)
+    max_new_tokens: int = Field(256, gt=0)
+    shots: int = Field(0, ge=0)
     generation: bool
     gen_batch_size: int = Field(gt=0)
     gen_prompt_len: int = Field(gt=0)
@@ -110,6 +113,9 @@ class RunConfig(_Strict):
     paper_lr: dict[str, dict[str, float]] | None = None
     paper_batch_size: dict[str, int] | None = None
     paper_eval_every_steps: dict[str, int] | None = None
+    # conf/sweep/peft_metamathqa.yaml: peft's per-method learning rates and weight decays
+    peft_lr: dict[str, float] | None = None
+    peft_weight_decay: dict[str, float] | None = None
 
     @field_validator("device")
     @classmethod

@@ -7,6 +7,7 @@ from bench.record.store import (
     FAILED_ATTEMPT_FILE,
     KNOWN_SCHEMAS,
     RECORD_FILE,
+    SAMPLES_FILE,
     TRACEBACK_FILE,
     WEIGHTS_DIR,
     SchemaError,
@@ -19,11 +20,13 @@ from bench.record.store import (
     record_path,
     validate,
     write_json_atomic,
+    write_jsonl,
     write_record,
     write_result,
 )
 
 __all__ = ["CURVE_FILE", "FAILED_ATTEMPT_FILE", "FAILED_STATUSES", "KNOWN_SCHEMAS", "OK", "RECORD_FILE",
-           "SCHEMA_VERSION", "STATUSES", "TRACEBACK_FILE", "WEIGHTS_DIR", "Record", "SchemaError", "as_dict",
-           "check_writable", "config_group", "config_hash", "find_records", "load_records", "migrate", "read_record",
-           "record_path", "run_id", "validate", "write_json_atomic", "write_record", "write_result"]
+           "SAMPLES_FILE", "SCHEMA_VERSION", "STATUSES", "TRACEBACK_FILE", "WEIGHTS_DIR", "Record", "SchemaError",
+           "as_dict", "check_writable", "config_group", "config_hash", "find_records", "load_records", "migrate",
+           "read_record", "record_path", "run_id", "validate", "write_json_atomic", "write_jsonl", "write_record",
+           "write_result"]

@@ -30,6 +30,8 @@ TASK = {
     "metrics": "what is computed",
     "main_metric": "what keep_best selects by",
     "prompt": "causal LMs: the task as text (encoder runs leave it out of the effective config)",
+    "kind": "classification or generation (question -> worked solution -> final number)",
+    "answer_rule": "how a generation's final number is read (bench/data/answers.py)",
 }
 TASK_NOT = {
     "label": "display name",
@@ -49,6 +51,8 @@ TASK_NOT = {
     "dev_labels": "the dev set's label counts, for reports' chance levels",
     "paper_epochs": "read into budget=paper's epochs, which are in the budget",
     "paper_eval_every_steps": "read into budget=paper's eval interval, which is in the budget",
+    "data_env": "where the rows are read: the offline folder's environment variable (fingerprinted)",
+    "hub": "where the rows are read: the Hub datasets per split (fingerprinted)",
 }
 MODEL = {
     "name": "the model",

@@ -188,6 +188,23 @@ class Generation(_VariantRatios):
     merged: GenerationStats | None = None
 
 
+class GenerationEval(_Block):
+    """A generation task's evaluation by greedy decoding (bench/loop/evaluate.py `evaluate_solutions`)."""
+
+    examples: int | None = Field(None, description="dev questions answered")
+    correct: int | None = Field(None, description="answers whose final number equals the gold one")
+    accuracy_ci95: list[float] | None = Field(None, description="Wilson 95% interval of the accuracy [low, high]")
+    generated_tokens: int | None = Field(None, description="tokens generated, end-of-sequence tokens included")
+    mean_generated_tokens: float | None = None
+    unfinished_fraction: float | None = Field(None, description="share of generations cut by lm.max_new_tokens")
+    generate_s: float | None = Field(None, description="time spent decoding")
+    eval_wall_s: float | None = Field(None, description="the whole evaluation: decoding and the gold-solution loss")
+    generated_tokens_per_s: float | None = Field(None, description="generated_tokens / generate_s (all rows of a "
+                                                                   "batch decode together)")
+    answer_rule: str | None = Field(None, description="how the final number is read (bench/data/answers.py)")
+    samples_file: str | None = Field(None, description="every answer, beside the record (JSON lines)")
+
+
 class Forgetting(_Block):
     probe: str | None = Field(None, description="sts, mlm or ppl (conf/forgetting/)")
     metric: str | None = Field(None, description="what the probe scores")
@@ -254,6 +271,10 @@ class Record(_Block):
     head_modules: list[str] | None = Field(None, description="the task head's modules (trainable for every method)")
     zero_shot_metrics: Metrics | None = Field(None, description="causal LMs: the pre-trained model's metrics")
     zero_shot_main_metric_value: float | None = None
+    zero_shot_generation_eval: GenerationEval | None = None
+    few_shot_metrics: Metrics | None = Field(None, description="generation tasks, lm.shots > 0: the pre-trained "
+                                                               "model prompted with k solved training examples")
+    few_shot_generation_eval: GenerationEval | None = None
     train: Train | None = None
     train_samples_per_s: float | None = Field(None, description="= train.samples_per_s")
     train_tokens_per_s: float | None = Field(None, description="= train.tokens_per_s")
@@ -264,7 +285,9 @@ class Record(_Block):
     rank_metrics: dict[str, Metrics] | None = Field(None, description="DyLoRA: the trained model's metrics at "
                                                                       "each evaluated rank")
     forgetting: Forgetting | None = None
-    merged_metrics: Metrics | None = Field(None, description="merging methods: the merged model's metrics")
+    generation_eval: GenerationEval | None = Field(None, description="generation tasks: the final evaluation")
+    merged_metrics: Metrics | None = Field(None, description="merging methods: the merged model's metrics (a "
+                                                             "generation task's: its gold-solution loss)")
     merged_max_abs_logit_diff: float | None = Field(None, description="largest |logit| difference, merged vs "
                                                                       "unmerged, over the dev set")
     latency: Latency | None = None

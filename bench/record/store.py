@@ -23,6 +23,7 @@ from bench.record.schema import OK, SCHEMA_VERSION, Record
 KNOWN_SCHEMAS = (1, SCHEMA_VERSION)  # schema versions the reader migrates or reads
 RECORD_FILE = "record.json"
 CURVE_FILE = "curve.csv"
+SAMPLES_FILE = "samples.jsonl"  # generation tasks: every evaluated answer (stage, question, generation, gold, ...)
 TRACEBACK_FILE = "traceback.txt"
 FAILED_ATTEMPT_FILE = "failed_attempt.json"  # a failed rerun of a run whose ok record stays its result
 WEIGHTS_DIR = "weights"
@@ -38,7 +39,8 @@ def migrate(raw: dict[str, Any]) -> dict[str, Any]:
     """A record of any schema version this code knows, as the current version (a new dict). SchemaError for a
     version it does not know.
 
-    1 -> 2: tasks had no `version` (their definition then is version 1), and the earliest records keep the task's
+    1 -> 2: the knobs added since (budget.lr_schedule, lm.max_new_tokens, lm.shots) ran at their defaults; tasks had no
+    `version` (their definition then is version 1), and the earliest records keep the task's
     label count only in the composed config; the identity becomes the allow-listed part of the effective config
     (bench/record/identity.py), so `config_hash`, `config_group` and `run_id` are recomputed and the old ones kept
     in `migrated_from`; records without `model_kind` are encoders (`classifier`); `higher_is_better` says each
@@ -52,6 +54,11 @@ def migrate(raw: dict[str, Any]) -> dict[str, Any]:
     rec = dict(raw)
     effective = rec.get("effective_config")
     if isinstance(effective, dict):
+        # knobs that schema 1 runs did not have ran at the value that is now their default
+        if isinstance(effective.get("budget"), dict):
+            effective = {**effective, "budget": {"lr_schedule": "linear", **effective["budget"]}}
+        if isinstance(effective.get("lm"), dict):
+            effective = {**effective, "lm": {"max_new_tokens": 256, "shots": 0, **effective["lm"]}}
         if isinstance(effective.get("task"), dict):
             task = {"version": 1, **effective["task"]}
             config_task = (rec.get("config") or {}).get("task") or {}
@@ -99,6 +106,19 @@ def write_json_atomic(path: Path, obj: Any) -> None:
             json.dump(obj, fh, indent=2, sort_keys=False, default=str, allow_nan=False)
             fh.flush()
             os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """One JSON object per line, written atomically like the record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.writelines(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
