@@ -2,10 +2,10 @@
 
 Read top to bottom: AdamW over the method's parameter groups (no decay on biases and LayerNorm), a linear warm-up
 then a linear or cosine decay (`budget.lr_schedule`, transformers' schedulers), gradient accumulation, autocast on
-CUDA (bf16/fp16) and fp32 on CPU, gradient clipping, the method's per-step hook after each optimiser step (before zero_grad), a loss
-curve every `log_every_steps`, and optional evaluation every `eval_every_steps` keeping the best (`keep_best`:
-the best evaluation's trainable tensors, copied to host memory, and the method's `scored_state`, e.g. AdaLoRA's rank
-pattern, so that the model evaluated, saved and analysed is the one that was scored).
+CUDA (bf16/fp16) and fp32 on CPU, gradient clipping, the method's per-step hook after each optimiser step (before
+zero_grad), a loss curve every `log_every_steps`, and optional evaluation every `eval_every_steps` keeping the best
+(`keep_best`: the best evaluation's trainable tensors, copied to host memory, and the method's `scored_state`, e.g.
+AdaLoRA's rank pattern, so that the model evaluated, saved and analysed is the one that was scored).
 
 Timing excludes the first `timing_warmup_steps` optimiser steps and all evaluation. The timed window is
 bracketed by device synchronisation (it starts on an idle device and ends when the device has finished the
