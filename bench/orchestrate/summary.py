@@ -41,8 +41,20 @@ def print_summary(rec: dict, path: Path) -> None:
         f"  train {rec['train']['steps']} steps in {rec['train']['wall_s']:.1f} s, "
         f"{rec['train_samples_per_s']:.1f} samples/s; {peak_label} during training {_fmt_bytes(peak)}",
     ]
+    ev = rec.get("generation_eval")
+    if ev:  # a generation task: accuracy's interval, answers without a number, decoding speed, the answers' file
+        low, high = ev["accuracy_ci95"]
+        lines.append(f"  {ev['correct']}/{ev['examples']} answers right (95% interval {low:.3f}-{high:.3f}), "
+                     f"no number in {rec['metrics']['no_answer_fraction']:.0%}; {ev['mean_generated_tokens']:.0f} "
+                     f"tokens per answer, {ev['generated_tokens_per_s']:.1f} generated tokens/s; {ev['samples_file']}")
     if "zero_shot_main_metric_value" in rec:  # a causal LM: the pre-trained model on the same evaluation
-        lines.append(f"  zero-shot (before training) {rec['main_metric']} = {rec['zero_shot_main_metric_value']:.4f}")
+        loss = (f", eval_loss = {rec['zero_shot_metrics']['eval_loss']:.4f}" if ev else "")
+        lines.append(f"  zero-shot (before training) {rec['main_metric']} = {rec['zero_shot_main_metric_value']:.4f}"
+                     + loss)
+    if rec.get("few_shot_metrics"):
+        shots = rec["data"]["prompt"]["shots"]
+        lines.append(f"  {shots}-shot (before training) {rec['main_metric']} = "
+                     f"{rec['few_shot_metrics'][rec['main_metric']]:.4f}")
     if rec.get("forgetting"):
         f = rec["forgetting"]
         lines.append(f"  forgetting ({f['metric']}): before {f['before']:.4g}, after {f['after']:.4g}, "
