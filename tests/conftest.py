@@ -47,14 +47,12 @@ def planned_record(cfg: DictConfig, **fields) -> dict:
     """A record of the current schema for the run `cfg` plans (nothing runs): its identity, config and `fields`."""
     from omegaconf import OmegaConf
 
+    from bench.orchestrate.runner import record_identity
     from bench.plan import plan
-    from bench.record import SCHEMA_VERSION, config_group
+    from bench.record import SCHEMA_VERSION
 
-    p = plan(cfg)
-    return {"schema_version": SCHEMA_VERSION, "run_id": p.run_id, "config_hash": p.config_hash,
-            "config_group": config_group(p.effective), "task": p.task.name, "model": str(cfg.model.name),
-            "method": p.method.name, "rank": p.rank, "seed": int(cfg.seed), "lr": p.lr, "budget": str(cfg.budget.name),
-            "effective_config": p.effective, "config": OmegaConf.to_container(cfg, resolve=True), **fields}
+    return {"schema_version": SCHEMA_VERSION, **record_identity(plan(cfg)),
+            "config": OmegaConf.to_container(cfg, resolve=True), **fields}
 
 
 @pytest.fixture

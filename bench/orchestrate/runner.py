@@ -59,7 +59,7 @@ def run(cfg: DictConfig) -> dict:
     rows = read_rows(p.task, cfg.budget)  # the data's and the model files' content join the identity
     fingerprints = content_fingerprints(rows, cfg.model)
     p = identify(p, fingerprints)
-    announce({"run_dir": str(p.run_dir), **_identity(p)})  # to a parent that runs this one isolated (isolate.py)
+    announce({"run_dir": str(p.run_dir), **record_identity(p)})  # to a parent that runs this one isolated (isolate.py)
     path = p.run_dir / RECORD_FILE
     reason = skip_reason(existing := read_record(path), cfg)
     if reason:
@@ -86,7 +86,7 @@ def run(cfg: DictConfig) -> dict:
     return record
 
 
-def _identity(p: Plan) -> dict[str, Any]:
+def record_identity(p: Plan) -> dict[str, Any]:
     """What names a run in its record: id, hashes, the labels tables group by, the effective config."""
     return {"run_id": p.run_id, "config_hash": p.config_hash, "config_group": config_group(p.effective),
             "task": p.task.name, "model": str(p.cfg.model.name), "method": p.method.name, "rank": p.rank,
@@ -107,7 +107,7 @@ def _attempt(p: Plan, previous: dict | None, rows: Rows, fingerprints: dict) -> 
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))  # recorded in provenance.torch_threads
     record: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION, **_identity(p), "status": "error",
+        "schema_version": SCHEMA_VERSION, **record_identity(p), "status": "error",
         "attempt": int(previous.get("attempt", 1)) + 1 if previous else 1,
         "started_at": _now(), "provenance": {**provenance(), "device": device_name(p.device), "pid": os.getpid(),
                                              "parent_pid": os.getppid(),
