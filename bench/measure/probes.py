@@ -7,6 +7,11 @@ The probes themselves (`sts`, `mlm`, `ppl`, settings in `conf/forgetting/<probe>
 analysis/forgetting.py, which also runs them offline on saved runs and holds the two-training `sequential`
 experiment. A new probe is a `Probe` subclass here, listed in PROBE_CLASSES, plus its yaml.
 
+The loss probes (`mlm`, `ppl`) are built from the same parts: a held-out text (STS-B dev sentences), tokenised
+into right-padded batches (`text_batches`), and one scorer per model kind, each returning a summed cross-entropy and
+the number of tokens it sums, so every loss is pooled over tokens: `causal_lm_ce` (the run's causal LM as it runs)
+and `masked_lm_ce` (the checkpoint's pre-trained MLM head on the run's encoder).
+
 Probes run under `torch.random.fork_rng`, so turning forgetting on does not change the run's training.
 """
 
@@ -124,141 +129,155 @@ class StsProbe(Probe):
         return float(spearmanr(cos, self.gold).statistic)
 
 
-class _HeadProbe(Probe):
-    """Probes that put the checkpoint's own pre-trained LM head on top of the (fine-tuned) backbone."""
+def text_batches(tokenizer, texts: list[str], batch_size: int, max_len: int) -> list[dict[str, torch.Tensor]]:
+    """`texts` tokenised each on its own as the tokenizer does (its special tokens included: a BOS when it adds one),
+    each cut to `max_len` tokens, in batches of `batch_size` in the texts' order, padded on the right (attention_mask
+    0). The tokenizer's own padding settings are neither used nor changed: the run's data share it."""
+    ids = tokenizer(list(texts), truncation=True, max_length=max_len)["input_ids"]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = []
+    for i in range(0, len(ids), batch_size):
+        rows = ids[i : i + batch_size]
+        width = max(map(len, rows))
+        batches.append({"input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+                        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])})
+    return batches
 
-    auto_class: ClassVar[str]
-    head_kind: ClassVar[str]
+
+def causal_lm_ce(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device,
+                 amp_dtype: torch.dtype | None = None) -> tuple[float, int]:
+    """(summed next-token cross-entropy in nats, the number of tokens summed) of a causal LM as it runs over
+    `batches` (`text_batches`): every real token after a row's first is a target, padding is not. A prompt-tuned
+    model runs with its virtual tokens in front; peft's causal-LM wrapper gives them the label -100, so they are not
+    scored and the count is the same as without them."""
+    total, n = 0.0, 0
+    with _eval_mode(model):
+        for enc in batches:
+            labels = enc["input_ids"].masked_fill(~enc["attention_mask"].bool(), -100)
+            with autocast(device, amp_dtype):
+                out = model(**{k: v.to(device) for k, v in enc.items()}, labels=labels.to(device))
+            k = int((labels[:, 1:] != -100).sum())
+            total += float(out.loss) * k  # the model's loss is the mean over its k targets
+            n += k
+    return total, n
+
+
+def pretrained_mlm_head(probe: str, model_cfg: Any, instead: str) -> nn.Module:
+    """The checkpoint's own pre-trained masked-LM model, whose head the probe puts on the run's (fine-tuned)
+    encoder (`masked_lm_ce`). BenchError, ending in `instead` (what to use), when the checkpoint has no MLM head."""
+    import transformers
+
+    if model_cfg.get("random_init"):
+        raise BenchError(f"forgetting={probe}: model '{model_cfg.name}' is a random-init test model with no "
+                         f"pre-trained masked-LM head{instead}")
+    path, _ = resolve_source(model_cfg)
+    try:
+        lm, info = transformers.AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"forgetting={probe}: model '{model_cfg.name}' cannot load as AutoModelForMaskedLM: "
+                         f"{str(exc).splitlines()[0][:160]}{instead}") from exc
+    missing_head = [k for k in info["missing_keys"] if not k.startswith(lm.base_model_prefix + ".")]
+    if missing_head:
+        raise BenchError(f"forgetting={probe}: model '{model_cfg.name}' has no pre-trained masked-LM head "
+                         f"(missing {missing_head[0]}){instead}")
+    return lm.eval()
+
+
+@contextlib.contextmanager
+def _with_backbone(lm: nn.Module, model: nn.Module, device: torch.device):
+    """`lm` (a pre-trained head model) with the run's backbone in place of its own, put back afterwards."""
+    prefix = lm.base_model_prefix
+    own = getattr(lm, prefix)
+    setattr(lm, prefix, backbone(model))
+    lm.to(device)
+    try:
+        yield lm
+    finally:
+        setattr(lm, prefix, own)
+
+
+def masked_lm_ce(lm: nn.Module, model: nn.Module, tokenizer, batches: list[dict[str, torch.Tensor]],
+                 mask_fraction: float, device: torch.device, amp_dtype: torch.dtype | None = None
+                 ) -> tuple[float, int]:
+    """(summed masked-LM cross-entropy in nats, the number of masked tokens) of `lm`'s pre-trained head on `model`'s
+    encoder over `batches` (`text_batches`): a share `mask_fraction` of the real, non-special tokens replaced by the
+    mask token, at positions drawn from a generator seeded 0, so every call masks the same tokens."""
+    gen = torch.Generator().manual_seed(0)
+    total, n = 0.0, 0
+    with _eval_mode(model), _with_backbone(lm, model, device) as lm:
+        for enc in batches:
+            ids = enc["input_ids"].clone()
+            special = torch.tensor(
+                [tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True) for row in ids.tolist()],
+                dtype=torch.bool,
+            )
+            pick = (torch.rand(ids.shape, generator=gen) < mask_fraction) & ~special & enc["attention_mask"].bool()
+            labels = torch.where(pick, ids, torch.full_like(ids, -100))
+            ids[pick] = tokenizer.mask_token_id
+            with autocast(device, amp_dtype):
+                out = lm(input_ids=ids.to(device), attention_mask=enc["attention_mask"].to(device),
+                         labels=labels.to(device))
+            k = int(pick.sum())
+            total += float(out.loss) * k
+            n += k
+    return total, n
+
+
+class _TextLossProbe(Probe):
+    """A loss on held-out text, pooled over its tokens (token-weighted); the record also gets the text's source and
+    the number of tokens pooled (`text_source`, `tokens`)."""
+
+    higher_is_better = False
+    source: str
+    tokens: int | None = None
+
+    def result(self, before: float, after: float) -> dict:
+        return {**super().result(before, after), "text_source": self.source, "tokens": self.tokens}
+
+
+def _stsb_sentences(cfg: Any) -> tuple[list[str], str]:
+    sentences, _, _ = _probe_sentences(cfg.get("max_sentences"))
+    return sentences, f"STS-B dev: sentence 1 of {len(sentences)} pairs (a fixed subset, seed 0)"
+
+
+class MlmProbe(_TextLossProbe):
+    """Masked-LM loss (nats per masked token) of the checkpoint's pre-trained MLM head on the run's encoder, on
+    held-out general English (STS-B dev sentence 1s)."""
+
+    name = "mlm"
+    metric = "mlm_loss_nats_per_token"
 
     def __init__(self, cfg: Any, model_cfg: Any, tokenizer, task: str | None = None):
         super().__init__(cfg, model_cfg, tokenizer, task)
-        import transformers
-
-        if model_cfg.get("random_init"):
-            raise BenchError(
-                f"forgetting={self.name}: model '{model_cfg.name}' is a random-init test model with "
-                f"no pre-trained {self.head_kind} head; use forgetting=sts"
-            )
-        path, _ = resolve_source(model_cfg)
-        try:
-            self.lm, info = getattr(transformers, self.auto_class).from_pretrained(
-                path, output_loading_info=True
-            )
-        except (OSError, ValueError) as exc:
-            raise BenchError(
-                f"forgetting={self.name}: model '{model_cfg.name}' cannot load as "
-                f"{self.auto_class}: {str(exc).splitlines()[0][:160]}"
-            ) from exc
-        prefix = self.lm.base_model_prefix
-        missing_head = [k for k in info["missing_keys"] if not k.startswith(prefix + ".")]
-        if missing_head:
-            raise BenchError(
-                f"forgetting={self.name}: model '{model_cfg.name}' has no pre-trained "
-                f"{self.head_kind} head (missing {missing_head[0]}); use forgetting=sts"
-            )
-        self.lm.eval()
-        sentences, _, _ = _probe_sentences(cfg.get("max_sentences"))
-        self.batches = [
-            tokenizer(
-                sentences[i : i + int(cfg.batch_size)],
-                padding=True,
-                truncation=True,
-                max_length=int(cfg.max_seq_len),
-                return_tensors="pt",
-            )
-            for i in range(0, len(sentences), int(cfg.batch_size))
-        ]
-
-    @contextlib.contextmanager
-    def _with_backbone(self, model: nn.Module, device: torch.device):
-        prefix = self.lm.base_model_prefix
-        own = getattr(self.lm, prefix)
-        setattr(self.lm, prefix, backbone(model))
-        self.lm.to(device)
-        try:
-            yield self.lm
-        finally:
-            setattr(self.lm, prefix, own)
-
-
-class MlmProbe(_HeadProbe):
-    name = "mlm"
-    metric = "mlm_loss_nats_per_token"
-    higher_is_better = False
-    auto_class = "AutoModelForMaskedLM"
-    head_kind = "masked-LM"
+        self.lm = pretrained_mlm_head(self.name, model_cfg, "; use forgetting=sts")
+        sentences, self.source = _stsb_sentences(cfg)
+        self.batches = text_batches(tokenizer, sentences, int(cfg.batch_size), int(cfg.max_seq_len))
 
     def measure(self, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None = None) -> float:
-        tok = self.tokenizer
-        gen = torch.Generator().manual_seed(0)
-        total, n = 0.0, 0
-        with _eval_mode(model), self._with_backbone(model, device) as lm:
-            for enc in self.batches:
-                ids = enc["input_ids"].clone()
-                special = torch.tensor(
-                    [
-                        tok.get_special_tokens_mask(row, already_has_special_tokens=True)
-                        for row in ids.tolist()
-                    ],
-                    dtype=torch.bool,
-                )
-                pick = (
-                    (torch.rand(ids.shape, generator=gen) < float(self.cfg.mask_fraction))
-                    & ~special
-                    & enc["attention_mask"].bool()
-                )
-                labels = torch.where(pick, ids, torch.full_like(ids, -100))
-                ids[pick] = tok.mask_token_id
-                with autocast(device, amp_dtype):
-                    out = lm(
-                        input_ids=ids.to(device),
-                        attention_mask=enc["attention_mask"].to(device),
-                        labels=labels.to(device),
-                    )
-                k = int(pick.sum())
-                total += float(out.loss) * k
-                n += k
-        return total / max(n, 1)
+        total, self.tokens = masked_lm_ce(self.lm, model, self.tokenizer, self.batches,
+                                          float(self.cfg.mask_fraction), device, amp_dtype)
+        return total / max(self.tokens, 1)
 
 
-class PplProbe(Probe):
+class PplProbe(_TextLossProbe):
     """Perplexity of a causal LM on held-out general English (STS-B dev sentence 1s, each scored on its own), the
     fine-tuned model as it runs (a prompt-tuned model with its virtual tokens in front): exp of the mean token
-    cross-entropy. peft's causal-LM wrapper masks the virtual positions out of the loss."""
+    cross-entropy (`causal_lm_ce`)."""
 
     name = "ppl"
     metric = "perplexity"
-    higher_is_better = False
 
     def __init__(self, cfg: Any, model_cfg: Any, tokenizer, task: str | None = None):
         super().__init__(cfg, model_cfg, tokenizer, task)
         if not is_causal_lm(model_cfg):
             raise BenchError(f"forgetting=ppl: model '{model_cfg.name}' is an encoder, not a causal LM; "
                              f"use forgetting=sts or mlm")
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "right"
-        sentences, _, _ = _probe_sentences(cfg.get("max_sentences"))
-        self.source = f"STS-B dev: sentence 1 of {len(sentences)} pairs (a fixed subset, seed 0)"
-        bs = int(cfg.batch_size)
-        self.batches = [tokenizer(sentences[i:i + bs], padding=True, truncation=True,
-                                  max_length=int(cfg.max_seq_len), return_tensors="pt")
-                        for i in range(0, len(sentences), bs)]
+        sentences, self.source = _stsb_sentences(cfg)
+        self.batches = text_batches(tokenizer, sentences, int(cfg.batch_size), int(cfg.max_seq_len))
 
     def measure(self, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None = None) -> float:
-        total, n = 0.0, 0
-        with _eval_mode(model):
-            for enc in self.batches:
-                labels = enc["input_ids"].masked_fill(~enc["attention_mask"].bool(), -100)
-                with autocast(device, amp_dtype):
-                    out = model(**{k: v.to(device) for k, v in enc.items()}, labels=labels.to(device))
-                k = int((labels[:, 1:] != -100).sum())
-                total += float(out.loss) * k
-                n += k
-        return float(np.exp(total / max(n, 1)))
-
-    def result(self, before: float, after: float) -> dict:
-        return {**super().result(before, after), "text_source": self.source}
+        total, self.tokens = causal_lm_ce(model, self.batches, device, amp_dtype)
+        return float(np.exp(total / max(self.tokens, 1)))
 
 
 PROBE_CLASSES: dict[str, type[Probe]] = {"sts": StsProbe, "mlm": MlmProbe, "ppl": PplProbe}

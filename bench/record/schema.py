@@ -214,7 +214,9 @@ class Forgetting(_Block):
     forgetting: float | None = Field(
         None, description="ability lost: before - after when higher is better, else after - before")
     note: str | None = None
-    text_source: str | None = Field(None, description="ppl/mlm: the held-out text")
+    text_source: str | None = Field(None, description="ppl, mlm: the held-out text")
+    tokens: int | None = Field(None, description="ppl, mlm: the tokens the loss is pooled over, each counted once "
+                                                 "(next-token targets of a causal LM; masked tokens of an MLM)")
 
 
 class OomRetry(_Block):
