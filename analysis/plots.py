@@ -386,7 +386,8 @@ def forgetting_vs_metric(df: pd.DataFrame, out_dir: Path, name: str = "forgettin
 
 
 def probe_label(probes: str, metric: str) -> str:
-    return {"sts": "zero-shot STS-B Spearman", "mlm": "MLM loss", "ppl": "perplexity"}.get(probes, metric)
+    return {"sts": "zero-shot STS-B Spearman", "mlm": "MLM loss", "ppl": "perplexity",
+            "wiki": "Wikipedia cross-entropy"}.get(probes, metric)
 
 
 def latency(df: pd.DataFrame, out_dir: Path, name: str = "latency") -> Path | str:

@@ -3,14 +3,15 @@
 A probe is measured on the pre-trained model (before) and on the fine-tuned model (after), on the same data.
 `forgetting` is the loss of ability, positive when the model got worse on the probe:
 before - after for scores where higher is better (Spearman, accuracy), after - before for losses.
-The probes themselves (`sts`, `mlm`, `ppl`, settings in `conf/forgetting/<probe>.yaml`) are described in
+The probes themselves (`sts`, `mlm`, `ppl`, `wiki`, settings in `conf/forgetting/<probe>.yaml`) are described in
 analysis/forgetting.py, which also runs them offline on saved runs and holds the two-training `sequential`
 experiment. A new probe is a `Probe` subclass here, listed in PROBE_CLASSES, plus its yaml.
 
-The loss probes (`mlm`, `ppl`) are built from the same parts: a held-out text (STS-B dev sentences), tokenised
-into right-padded batches (`text_batches`), and one scorer per model kind, each returning a summed cross-entropy and
-the number of tokens it sums, so every loss is pooled over tokens: `causal_lm_ce` (the run's causal LM as it runs)
-and `masked_lm_ce` (the checkpoint's pre-trained MLM head on the run's encoder).
+The loss probes (`mlm`, `ppl`, `wiki`) are built from the same parts: a held-out text (STS-B dev sentences, or
+Wikipedia articles: `wiki_texts`), tokenised into right-padded batches (`text_batches`), and one scorer per model
+kind, each returning a summed cross-entropy and the number of tokens it sums, so every loss is pooled over tokens:
+`causal_lm_ce` (the run's causal LM as it runs) and `masked_lm_ce` (the checkpoint's pre-trained MLM head on the
+run's encoder). `wiki` is one probe for every model kind: it picks the scorer by the model's kind.
 
 Probes run under `torch.random.fork_rng`, so turning forgetting on does not change the run's training.
 """
@@ -18,6 +19,9 @@ Probes run under `torch.random.fork_rng`, so turning forgetting on does not chan
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -29,11 +33,13 @@ from torch import nn
 from bench import BenchError
 from bench.config import compose_config
 from bench.data.encode import subset
+from bench.data.files import read_jsonl
 from bench.data.tasks import get_task, load_task
+from bench.hashing import file_sha256
 from bench.model import is_causal_lm, resolve_source
 from bench.model.precision import autocast
 
-PROBES = ("sts", "mlm", "ppl", "sequential")
+PROBES = ("sts", "mlm", "ppl", "wiki", "sequential")
 
 
 def backbone(model: nn.Module) -> nn.Module:
@@ -280,7 +286,88 @@ class PplProbe(_TextLossProbe):
         return float(np.exp(total / max(self.tokens, 1)))
 
 
-PROBE_CLASSES: dict[str, type[Probe]] = {"sts": StsProbe, "mlm": MlmProbe, "ppl": PplProbe}
+def wiki_texts(cfg: Any) -> tuple[list[str], str]:
+    """(the first `cfg.documents` Wikipedia articles' text, where they came from): `$WIKI_DIR/<cfg.file>` (JSON
+    lines, field `text`) when WIKI_DIR is set (`cfg.source=auto`) or `cfg.source=file`; else the Hub dataset
+    `cfg.dataset` (split `cfg.split`, streaming, its first rows' `text`), as peft's method comparison reads it.
+    BenchError, one line, when neither works."""
+    n, source, folder = int(cfg.documents), str(cfg.source), os.environ.get("WIKI_DIR")
+    if source not in ("auto", "file", "hub"):
+        raise BenchError(f"forgetting.source={source!r}: choose auto (the file when WIKI_DIR is set, else the Hub), "
+                         "file or hub")
+    if n < 1:
+        raise BenchError(f"forgetting.documents={n}: at least 1")
+    if source == "file" or (source == "auto" and folder):
+        if not folder:
+            raise BenchError("forgetting=wiki: forgetting.source=file needs WIKI_DIR, the folder of "
+                             f"{cfg.file} (offline: WIKI_DIR=../shared/data/wiki)")
+        path = Path(folder).expanduser() / str(cfg.file)
+        if not path.is_file():
+            raise BenchError(f"forgetting=wiki: WIKI_DIR={folder} has no {cfg.file}; point WIKI_DIR at the folder that "
+                             f"holds it (offline: ../shared/data/wiki), or unset it to read {cfg.dataset} from the Hub")
+        rows = read_jsonl(path, required=("text",))
+        if len(rows) < n:
+            raise BenchError(f"forgetting=wiki: {path} holds {len(rows)} documents, fewer than "
+                             f"forgetting.documents={n}")
+        return (rows["text"].head(n).tolist(),
+                f"file {path.name} (sha256 {file_sha256(path)}): its first {n} of {len(rows)} documents")
+    subset = cfg.get("subset")
+    where = f"{cfg.dataset}{f'/{subset}' if subset else ''} split {cfg.split}"
+    try:
+        import datasets
+
+        rows = list(itertools.islice(datasets.load_dataset(str(cfg.dataset), subset, split=str(cfg.split),
+                                                           streaming=True), n))
+    except Exception as exc:  # noqa: BLE001 - any failure here means "no text", reported in one line
+        why = "WIKI_DIR is not set and " if source == "auto" else ""
+        raise BenchError(f"forgetting=wiki: no Wikipedia text: {why}the Hub dataset {cfg.dataset} cannot be read "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); go online, "
+                         "or set WIKI_DIR to the offline sample (WIKI_DIR=../shared/data/wiki)") from exc
+    texts = []
+    for i, row in enumerate(rows, start=1):
+        text = row.get("text") if isinstance(row, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise BenchError(f"forgetting=wiki: {where}: row {i} has no text (fields: "
+                             f"{', '.join(row) if isinstance(row, dict) else type(row).__name__})")
+        texts.append(text)
+    if len(texts) < n:
+        raise BenchError(f"forgetting=wiki: {where} holds {len(texts)} rows, fewer than forgetting.documents={n}")
+    return texts, f"hub {where} (streaming): its first {n} rows"
+
+
+class WikiProbe(_TextLossProbe):
+    """Forgetting as peft's method comparison measures it: the mean cross-entropy per token (nats) of held-out
+    Wikipedia text (`wiki_texts`), each document one window cut at `max_tokens`, pooled over every scored token of
+    every document. A causal LM is scored on next-token prediction as it runs (`causal_lm_ce`, as `ppl` scores it);
+    an encoder whose checkpoint has an MLM head on masked tokens (`masked_lm_ce`, as `mlm` scores it); any other
+    model is refused here, before training."""
+
+    name = "wiki"
+
+    def __init__(self, cfg: Any, model_cfg: Any, tokenizer, task: str | None = None):
+        super().__init__(cfg, model_cfg, tokenizer, task)
+        max_len = int(cfg.max_tokens)
+        if is_causal_lm(model_cfg):
+            self.lm, self.metric = None, "next_token_ce_nats_per_token"
+        else:
+            self.lm = pretrained_mlm_head(
+                self.name, model_cfg, " and is not a causal LM; use forgetting=sts (zero-shot STS-B of its embeddings)")
+            self.metric = "mlm_loss_nats_per_token"
+            max_len = min(max_len, int(tokenizer.model_max_length))  # an encoder's positions end (BERT: 512)
+        texts, source = wiki_texts(cfg)
+        self.source = f"{source}, each cut to {max_len} tokens"
+        self.batches = text_batches(tokenizer, texts, int(cfg.batch_size), max_len)
+
+    def measure(self, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None = None) -> float:
+        if self.lm is None:
+            total, self.tokens = causal_lm_ce(model, self.batches, device, amp_dtype)
+        else:
+            total, self.tokens = masked_lm_ce(self.lm, model, self.tokenizer, self.batches,
+                                              float(self.cfg.mask_fraction), device, amp_dtype)
+        return total / max(self.tokens, 1)
+
+
+PROBE_CLASSES: dict[str, type[Probe]] = {"sts": StsProbe, "mlm": MlmProbe, "ppl": PplProbe, "wiki": WikiProbe}
 
 
 def make_probe(cfg: Any, model_cfg: Any, tokenizer, task: str | None = None) -> Probe:
