@@ -154,17 +154,20 @@ def causal_lm_ce(model: nn.Module, batches: list[dict[str, torch.Tensor]], devic
                  amp_dtype: torch.dtype | None = None) -> tuple[float, int]:
     """(summed next-token cross-entropy in nats, the number of tokens summed) of a causal LM as it runs over
     `batches` (`text_batches`): every real token after a row's first is a target, padding is not. A prompt-tuned
-    model runs with its virtual tokens in front; peft's causal-LM wrapper gives them the label -100, so they are not
-    scored and the count is the same as without them."""
+    model runs with its virtual tokens in front; the logits of a row's own tokens are its last ones, and only they
+    are scored, so the targets are the same tokens with and without a prompt (peft's causal-LM loss would also score
+    the row's first token, predicted from the last virtual token). peft's method comparison scores its forgetting
+    text the same way."""
     total, n = 0.0, 0
     with _eval_mode(model):
         for enc in batches:
-            labels = enc["input_ids"].masked_fill(~enc["attention_mask"].bool(), -100)
+            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
             with autocast(device, amp_dtype):
-                out = model(**{k: v.to(device) for k, v in enc.items()}, labels=labels.to(device))
-            k = int((labels[:, 1:] != -100).sum())
-            total += float(out.loss) * k  # the model's loss is the mean over its k targets
-            n += k
+                logits = model(input_ids=ids, attention_mask=mask).logits
+            logits = logits[:, -ids.shape[1] : -1].float()  # position t predicts token t + 1
+            targets = ids[:, 1:].masked_fill(~mask[:, 1:].bool(), -100)
+            total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
+            n += int(mask[:, 1:].sum())
     return total, n
 
 
