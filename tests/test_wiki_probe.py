@@ -58,6 +58,7 @@ def _by_hand(model, tokenizer, max_tokens: int, virtual: int = 0) -> tuple[float
 def test_the_probe_is_the_pooled_next_token_cross_entropy(tmp_path, monkeypatch):
     _wiki_dir(tmp_path, monkeypatch)
     model, tokenizer, cfg = _tiny_llama()
+    tokenizer.padding_side = "left"  # as a generation task's batches are: the probe pads on the right by itself
     # The first text is cut at 24 tokens; both share one padded batch.
     probe = make_probe(probe_config("wiki", documents=2, max_tokens=24, batch_size=2), cfg.model, tokenizer)
     value = probe.measure(model, DEVICE)
@@ -70,7 +71,7 @@ def test_the_probe_is_the_pooled_next_token_cross_entropy(tmp_path, monkeypatch)
     assert res["forgetting"] == pytest.approx(0.5) and res["tokens"] == tokens
     assert res["text_source"].startswith("file enwiki_sample.jsonl (sha256 ")
     assert "first 2 of 2 documents, each cut to 24 tokens" in res["text_source"]
-    assert tokenizer.padding_side == "right"  # untouched
+    assert tokenizer.padding_side == "left"  # the run's tokenizer is not changed
 
 
 def test_a_prompt_tuned_model_is_scored_with_its_virtual_tokens_which_are_not_counted(tmp_path, monkeypatch):
