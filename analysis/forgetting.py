@@ -14,13 +14,19 @@ Probes (`forgetting=<probe>` in a run; settings in `conf/forgetting/<probe>.yaml
   pre-trained MLM head on top of the fine-tuned encoder. A clear error for models without one (MiniLM).
 - `ppl`: causal-LM perplexity on the same held-out text, for causal LMs with a pre-trained LM head; a clear
   error otherwise.
+- `wiki`: forgetting as peft's method comparison measures it: the mean cross-entropy per token (nats) of held-out
+  Wikipedia text (the offline sample in `$WIKI_DIR`, else the first rows of the Hub dataset HuggingFaceFW/finewiki),
+  each document one window of at most `max_tokens` tokens, pooled over every scored token. Causal LMs: next-token
+  cross-entropy, as `ppl` scores it; encoders whose checkpoint has an MLM head: the masked-LM loss, as `mlm` scores
+  it; a clear error for other models (MiniLM).
 - `sequential`: the dev metric on task A after then training on task B. It trains, so it is an experiment on a
   finished run rather than an analysis of it: `python -m bench.tools.sequential <run dir of task A> --task-b rte`.
 
 What "the fine-tuned model's encoder" is: the backbone module (`model.base_model` of the transformers
 model, under peft's wrapper when there is one) with the method's changes in place: LoRA-family deltas,
 adapters and BitFit biases count; prompt and prefix tuning only add inputs, so their encoder is untouched
-and their forgetting on `sts`/`mlm`/`ppl` is 0 by construction.
+and their forgetting on `sts`/`mlm` is 0 by construction. `ppl` and `wiki` score a causal LM as it runs, so a
+prompt-tuned model is scored with its virtual tokens in front (not scored themselves).
 
 The in-run probes live in bench/measure/probes.py (the run measures them); this module runs them on finished runs
 from saved weights. Probes run under `torch.random.fork_rng`, so turning forgetting on does not change the run's

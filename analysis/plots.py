@@ -10,7 +10,7 @@
   `rank_metrics`), LoRA runs trained at each rank as a dashed reference;
 - intruders_vs_rank: intruder dimensions vs rank per method, full fine-tuning as a reference line (the title names
   the top-k and ε the counts were computed with);
-- forgetting_vs_metric: forgetting (probe before − after) vs dev metric;
+- forgetting_vs_metric: forgetting (ability lost on the probe) vs dev metric;
 - latency: inference latency p50 of the base model, the method unmerged and merged.
 A plot whose data are absent is skipped with the reason printed (and returned).
 Points are runs; lines and the Pareto front use the mean over seeds of each configuration.
@@ -377,7 +377,7 @@ def forgetting_vs_metric(df: pd.DataFrame, out_dir: Path, name: str = "forgettin
         _chance_line(ax, df, task)
         _min_span(ax, "y", 5.0)
         _min_span(ax, "x", 2.0)
-        ax.set_xlabel(f"Forgetting ({probe_label(probes, metric)}, before − after, x 100)")
+        ax.set_xlabel(f"Forgetting ({probe_label(probes, metric)}, ability lost, x 100)")
         ax.set_ylabel(_metric_label(df, task))
         ax.set_title(TASK_LABEL.get(task, task))
     _legend_outside(fig, axes)
@@ -386,7 +386,8 @@ def forgetting_vs_metric(df: pd.DataFrame, out_dir: Path, name: str = "forgettin
 
 
 def probe_label(probes: str, metric: str) -> str:
-    return {"sts": "zero-shot STS-B Spearman", "mlm": "MLM loss", "ppl": "perplexity"}.get(probes, metric)
+    return {"sts": "zero-shot STS-B Spearman", "mlm": "MLM loss", "ppl": "perplexity",
+            "wiki": "Wikipedia cross-entropy"}.get(probes, metric)
 
 
 def latency(df: pd.DataFrame, out_dir: Path, name: str = "latency") -> Path | str:

@@ -48,8 +48,8 @@ PLOT_CAPTIONS = {
     "trained separately at each rank, where such runs exist.",
     "intruders_vs_rank": "Intruder dimensions ({settings}, summed over the layers) against rank; dashed: full "
     "fine-tuning.",
-    "forgetting_vs_metric": "Task metric against forgetting (probe before − after; right of zero = "
-    "ability lost).",
+    "forgetting_vs_metric": "Task metric against forgetting (probe before − after, after − before for losses; "
+    "right of zero = ability lost).",
     "latency": "Forward latency of one batch: the base model, the method as trained (unmerged) and "
     "merged into "
     "the weights.",

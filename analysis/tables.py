@@ -385,7 +385,7 @@ def rank_tables(df: pd.DataFrame) -> list[Table]:
             "summed over the layers; n/a where the method leaves the weights unchanged; – where not analysed."
         ]
         notes.append(
-            "Forgetting x 100: probe score before − after fine-tuning "
+            "Forgetting x 100: probe score before − after fine-tuning (after − before for losses) "
             + (f"(probe: {', '.join(probes)})" if probes else "(no run had a forgetting probe)")
             + "; positive = ability lost."
         )

@@ -206,15 +206,21 @@ class GenerationEval(_Block):
 
 
 class Forgetting(_Block):
-    probe: str | None = Field(None, description="sts, mlm or ppl (conf/forgetting/)")
-    metric: str | None = Field(None, description="what the probe scores")
+    probe: str | None = Field(None, description="sts, mlm, ppl or wiki (conf/forgetting/)")
+    metric: str | None = Field(None, description="what the probe scores (wiki: `next_token_ce_nats_per_token` for a "
+                                                 "causal LM, `mlm_loss_nats_per_token` for an encoder)")
     higher_is_better: bool | None = None
     before: float | None = Field(None, description="the probe on the pre-trained model")
     after: float | None = Field(None, description="the probe on the fine-tuned model")
     forgetting: float | None = Field(
         None, description="ability lost: before - after when higher is better, else after - before")
     note: str | None = None
-    text_source: str | None = Field(None, description="ppl/mlm: the held-out text")
+    text_source: str | None = Field(
+        None, description="ppl, mlm, wiki: the held-out text (wiki: the file with its sha256, or the Hub dataset, "
+                          "split and rows; the cut per document)")
+    tokens: int | None = Field(
+        None, description="ppl, mlm, wiki: the tokens the loss is pooled over, each counted once (next-token targets "
+                          "of a causal LM; masked tokens of an MLM)")
 
 
 class OomRetry(_Block):
