@@ -101,8 +101,7 @@ class Recipe:
         out["higher_is_better"] = directions(out["metrics"])
         out["main_metric"] = p.task.main_metric
         out["main_metric_value"] = out["metrics"][p.task.main_metric]
-        rank_metrics = evaluate_rank_variants(p.method, self.model, self.data.dev_loader, p.task, p.device,
-                                              p.precision)
+        rank_metrics = evaluate_rank_variants(p.method, self.model, lambda: self._evaluate(self.model, stage=None)[0])
         if rank_metrics:  # a method whose one trained model is also a model of other ranks (DyLoRA)
             out["rank_metrics"] = rank_metrics
         if self.probe is not None:

@@ -197,3 +197,12 @@ def test_a_run_on_gsm_symbolic_records_the_generation_evaluation(tmp_path):
     assert [s["stage"] for s in samples] == ["zero_shot"] * 6 + ["few_shot"] * 6 + ["final"] * 6
     assert set(samples[0]) == {"stage", "question", "generation", "extracted", "gold", "correct"}
     assert stored["data"]["prompt"]["shots"] == 1 and stored["higher_is_better"]["no_answer_fraction"] is False
+
+
+@needs_gsm
+def test_dylora_on_a_generation_task_evaluates_each_rank_by_generation(tmp_path):
+    rec = run(compose_cfg("model=tiny-llama", "task=gsm_symbolic", "method=dylora", "rank=4", "lm.max_new_tokens=4",
+                          "budget.eval_samples=4", "measure.latency=false", "save_weights=none", results_dir=tmp_path))
+    assert rec["status"] == "ok", rec.get("error")
+    assert set(rec["rank_metrics"]) == {"1", "2", "4"}  # method.eval_ranks up to the rank trained
+    assert all(set(m) == {"accuracy", "no_answer_fraction", "eval_loss"} for m in rec["rank_metrics"].values())

@@ -3,6 +3,7 @@ choice batches are scored by each label's answer log-likelihood (or greedy gener
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,14 +62,14 @@ def evaluate(model: nn.Module, loader, task: Task, device: torch.device, precisi
     return metrics, logits
 
 
-def evaluate_rank_variants(method: Method, model: nn.Module, loader, task: Task, device: torch.device,
-                           precision: str) -> dict[str, dict[str, float]]:
-    """{rank: metrics} of the trained model evaluated as each of the method's `rank_variants` (DyLoRA: truncated to
-    each eval rank); empty for methods without them."""
+def evaluate_rank_variants(method: Method, model: nn.Module, evaluate_fn: Callable[[], dict[str, float]]
+                           ) -> dict[str, dict[str, float]]:
+    """{rank: metrics} of the trained model evaluated (`evaluate_fn`: the run's own evaluation) as each of the
+    method's `rank_variants` (DyLoRA: truncated to each eval rank); empty for methods without them."""
     out = {}
     for rank, variant in method.rank_variants(model):
         with variant:
-            out[str(rank)] = evaluate(model, loader, task, device, precision)[0]
+            out[str(rank)] = evaluate_fn()
     return out
 
 
