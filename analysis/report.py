@@ -260,6 +260,8 @@ def build_report(
     results = Path(results)
     out = Path(out) if out else results.parent / "report"
     out.mkdir(parents=True, exist_ok=True)
+    named = [t.strip() for t in (table or "").split(",") if t.strip()] if table != "auto" else []
+    published = [reproduce.load_published(name) for name in named]  # an unknown name stops here, before any work
     analyses = analyse_all(results, force=force, k=k, epsilon=epsilon, compute=analyse)
     records, problems = load_records(results, analyses=analyses)
     df = reproduce.frame(records)
@@ -378,8 +380,9 @@ def build_report(
     lines += causal_lm_section(ok, analyses, out)
     lines += generation_section(ok, analyses, out)
 
-    names = published_tables(df) if table == "auto" else [t.strip() for t in (table or "").split(",") if t.strip()]
-    reproductions = [rep for name in names for rep in reproduce.reproduce(df, reproduce.load_published(name))]
+    if table == "auto":
+        published = [reproduce.load_published(name) for name in published_tables(df)]
+    reproductions = [rep for pub in published for rep in reproduce.reproduce(df, pub)]
     for rep in reproductions:
         lines += [rep.markdown().replace("## Reproduction", "## Published results: reproduction", 1), ""]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import re
 
+import pytest
 from scipy.stats import binomtest
 
 from analysis import tables
@@ -99,3 +100,15 @@ def test_a_generation_run_is_known_from_its_record():
     assert [len(t.rows) for t in tables.causal_lm_tables(df)] == [1]
     assert published_tables(df) == ["lora-table2", "peft-metamathqa"]
     assert published_tables(to_frame([rec])) == ["peft-metamathqa"]
+
+
+def test_an_unknown_table_stops_the_report_at_once_in_one_line(tmp_path, capsys):
+    from analysis.report import main as report
+
+    rec = gen_record("lora", 3, rank=8, **CPU)
+    write_json_atomic(tmp_path / "runs" / rec["run_id"] / RECORD_FILE, rec)
+    with pytest.raises(SystemExit) as exit_:
+        report([str(tmp_path / "runs"), "--out", str(tmp_path / "report"), "--table", "lora-table2,nope"])
+    assert exit_.value.code == 2 and not (tmp_path / "report" / "index.md").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: unknown published table 'nope'; choose one of: lora-table2, peft-metamathqa"]
