@@ -14,6 +14,7 @@ from analysis import tables
 from analysis.collect import task_kind_of, to_frame
 from analysis.report import build_report, published_tables
 from bench.record import RECORD_FILE, write_json_atomic
+from tests import browser
 from tests.test_reproduce_peft import GSM_NOTE, gen_record
 
 CPU = dict(model="smollm2", task="gsm_symbolic", examples=40, steps=40, batch=4, budget="gsm_cpu", cuda=False,
@@ -47,12 +48,18 @@ def _rows(section: str, first_cell: str) -> list[list[str]]:
             if line.startswith(f"| {first_cell}")]
 
 
-def test_report_shows_generation_runs_as_their_own_group_with_their_figures(tmp_path):
-    root = tmp_path / "runs"
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """The report of the runs above, records only: its folder."""
+    tmp_path = tmp_path_factory.mktemp("generation")
     for rec in runs():
-        write_json_atomic(root / rec["run_id"] / RECORD_FILE, rec)
-    index = build_report(root, tmp_path / "report", analyse=False)
-    text = index.read_text()
+        write_json_atomic(tmp_path / "runs" / rec["run_id"] / RECORD_FILE, rec)
+    build_report(tmp_path / "runs", tmp_path / "report", analyse=False)
+    return tmp_path / "report"
+
+
+def test_report_shows_generation_runs_as_their_own_group_with_their_figures(report):
+    text = (report / "index.md").read_text()
     section = text.split("## Generation tasks", 1)[1].split("## Published results")[0]
     causal = text.split("## Causal language models", 1)[1].split("## Generation tasks")[0]
     assert "### smollm2, GSM-Symbolic, budget gsm_cpu:" in section and "test questions: 40" in section
@@ -71,13 +78,13 @@ def test_report_shows_generation_runs_as_their_own_group_with_their_figures(tmp_
     assert "SST-2" not in section and "GSM-Symbolic" not in causal  # the two kinds of run stay apart
     assert len(_rows(causal, "SST-2 | ")) == 1 and "Method × task (LoRA paper Table 2 style)" not in text
     assert f"Data: {GSM_NOTE}." in section and "prompted with 2 solved training problems" in section
-    csv = (tmp_path / "report" / "tables" / "generation.csv").read_text()
+    csv = (report / "tables" / "generation.csv").read_text()
     assert "ci95_low_pct" in csv and "zero_shot_eval_loss_median" in csv
     # --table auto: peft's table for the generation runs, the LoRA paper's for the classification run
     assert "## Published results: reproduction: peft method comparison" in text
     assert "**Not the same setup**: model `smollm2`, not `llama-3.2-3b`" in text
     assert "## Published results: reproduction: LoRA (Hu et al. 2021)" in text
-    page = (tmp_path / "report" / "index.html").read_text()
+    page = (report / "index.html").read_text()
     assert 'id="generation"' in page and '<table id="generation-0"' in page and "2-shot" in page
     assert re.search(r'<table id="repro-smollm2-gsm_symbolic-\d+-accuracy"', page) and "Not the same setup" in page
 
@@ -112,3 +119,14 @@ def test_an_unknown_table_stops_the_report_at_once_in_one_line(tmp_path, capsys)
     assert exit_.value.code == 2 and not (tmp_path / "report" / "index.md").exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: unknown published table 'nope'; choose one of: lora-table2, peft-metamathqa"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(browser.chromium() is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_the_generation_page_renders_in_headless_chromium(report, tmp_path):
+    page = (report / "index.html").read_text(encoding="utf-8")
+    r = browser.render(report / "index.html", tmp_path / "page.png")
+    assert r.errors == [], r.errors
+    assert browser.count_datatables(r.dom) == page.count("new ITable(") >= 5  # generation, peft's two, GLUE's, runs
+    cells = [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", r.dom, re.DOTALL)]
+    assert "not the same setup" in cells and not {c for c in cells if c in ("NaN", "nan", "<NA>", "None")}
