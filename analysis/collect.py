@@ -12,6 +12,8 @@ summary joins the row as `analysis.*` columns (`analysis.status`, `analysis.intr
 ...); a caller that holds the analyses (the report) passes them instead. `add_derived` adds the columns tables and
 plots use:
 `metric_pct`, `peak_train_memory_bytes` (+ its `memory_kind`), `intruders`, `forgetting_value`, `budget_desc`.
+`task_kind` says what the task asks of the model (`task_kind_of`): `generation` (question -> worked solution -> final
+number) or `classification` (a label per example, also when a causal LM answers it as text).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import pandas as pd
 
 from analysis.analyse import stored_analysis
 from bench import record
+from bench.data.tasks import CLASSIFICATION, GENERATION, TASKS
 
 BUDGET_DESC_FIELDS = ("max_steps", "epochs", "batch_size", "train_samples", "eval_samples", "max_seq_len")
 
@@ -71,8 +74,10 @@ def to_frame(records: list[dict]) -> pd.DataFrame:
         group = rec["config_group"]
         budget = _budget_fields(rec)
         label = method_label_of(rec)
+        kind = task_kind_of(rec)
         rec = {k: v for k, v in rec.items() if k not in ("config", "effective_config")}
         rec["method_label"] = label
+        rec["task_kind"] = kind
         if group:
             rec["config_group"] = group
         if budget:
@@ -86,6 +91,19 @@ def to_frame(records: list[dict]) -> pd.DataFrame:
     if not df.empty:
         df["ok"] = df["status"] == "ok"
     return df
+
+
+def task_kind_of(rec: dict) -> str:
+    """`generation` or `classification`, from the record: its effective task's `kind` (every run since generation
+    tasks exist has it); else a generation evaluation in the record, or the task's yaml (conf/task/) for a task this
+    checkout knows; else `classification` (records written before generation tasks existed)."""
+    kind = ((rec.get("effective_config") or {}).get("task") or {}).get("kind")
+    if kind:
+        return str(kind)
+    if rec.get("generation_eval") or rec.get("zero_shot_generation_eval"):
+        return GENERATION
+    task = TASKS.get(str(rec.get("task")))
+    return task.kind if task is not None else CLASSIFICATION
 
 
 def method_label_of(rec: dict) -> str:

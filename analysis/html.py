@@ -2,7 +2,8 @@
 
 One file that opens from disk with no server and no network: the interactive tables are itables (DataTables,
 its JavaScript and CSS bundled in the page: `connected=False`), the figures are seaborn PNGs inlined as base64.
-Sections: what ran, the method x task tables (sortable), the reproduction of a published table, the Pareto
+Sections: what ran, the method x task tables (sortable), the causal LMs' and the generation tasks' tables, the
+reproduction of the published tables, the Pareto
 plots (metric vs trainable parameters and vs peak memory; one figure per model, budget and task, chosen with
 three selects), the claims, the runs that failed, and one section per run (its facts, loss curve, latency,
 memory, intruder dimensions and the whole record). External links that itables adds (its help pages) are
@@ -29,6 +30,7 @@ from itables.javascript import generate_init_offline_itables_html
 
 from analysis import claims, plots, tables
 from analysis.reproduce import Reproduction
+from analysis.reproduce_experiments import ExperimentReproduction
 from bench.record import CURVE_FILE
 
 _EXTERNAL_LINK = re.compile(r"<a\s+href=[\"']?https?://[^>]*>(.*?)</a>", re.DOTALL)
@@ -185,11 +187,47 @@ def reproduction_frame(rep: Reproduction) -> pd.DataFrame:
     })
 
 
-def _reproduction_section(reps: list[Reproduction]) -> str:
+def _experiments_reproduction(rep: ExperimentReproduction, index: int) -> str:
+    """One group of generation runs beside a published table of experiments (peft's method comparison)."""
+    pub = rep.published
+    task = tables.TASK_LABEL.get(rep.task, rep.task) if rep.task else "(none)"
+    parts = [f"<h3>{_e(pub.title)}: our runs on <code>{_e(rep.model)}</code>, {_e(task)}, budget "
+             f"{_e(rep.budget_desc)}</h3>",
+             f'<p class="note">Source: {_e(pub.source_line())}. Figures checked: {_e(pub.checked.get("how", ""))} '
+             f"Verdicts: {_e(rep.summary())}.</p>"]
+    if rep.model_differs:
+        parts.append(f'<p class="warn"><b>Not the same setup</b>: {_code("; ".join(rep.setup_differences))}. '
+                     "peft's figures are shown beside ours; none is judged.</p>")
+    parts.append("<h4>Deviations from peft's protocol</h4><ul>"
+                 + "".join(f"<li>{_code(d)}</li>" for d in rep.deviations) + "</ul>")
+    slug = _slug(f"{rep.model}-{rep.task}")
+    if not rep.accuracy.empty:
+        a = rep.accuracy
+        acc = pd.DataFrame({
+            "Experiment (peft)": a["experiment"], "Ours": a["ours_label"], "Theirs": a["theirs"].round(2),
+            "Theirs correct": a["theirs_correct"], "Ours (value)": a["ours"].round(2),
+            "Questions": pd.to_numeric(a["examples"], errors="coerce"), "Runs": a["runs"],
+            "CI low": a["ci_low"].round(2), "CI high": a["ci_high"].round(2), "Diff": a["diff"].round(2),
+            "Diff 95% ±": a["diff_halfwidth"].round(2), "Verdict": a["verdict"]})
+        parts.append(datatable(acc, table_id=f"repro-{slug}-{index}-accuracy"))
+        parts.append(f'<p class="note">Accuracy x 100. CI: one run\'s Wilson interval, or the t-interval over seeds. '
+                     f"Reproduced: |diff| ≤ max({rep.tolerance_points:g}, the 95% interval of the difference).</p>")
+        m = rep.measures.rename(columns={"experiment": "Experiment (peft)", "measure": "Measure", "theirs": "Theirs",
+                                         "ours": "Ours", "compare": "Ours vs theirs", "note": "Note"})
+        parts.append("<h4>Forgetting and cost</h4>" + datatable(m, table_id=f"repro-{slug}-{index}-cost"))
+    if rep.not_run:
+        parts.append(f'<p class="note">Published experiments without a run here: {_e(", ".join(rep.not_run))}.</p>')
+    return "\n".join(parts)
+
+
+def _reproduction_section(reps: list[Reproduction | ExperimentReproduction]) -> str:
     if not reps:
         return "<p>No published table was compared.</p>"
     parts = []
     for rep in reps:
+        if isinstance(rep, ExperimentReproduction):
+            parts.append(_experiments_reproduction(rep, len(parts)))
+            continue
         pub = rep.published
         parts.append(f"<h3>{_e(pub.title)}: our runs on <code>{_e(rep.model)}</code>, budget "
                      f"{_e(rep.budget_desc)}</h3>")
@@ -315,7 +353,8 @@ def _run_section(rec: dict, analysis: dict | None, work: Path, index: int) -> st
 
 
 def write_html(path: Path, *, title: str, generated: str, df: pd.DataFrame, records: list[dict],
-               reproductions: list[Reproduction], analyses: dict[str, dict], problems: list[str]) -> Path:
+               reproductions: list[Reproduction | ExperimentReproduction], analyses: dict[str, dict],
+               problems: list[str]) -> Path:
     """Write the whole report as one HTML file and return its path."""
     ok = tables.ok_frame(df)
     failed = df[df["status"] != "ok"] if "status" in df else df.iloc[0:0]
@@ -330,6 +369,10 @@ def write_html(path: Path, *, title: str, generated: str, df: pd.DataFrame, reco
                   + datatable(pd.DataFrame(t.rows, columns=t.header), table_id=f"causal-lm-{i}")
                   + "".join(f'<p class="note">{_e(n)}</p>' for n in t.notes)
                   for i, t in enumerate(tables.causal_lm_tables(df))]
+        generation = [f"<h3>{_e(t.title)}</h3>"
+                      + datatable(pd.DataFrame(t.rows, columns=t.header), table_id=f"generation-{i}")
+                      + "".join(f'<p class="note">{_e(n)}</p>' for n in t.notes)
+                      for i, t in enumerate(tables.generation_tables(df))]
         pareto = _pareto_section(ok, work)
         runs_index = pd.DataFrame([{
             "Run": f'<a href="#run-{_slug(r.get("run_id"))}">{_e(r.get("run_id"))}</a>',
@@ -350,7 +393,8 @@ def write_html(path: Path, *, title: str, generated: str, df: pd.DataFrame, reco
     if problems:
         failed_html += "<p>Unreadable records:</p><ul>" + "".join(f"<li>{_e(p)}</li>" for p in problems) + "</ul>"
     nav = "".join(f'<a href="#{k}">{v}</a>' for k, v in (
-        ("tables", "Method × task"), ("reproduction", "Reproduction"), ("pareto", "Pareto"),
+        ("tables", "Method × task"), *((("generation", "Generation tasks"),) if generation else ()),
+        ("reproduction", "Reproduction"), ("pareto", "Pareto"),
         ("claims", "Claims"), ("failed", "Failed runs"), ("runs", "Runs")))
     random_init = "model_note" in ok and ok["model_note"].notna().any()
     page = f"""<!DOCTYPE html>
@@ -365,6 +409,9 @@ def write_html(path: Path, *, title: str, generated: str, df: pd.DataFrame, reco
 <h2 id="tables">Method × task</h2>
 {''.join(main) or '<p>No ok runs.</p>'}
 {'<h2 id="causal-lm">Causal language models</h2>' + ''.join(causal) if causal else ''}
+{'<h2 id="generation">Generation tasks</h2><p class="note">Question → worked solution → final number, scored by '
+ 'greedy decoding beside the untrained model; compared with each other only.</p>' + ''.join(generation)
+ if generation else ''}
 <h2 id="reproduction">Reproduction of published results</h2>
 {_reproduction_section(reproductions)}
 <h2 id="pareto">Pareto: metric vs trainable parameters and vs peak memory</h2>

@@ -1,6 +1,6 @@
 """One command from a results folder to a report a person reads top to bottom.
 
-    python -m analysis.report results/runs [--out results/report] [--force] [--table lora-table2]
+    python -m analysis.report results/runs [--out results/report] [--force] [--table auto]
         [--epsilon 0.5] [--k 10]
 
 1. Intruder dimensions (top-k vectors, threshold ε) and ΔW spectrum for every ok run with saved weights
@@ -15,9 +15,14 @@
    failed; `index.html`: the same as one self-contained page to browse (`analysis.html`: sortable tables, the
    reproduction, Pareto plots with filters, claims, failed runs, a section per run).
 Runs of different models or training budgets are reported as separate groups, never mixed; causal-LM runs
-(record `model_kind: causal_lm`) get their own section after the encoders' (`causal_lm_section`): accuracy beside
-the zero-shot score, trainable parameters, peak memory beside the estimator's figure, training and decode tokens/s,
-perplexity forgetting and intruders. Records without `model_kind` are encoders.
+(record `model_kind: causal_lm`) on classification tasks get their own section after the encoders'
+(`causal_lm_section`): accuracy beside the zero-shot score, trainable parameters, peak memory beside the estimator's
+figure, training and decode tokens/s, perplexity forgetting and intruders. Runs of generation tasks (question ->
+worked solution -> final number; `analysis.collect.task_kind_of`) get theirs (`generation_section`), one table per
+(model, task, budget): accuracy with its 95% interval beside the zero-shot (and k-shot) accuracy, the no-answer
+share, the gold solution's loss, forgetting, memory, training and generation tokens/s. Records without `model_kind`
+are encoders. `--table auto` (default) reproduces the published tables that fit the runs: `lora-table2` for
+classification runs, `peft-metamathqa` for generation runs.
 """
 
 from __future__ import annotations
@@ -168,8 +173,9 @@ def add_memory_estimates(df: pd.DataFrame, records: list[dict]) -> pd.DataFrame:
 
 
 def causal_lm_section(ok: pd.DataFrame, analyses: dict[str, dict], out: Path) -> list[str]:
-    """Markdown lines for the causal-LM runs: one table per (model, budget), then their intruders and spectrum."""
-    causal = ok[tables.kind_of(ok) == tables.CAUSAL_LM]
+    """Markdown lines for the causal-LM runs on classification tasks (GLUE as text): one table per (model, budget),
+    then their intruders and spectrum. Generation runs have their own section (`generation_section`)."""
+    causal = ok[(tables.kind_of(ok) == tables.CAUSAL_LM) & ~tables.is_generation(ok)]
     if causal.empty:
         return []
     lines = ["## Causal language models", "",
@@ -197,17 +203,65 @@ def causal_lm_section(ok: pd.DataFrame, analyses: dict[str, dict], out: Path) ->
     return lines
 
 
+def generation_section(ok: pd.DataFrame, analyses: dict[str, dict], out: Path) -> list[str]:
+    """Markdown lines for the runs of generation tasks (question -> worked solution -> final number): one table per
+    (model, task, budget) (`tables.generation_tables`), then their intruders and spectrum. Never mixed with the
+    encoders or the causal LMs' classification runs."""
+    gen = ok[tables.is_generation(ok)]
+    if gen.empty:
+        return []
+    lines = ["## Generation tasks", "",
+             ("Question → worked solution → final number (GSM-Symbolic, GSM8K, MetaMathQA): each model answers the "
+              "test questions by greedy decoding and is scored on the final number, beside the untrained model "
+              "prompted the same way; compared with each other only."), ""]
+    gen_tables = {t.title: t for t in tables.generation_tables(gen)}
+    groups = list(gen.groupby(["model", "task", "budget_sig"], dropna=False, sort=True))
+    for gi, ((model, task, _sig), part) in enumerate(groups):
+        suffix = "" if len(groups) == 1 else f"_{gi + 1}"
+        budget_desc = str(part["budget_desc"].iloc[0])
+        task_label = tables.TASK_LABEL.get(task, task)
+        examples = pd.to_numeric(part.get("generation_eval.examples"), errors="coerce").dropna()
+        device = part["provenance.device"].dropna().iloc[0] if "provenance.device" in part and \
+            part["provenance.device"].notna().any() else "?"
+        lines += [f"### {model}, {task_label}, budget {budget_desc}", "",
+                  (f"{len(part)} ok runs; methods: {', '.join(sorted(part['method'].unique()))}; test questions: "
+                   f"{', '.join(str(int(n)) for n in sorted(examples.unique())) or '?'}; device: {device}."), ""]
+        if part.get("model_note") is not None and part["model_note"].notna().any():
+            lines += ["> **Random-init test model: every metric in this group is meaningless** "
+                      "(the group shows that the pipeline works, not how methods compare).", ""]
+        table = gen_tables.get(f"Generation: {model} · {task_label} · budget {budget_desc}")
+        if table is not None:
+            table.write(out / "tables", f"generation{suffix}")
+            lines += [table.markdown(), "", f"Files: `tables/generation{suffix}.md`, `.csv`, `.tex`.", ""]
+        intr_text, _ = intruder_section(part, analyses)
+        lines += ["#### Intruder dimensions and ΔW spectrum", "",
+                  intr_text.replace("except embeddings, pooler and task head", "except the embeddings and the "
+                                    "LM head (tied to the embeddings)"), ""]
+    return lines
+
+
+def published_tables(df: pd.DataFrame) -> list[str]:
+    """The published tables that fit the runs in `df` (`--table auto`): `lora-table2` when there are classification
+    runs, `peft-metamathqa` when there are generation runs."""
+    ok = tables.ok_frame(df)
+    gen = tables.is_generation(ok)
+    return ([reproduce.GLUE_TABLE] if (~gen).any() else []) + ([reproduce.GENERATION_TABLE] if gen.any() else [])
+
+
 def build_report(
     results: str | Path, out: str | Path | None = None, force: bool = False, analyse: bool = True,
-    table: str | None = "lora-table2", *, epsilon: float = intruders.DEFAULT_EPSILON, k: int = intruders.DEFAULT_K,
+    table: str | None = "auto", *, epsilon: float = intruders.DEFAULT_EPSILON, k: int = intruders.DEFAULT_K,
 ) -> Path:
     """Write the report folder (index.md, index.html, tables/, plots/, runs.csv) and return index.md's path.
-    `table`: the published table to reproduce (analysis/published/), None for none. Intruders are counted over the
+    `table`: the published table to reproduce (analysis/published/), several comma-separated, `auto` for those that
+    fit the runs (`published_tables`), None for none. Intruders are counted over the
     top-`k` vectors at `epsilon`; `analyse=False` computes no weight analysis (caches at these settings are used)."""
     start = time.perf_counter()
     results = Path(results)
     out = Path(out) if out else results.parent / "report"
     out.mkdir(parents=True, exist_ok=True)
+    named = [t.strip() for t in (table or "").split(",") if t.strip()] if table != "auto" else []
+    published = [reproduce.load_published(name) for name in named]  # an unknown name stops here, before any work
     analyses = analyse_all(results, force=force, k=k, epsilon=epsilon, compute=analyse)
     records, problems = load_records(results, analyses=analyses)
     df = reproduce.frame(records)
@@ -324,8 +378,11 @@ def build_report(
             lines += [c.markdown()]
 
     lines += causal_lm_section(ok, analyses, out)
+    lines += generation_section(ok, analyses, out)
 
-    reproductions = reproduce.reproduce(df, reproduce.load_published(table)) if table else []
+    if table == "auto":
+        published = [reproduce.load_published(name) for name in published_tables(df)]
+    reproductions = [rep for pub in published for rep in reproduce.reproduce(df, pub)]
     for rep in reproductions:
         lines += [rep.markdown().replace("## Reproduction", "## Published results: reproduction", 1), ""]
 
@@ -371,6 +428,10 @@ def build_report(
             "- Forgetting: the probe's score on the base model minus on the fine-tuned model (x 100), "
             "positive = ability lost; `sts` = zero-shot STS-B Spearman of mean-pooled embeddings."
         ),
+        (
+            "- Generation tasks: accuracy is the share of test questions whose greedy answer's final number is the "
+            "gold one, with its 95% interval; their forgetting is a loss after − before (positive = ability lost)."
+        ),
         "",
         f"Report written in {time.perf_counter() - start:.1f} s.",
     ]
@@ -393,8 +454,9 @@ def main(argv: list[str] | None = None) -> None:
                     help=f"intruder threshold on |cos| (default {intruders.DEFAULT_EPSILON:g})")
     ap.add_argument("--k", type=int, default=intruders.DEFAULT_K,
                     help=f"top-k singular vectors checked for intruders (default {intruders.DEFAULT_K})")
-    ap.add_argument("--table", default="lora-table2",
-                    help=f"published table to reproduce ({', '.join(reproduce.available())}; 'none': skip)")
+    ap.add_argument("--table", default="auto",
+                    help=f"published table(s) to reproduce, comma-separated ({', '.join(reproduce.available())}); "
+                    "'auto' (default): those that fit the runs; 'none': skip")
     args = ap.parse_args(argv)
     if not Path(args.results).exists():
         ap.error(f"{args.results}: no such folder")  # exit 2: a usage error

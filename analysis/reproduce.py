@@ -1,10 +1,19 @@
-"""Our runs beside a published table: per cell our value, the published one, the difference, our spread over
-seeds and a verdict; the protocol deviations above the table; method orderings compared when the model differs.
+"""Our runs beside a published table: per cell (or experiment) our value, the published one, the difference, our
+uncertainty and a verdict; the protocol deviations above the table.
 
     python -m analysis.reproduce results/lora_table2 --table lora-table2 [--out reproduce.md] [--tolerance 1.0]
+    python -m analysis.reproduce results/peft_metamathqa --table peft-metamathqa
 
-The published figures, their sources and the paper's protocol live in `analysis/published/<table>.yaml`.
-Per (model, budget) group of ok runs and per published cell (a row's method x a task):
+The published figures, their sources and the protocol behind them live in `analysis/published/<table>.yaml`. Its
+`layout` says what kind of table it is:
+
+- `method_x_task` (the default; `lora-table2`): a paper's method x task table over classification tasks, several
+  seeds. This module compares it, below.
+- `experiments` (`peft-metamathqa`): one row per experiment with several measures on one generation task, one run
+  each; `analysis.reproduce_experiments` compares it with our generation runs.
+
+A method x task table, per (model, budget) group of ok runs of classification tasks and per published cell (a row's
+method x a task):
 
 - ours: the statistic the paper used over seeds (`protocol.statistic`, the LoRA paper: median), of the task's
   main metric x 100, with n and a 95% t-interval for the mean (scipy; n=1: no interval);
@@ -33,17 +42,20 @@ import pandas as pd
 import yaml
 from scipy import stats
 
+from analysis import reproduce_experiments as experiments
 from analysis.collect import load_records, to_frame
-from analysis.tables import TASK_LABEL, TASK_ORDER, Table, method_label, ok_frame
+from analysis.reproduce_experiments import ExperimentReproduction, PublishedExperiments
+from analysis.tables import TASK_LABEL, TASK_ORDER, Table, is_generation, method_label, ok_frame, t_interval
 from bench import BenchError
 
 PUBLISHED_DIR = Path(__file__).resolve().parent / "published"
-CONFIDENCE = 0.95
+GLUE_TABLE, GENERATION_TABLE = "lora-table2", "peft-metamathqa"  # the report's choice for each kind of run
 REPRODUCED = "reproduced"
 NOT_RUN = "not run"
 MODEL_DIFFERS = "not judged (model differs)"
 DATA_SAMPLE = "not judged (data sample)"
-# record fields the deviations need beyond analysis.collect's table (the effective config is not in it)
+# record fields the deviations need beyond analysis.collect's table (the effective config is not in it): their path
+# in the effective config
 _EFFECTIVE = {
     "eff.batch_size": ("budget", "batch_size"),
     "eff.grad_accum_steps": ("budget", "grad_accum_steps"),
@@ -51,8 +63,13 @@ _EFFECTIVE = {
     "eff.max_steps": ("budget", "max_steps"),
     "eff.max_seq_len": ("budget", "max_seq_len"),
     "eff.keep_best": ("budget", "keep_best"),
+    "eff.lr_schedule": ("budget", "lr_schedule"),
+    "eff.max_grad_norm": ("budget", "max_grad_norm"),
     "eff.warmup_ratio": ("method", "warmup_ratio"),
     "eff.weight_decay": ("method", "weight_decay"),
+    "eff.dropout": ("method", "dropout"),
+    "eff.precision": ("precision",),
+    "eff.prompt_template": ("task", "prompt", "template"),
 }
 
 
@@ -113,13 +130,18 @@ def available() -> dict[str, Path]:
     return out
 
 
-def load_published(name: str) -> Published:
-    """A published table by id (`lora-table2`) or path; BenchError naming the choices."""
+def load_published(name: str) -> Published | PublishedExperiments:
+    """A published table by id (`lora-table2`, `peft-metamathqa`) or path; BenchError naming the choices."""
     tables = available()
     path = Path(name) if Path(name).suffix in (".yaml", ".yml") else tables.get(name)
     if path is None or not path.is_file():
         raise BenchError(f"unknown published table {name!r}; choose one of: {', '.join(tables) or '(none)'}")
     data = yaml.safe_load(path.read_text())
+    layout = data.get("layout", "method_x_task")
+    if layout == experiments.LAYOUT:
+        return experiments.from_yaml(data, path)
+    if layout != "method_x_task":
+        raise BenchError(f"{path}: unknown layout {layout!r}; choose method_x_task or {experiments.LAYOUT}")
     rows = tuple(
         PublishedRow(
             label=r["label"], method=r.get("method"), values={k: float(v) for k, v in r["values"].items()},
@@ -137,24 +159,19 @@ def load_published(name: str) -> Published:
     )
 
 
+def _effective(rec: dict, path: tuple[str, ...]):
+    value = rec.get("effective_config") or {}
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
 def frame(records: list[dict]) -> pd.DataFrame:
     """analysis.collect's table plus the effective-config fields the deviations compare (`eff.*`)."""
     df = to_frame(records)
-    for col, (group, key) in _EFFECTIVE.items():
-        df[col] = [((r.get("effective_config") or {}).get(group) or {}).get(key) for r in records]
+    for col, path in _EFFECTIVE.items():
+        df[col] = [_effective(r, path) for r in records]
     return df
-
-
-def t_interval(values: np.ndarray) -> tuple[float, float]:
-    """95% t-interval for the mean; (nan, nan) for n < 2; (mean, mean) when the seeds agree exactly."""
-    n = len(values)
-    if n < 2:
-        return math.nan, math.nan
-    mean, sem = float(np.mean(values)), float(stats.sem(values))
-    if sem == 0:
-        return mean, mean
-    lo, hi = stats.t.interval(CONFIDENCE, n - 1, loc=mean, scale=sem)
-    return float(lo), float(hi)
 
 
 def _nearest_rank(wanted: int, have: list[float]) -> float:
@@ -415,11 +432,16 @@ def deviations(part: pd.DataFrame, pub: Published, model: str | None, sampled: s
     return out
 
 
-def reproduce(df: pd.DataFrame, pub: Published, tolerance: float | None = None) -> list[Reproduction]:
-    """One Reproduction per (model, budget) group of ok runs in `df` (analysis.reproduce.frame), or one with every
-    cell `not run` when there is no ok run."""
+def reproduce(df: pd.DataFrame, pub: Published | PublishedExperiments, tolerance: float | None = None
+              ) -> list[Reproduction] | list[ExperimentReproduction]:
+    """A method x task table: one Reproduction per (model, budget) group of ok classification runs in `df`
+    (analysis.reproduce.frame), or one with every cell `not run` when there is no ok run. A table of experiments:
+    `analysis.reproduce_experiments.reproduce` over the generation runs."""
+    if isinstance(pub, PublishedExperiments):
+        return experiments.reproduce(df, pub, tolerance)
     tol = pub.tolerance_points if tolerance is None else float(tolerance)
     ok = ok_frame(df)
+    ok = ok[~is_generation(ok)] if not ok.empty else ok
     if ok.empty:
         empty = ok.assign(metric_pct=[])
         cells = _cells(empty, pub, tol, False, set(), {})
@@ -446,9 +468,9 @@ def reproduce_folder(results: str | Path, table: str, tolerance: float | None = 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", help="results folder (run folders with record.json)")
-    ap.add_argument("--table", default="lora-table2", help=f"published table: {', '.join(available())}")
-    ap.add_argument("--tolerance", type=float, help="points (x 100) a reproduced cell may differ by (default: "
-                    "the table's tolerance_points)")
+    ap.add_argument("--table", default=GLUE_TABLE, help=f"published table: {', '.join(available())}")
+    ap.add_argument("--tolerance", type=float, help="points (x 100) a reproduced cell may differ by at least "
+                    "(default: the table's tolerance_points)")
     ap.add_argument("--out", help="also write the Markdown here")
     args = ap.parse_args(argv)
     if not Path(args.results).is_dir():

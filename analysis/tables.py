@@ -10,6 +10,8 @@
 2. Rank table: per task, method and rank: the metric, intruder dimensions (from `python -m analysis.analyse`; the
    header and notes give the ε and top-k stored with the counts), forgetting (the run's probe), peak training
    memory and parameters.
+3. Causal LMs on classification tasks (`causal_lm_tables`) and generation tasks (`generation_tables`: question ->
+   worked solution -> final number) have tables of their own; the tables above leave generation runs out.
 
 Only `ok` runs count. Tasks whose offline data are samples (QNLI train, MNLI) are marked: not comparable to
 published numbers.
@@ -18,14 +20,16 @@ published numbers.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from analysis.collect import add_derived, collect
-from bench.data.tasks import TASKS
+from bench.data.tasks import GENERATION, TASKS
 from bench.model import CAUSAL_LM
 from methods import REGISTRY, in_display_order
 
@@ -231,8 +235,29 @@ def _groups(df: pd.DataFrame):
         yield model, str(part["budget_desc"].iloc[0]), part
 
 
+def is_generation(df: pd.DataFrame) -> pd.Series:
+    """True for the runs of generation tasks (column `task_kind`, analysis.collect.task_kind_of)."""
+    if "task_kind" not in df.columns:
+        return pd.Series(False, index=df.index)
+    return df["task_kind"] == GENERATION
+
+
+def t_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """95% t-interval for the mean; (nan, nan) for n < 2; (mean, mean) when the values agree exactly."""
+    n = len(values)
+    if n < 2:
+        return math.nan, math.nan
+    mean, sem = float(np.mean(values)), float(stats.sem(values))
+    if sem == 0:
+        return mean, mean
+    lo, hi = stats.t.interval(confidence, n - 1, loc=mean, scale=sem)
+    return float(lo), float(hi)
+
+
 def method_task_tables(df: pd.DataFrame) -> list[Table]:
+    """Per (model, budget), the runs of classification tasks: method x task (generation runs: `generation_tables`)."""
     df = ok_frame(df)
+    df = df[~is_generation(df)]
     tables = []
     for model, budget_desc, part in _groups(df):
         tasks = sorted(part["task"].unique(), key=lambda t: TASK_ORDER.index(t) if t in TASK_ORDER else 99)
@@ -318,8 +343,10 @@ def method_task_tables(df: pd.DataFrame) -> list[Table]:
 
 
 def rank_tables(df: pd.DataFrame) -> list[Table]:
-    """Per (model, budget): task, method, rank -> metric, intruders, forgetting, memory, params."""
+    """Per (model, budget): task, method, rank -> metric, intruders, forgetting, memory, params (classification
+    tasks; generation runs: `generation_tables`)."""
     df = ok_frame(df)
+    df = df[~is_generation(df)]
     tables = []
     for model, budget_desc, part in _groups(df):
         sampled = sampled_tasks(part)
@@ -494,13 +521,14 @@ def _fmt_rate(values: pd.Series) -> str:
 
 
 def causal_lm_tables(df: pd.DataFrame) -> list[Table]:
-    """Per (model, budget) of causal-LM runs: task, method -> accuracy (the task's main metric from label
-    log-likelihood scoring) and the pre-trained model's zero-shot score on the same evaluation, trainable
-    parameters, peak training memory (and the estimator's figure, column `memory_estimate_bytes` when the
-    caller added it), training tokens/s, decode tokens/s with the KV cache (record `generation`), perplexity
-    forgetting (probe `ppl`) and intruder dimensions."""
+    """Per (model, budget) of causal-LM runs on classification tasks (GLUE as text; generation tasks have
+    `generation_tables`): task, method -> accuracy (the task's main metric from label log-likelihood scoring) and
+    the pre-trained model's zero-shot score on the same evaluation, trainable parameters, peak training memory (and
+    the estimator's figure, column `memory_estimate_bytes` when the caller added it), training tokens/s, decode
+    tokens/s with the KV cache (record `generation`), perplexity forgetting (probe `ppl`) and intruder
+    dimensions."""
     df = ok_frame(df)
-    df = df[kind_of(df) == CAUSAL_LM]
+    df = df[(kind_of(df) == CAUSAL_LM) & ~is_generation(df)]
     out = []
     for model, budget_desc, part in _groups(df):
         kinds = sorted(part["memory_kind"].dropna().unique())
@@ -577,19 +605,155 @@ def causal_lm_tables(df: pd.DataFrame) -> list[Table]:
     return out
 
 
+def _ci_text(g: pd.DataFrame) -> tuple[str, float, float]:
+    """A group's 95% interval of the accuracy (x 100): one run's Wilson interval from its record
+    (`generation_eval.accuracy_ci95`), or the t-interval of the mean over several runs (seeds)."""
+    if len(g) == 1:
+        ci = g["generation_eval.accuracy_ci95"].iloc[0] if "generation_eval.accuracy_ci95" in g else None
+        if isinstance(ci, (list, tuple)) and len(ci) == 2 and None not in ci:
+            lo, hi = float(ci[0]) * 100, float(ci[1]) * 100
+            return f"{lo:.1f} – {hi:.1f}", lo, hi
+        return DASH, math.nan, math.nan
+    lo, hi = t_interval(g["metric_pct"].dropna().to_numpy(float))
+    lo, hi = max(lo, 0.0), min(hi, 100.0)  # an accuracy's interval stays within 0-100
+    return (f"{lo:.1f} – {hi:.1f} (t, n={len(g)})", lo, hi) if np.isfinite(lo) else (DASH, lo, hi)
+
+
+def _arrow(before: pd.Series, after: pd.Series, digits: int) -> str:
+    """"before → after" of two columns' medians; the dash where neither was measured."""
+    if before.notna().any() or after.notna().any():
+        def one(v: pd.Series) -> str:
+            return f"{v.median():.{digits}f}" if v.notna().any() else DASH
+
+        return f"{one(before)} → {one(after)}"
+    return DASH
+
+
+def _baseline_text(values: pd.Series) -> str:
+    """The untrained model's score over a group's runs: one value where they agree (the same model on the same
+    questions), else mean ± std."""
+    v = values.dropna()
+    return f"{v.iloc[0]:.1f}" if len(v) and np.allclose(v, v.iloc[0]) else fmt_mean_std(v)
+
+
+def _forgetting_text(g: pd.DataFrame) -> str:
+    """The group's forgetting (median), its probe and the probe's score before → after: "+0.050 (wiki 2.310 →
+    2.360)"; the dash when no run had a probe."""
+    probes = g["forgetting.probe"].dropna().unique() if "forgetting.probe" in g else []
+    value = _col(g, "forgetting.forgetting")
+    if len(probes) == 0 or value.isna().all():
+        return DASH
+    if len(probes) > 1:
+        return f"probes differ: {', '.join(sorted(map(str, probes)))}"
+    before, after = _col(g, "forgetting.before"), _col(g, "forgetting.after")
+    digits = 3 if after.abs().median() < 100 else 1
+    return f"{value.median():+.3g} ({probes[0]} {before.median():.{digits}f} → {after.median():.{digits}f})"
+
+
+def generation_tables(df: pd.DataFrame) -> list[Table]:
+    """Per (model, task, budget) of generation-task runs (question -> worked solution -> final number, scored by
+    greedy decoding): method, rank -> accuracy and its 95% interval, the untrained model's zero-shot (and k-shot)
+    accuracy, the share of answers with no final number (zero-shot -> tuned), the gold solution's teacher-forced loss
+    (zero-shot -> tuned), forgetting (the probe named), peak training memory, training tokens/s, generated tokens/s
+    during the evaluation and trainable parameters. Never mixed with classification runs."""
+    df = ok_frame(df)
+    df = df[is_generation(df)]
+    out = []
+    for (model, task, _sig), part in df.groupby(["model", "task", "budget_sig"], sort=True, dropna=False):
+        budget_desc = str(part["budget_desc"].iloc[0])
+        shots = sorted({int(k) for k, a in zip(_col(part, "data.prompt.shots"), _col(part, "few_shot_metrics.accuracy"))
+                        if pd.notna(k) and pd.notna(a) and k > 0})
+        shot_header = [f"{shots[0]}-shot" if len(shots) == 1 else "k-shot"] if shots else []
+        header = (["Method", "Rank", "Accuracy", "95% CI", "Zero-shot"] + shot_header
+                  + ["No answer % (zero-shot → tuned)", "Gold-solution loss (zero-shot → tuned)", "Forgetting",
+                     "Peak train memory (MiB)", "Train tokens/s", "Generated tokens/s", "Trainable params", "Runs"])
+        varied_lr = part.groupby(["method", "method_label", "rank_key"])["lr"].nunique().max() > 1
+        keys = ["method", "method_label", "rank_key"] + (["lr"] if varied_lr else [])
+        rows, numbers = [], []
+        for key, g in sorted(part.groupby(keys, dropna=False), key=lambda kv: (_method_sort_key(kv[0][0]), kv[0][1:])):
+            method, label, rank = key[0], key[1], key[2]
+            lr = key[3] if varied_lr else None
+            ci_text, lo, hi = _ci_text(g)
+            zero = _col(g, "zero_shot_metrics.accuracy") * 100
+            few = _col(g, "few_shot_metrics.accuracy") * 100
+            no_answer = _col(g, "metrics.no_answer_fraction") * 100
+            zero_no_answer = _col(g, "zero_shot_metrics.no_answer_fraction") * 100
+            loss, zero_loss = _col(g, "metrics.eval_loss"), _col(g, "zero_shot_metrics.eval_loss")
+            mem = g["peak_train_memory_bytes"] / 2**20
+            gen_rate = _col(g, "generation_eval.generated_tokens_per_s")
+            rows.append([
+                method_label(method, np.nan, lr, label), str(int(rank)) if rank >= 0 else DASH,
+                fmt_mean_std(g["metric_pct"]), ci_text, _baseline_text(zero),
+                *([_baseline_text(few)] if shots else []),
+                _arrow(zero_no_answer, no_answer, 0), _arrow(zero_loss, loss, 3), _forgetting_text(g),
+                fmt_mean_std(mem, 0), _fmt_rate(_col(g, "train_tokens_per_s")), _fmt_rate(gen_rate),
+                fmt_params(g["trainable_params"].astype(float).median()), str(len(g)),
+            ])
+            numbers.append({
+                "model": model, "task": task, "budget": budget_desc, "method": method, "method_label": label,
+                "rank": rank if rank >= 0 else None, "lr": lr, "accuracy_pct_mean": g["metric_pct"].mean(),
+                "ci95_low_pct": lo, "ci95_high_pct": hi, "examples": _col(g, "generation_eval.examples").median(),
+                "zero_shot_pct_mean": zero.mean(), "few_shot_pct_mean": few.mean(),
+                "shots": shots[0] if len(shots) == 1 else None, "no_answer_pct_mean": no_answer.mean(),
+                "zero_shot_no_answer_pct_mean": zero_no_answer.mean(), "eval_loss_median": loss.median(),
+                "zero_shot_eval_loss_median": zero_loss.median(),
+                "forgetting_median": _col(g, "forgetting.forgetting").median(),
+                "forgetting_probe": ", ".join(sorted(map(str, g["forgetting.probe"].dropna().unique())))
+                if "forgetting.probe" in g else "",
+                "peak_train_memory_mib_mean": mem.mean(),
+                "train_tokens_per_s_median": _col(g, "train_tokens_per_s").median(),
+                "generated_tokens_per_s_median": gen_rate.median(),
+                "trainable_params": g["trainable_params"].astype(float).median(), "runs": len(g),
+            })
+        examples = _col(part, "generation_eval.examples").dropna()
+        rule = part["generation_eval.answer_rule"].dropna().unique() if "generation_eval.answer_rule" in part else []
+        notes = [
+            "Accuracy: x 100, the share of the "
+            + (f"{int(examples.median())} " if examples.nunique() == 1 else "")
+            + "test questions whose greedy answer's final number equals the gold one"
+            + (f" (answer rule {', '.join(rule)})" if len(rule) else "")
+            + "; no number read counts as wrong; mean ± std over seeds where a row has several runs. 95% CI: the "
+            "run's Wilson interval over its questions, or with several runs the t-interval of their mean (cut to "
+            "0-100).",
+            "Zero-shot" + (f" and {shot_header[0]}" if shots else "") + ": the untrained model on the same questions"
+            + (f", prompted with {shots[0]} solved training problems" if len(shots) == 1 else "")
+            + ". No answer: the share of answers with no final number read. Gold-solution loss: the teacher-forced "
+            "loss of the gold worked solution (nats per token), before training and after.",
+            "Forgetting: the probe's score after − before for losses (before − after for scores): positive = ability "
+            "lost; wiki: mean token cross-entropy on Wikipedia text, ppl: perplexity on held-out English.",
+            "Generated tokens/s: tokens decoded in the final evaluation / its decoding time (all questions of a batch "
+            "decode together). Trainable parameters: a causal LM has no task head, so all of them count.",
+        ]
+        kinds = sorted(part["memory_kind"].dropna().unique())
+        if kinds:
+            notes.append(f"Memory: {', '.join(kinds)} during training"
+                         + (" (whole process: model, data, Python; not comparable to GPU figures)."
+                            if any("CPU" in k for k in kinds) else "."))
+        data_notes = part["data.note"].dropna().unique() if "data.note" in part else []
+        data_notes = [n for n in data_notes if str(n)]
+        if data_notes:
+            notes.append(f"Data: {'; '.join(map(str, data_notes))}.")
+        if part.get("model_note") is not None and part["model_note"].notna().any():
+            notes.append("Random-init test model: the metrics are meaningless.")
+        title = f"Generation: {model} · {TASK_LABEL.get(task, task)} · budget {budget_desc}"
+        out.append(Table(title, header, rows, set(), notes, pd.DataFrame(numbers)))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="?", default="results/runs")
     ap.add_argument("--out", help="folder for .md/.csv/.tex files (default: print Markdown only)")
     args = ap.parse_args(argv)
     df = collect(args.results)
-    tables = method_task_tables(df) + rank_tables(df)
+    tables = method_task_tables(df) + rank_tables(df) + generation_tables(df)
     if not tables:
         raise SystemExit(f"no ok runs under {args.results}")
     for i, table in enumerate(tables):
         print(f"### {table.title}\n\n{table.markdown()}\n")
         if args.out:
-            stem = ("main" if not table.title.startswith("Rank") else "rank") + f"_{i}"
+            stem = ("rank" if table.title.startswith("Rank") else "generation" if table.title.startswith("Generation")
+                    else "main") + f"_{i}"
             for path in table.write(Path(args.out), stem):
                 print(f"wrote {path}")
 
