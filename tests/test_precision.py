@@ -121,7 +121,9 @@ def _bf16_run(tmp_path, *overrides, latency: bool = False):
 
 
 def test_lora_in_bf16_on_the_cpu_end_to_end(tmp_path):
-    """The bf16 path runs on a CPU: bf16 base, fp32 adapters and head, bf16 autocast; the record says so."""
+    """The bf16 path runs on a CPU: bf16 base, fp32 adapters and head, bf16 autocast; the record says so, and weight
+    analysis rebuilds the base as the run held it, so ΔW is the adapter's B·A unrounded."""
+    from analysis.weights import weight_pairs
     from bench.record import read_record
 
     rec, run_dir = _bf16_run(tmp_path, "method=lora", "rank=4", "budget.eval_samples=16")
@@ -132,6 +134,13 @@ def test_lora_in_bf16_on_the_cpu_end_to_end(tmp_path):
     assert held["trainable"]["fp32"] == 4 * stored["trainable_params"]
     assert stored["full_model_bytes"] < 2.1 * stored["total_params"]  # bf16: 2 bytes per parameter (+ buffers)
     assert stored["effective_config"]["weight_dtype"] == "bf16"
+    wp = weight_pairs(run_dir)
+    changed = {name.rsplit(".", 1)[-1] for name, w0, wt in wp.pairs if not torch.equal(w0, wt)}
+    assert changed == {"query", "value"}
+    for name, w0, wt in wp.pairs:
+        assert w0.dtype == F32 and torch.equal(w0, w0.to(BF16).float())  # the run's bf16 values, held in fp32
+        if name.endswith(("query", "value")):
+            assert not torch.equal(wt, wt.to(BF16).float())  # merged in fp32: not rounded to bf16
 
 
 def test_full_finetuning_in_bf16_on_the_cpu_is_pure_bf16(tmp_path):
