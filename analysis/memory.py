@@ -2,7 +2,7 @@
 named preset, and estimate vs measured for CUDA run records.
 
     python -m analysis.memory --model minilm --batch-size 32 --seq-len 128 --rank 8
-    python -m analysis.memory --model 7b --batch-size 1 --seq-len 2048 --precision amp --grad-checkpointing
+    python -m analysis.memory --model 7b --batch-size 1 --seq-len 2048 --precision bf16 --grad-checkpointing
     python -m analysis.memory --params 3e9 --plot memory.png --gpu h100-80gb
     python -m analysis.memory --records results/runs          # estimate vs measured peak for CUDA runs
 
@@ -34,14 +34,15 @@ from bench.tools.memory_estimate import (
     lora_targets,
     lora_trainable,
     record_estimate,
+    record_precision,
     resolve_arch,
     training_state_bytes,
 )
 
 __all__ = ["GIB", "GPUS_GIB", "METHODS", "OPTIMIZER_IMPLS", "OPTIMIZERS", "PRECISIONS", "PRESETS", "Arch",
            "Setting", "arch_from_config", "arch_from_model_conf", "estimate", "llama_like", "lora_targets",
-           "lora_trainable", "resolve_arch", "training_state_bytes", "format_table", "plot", "compare_records",
-           "main"]
+           "lora_trainable", "record_precision", "resolve_arch", "training_state_bytes", "format_table", "plot",
+           "compare_records", "main"]
 
 # ---------------------------------------------------------------- output
 
@@ -117,9 +118,11 @@ def main(argv: list[str] | None = None) -> None:
                                       "q_proj,v_proj for Llama shapes)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--precision", choices=PRECISIONS, default="amp",
-                    help="amp: autocast over fp32 weights (this suite on CUDA); fp32 (this suite on CPU); "
-                         "bf16-mixed: 16-bit weights + fp32 master copies")
+    ap.add_argument("--precision", choices=PRECISIONS, default="bf16",
+                    help="the run's precision (bench/model/precision.py): bf16 (bf16 frozen weights, fp32 adapters "
+                         "and head, full fine-tuning pure bf16: this suite's default on CUDA); bf16-mixed / "
+                         "fp16-mixed (autocast over fp32 weights); fp32 (this suite on CPU); bf16-master: 16-bit "
+                         "weights + fp32 master copies (not a mode of this suite)")
     ap.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw")
     ap.add_argument("--optimizer-impl", choices=OPTIMIZER_IMPLS, default="fused",
                     help="torch AdamW implementation: fused (this suite on CUDA), foreach (torch's CUDA default), "

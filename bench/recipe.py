@@ -24,7 +24,7 @@ from bench.measure.latency import generation_interleaved, latency_batch, latency
 from bench.measure.memory import MemoryMeter, check_gpu_start, peak_memory_summary
 from bench.metrics import directions
 from bench.model import attach_context, is_causal_lm, load_model, seed_everything
-from bench.model.precision import autocast_dtype
+from bench.model.precision import autocast_dtype, hold_trainable, param_bytes_by_dtype
 from bench.plan import Plan
 from bench.record import CURVE_FILE, SAMPLES_FILE, WEIGHTS_DIR, write_jsonl
 from methods import Method
@@ -164,9 +164,10 @@ def fresh_model(p: Plan, steps: int) -> nn.Module:
 
 
 def build_model(p: Plan) -> tuple[nn.Module, str]:
-    """(the pre-trained model on the run's device, its source), loaded as the method asks (e.g. 4-bit)."""
+    """(the pre-trained model on the run's device, its source), loaded in the run's weight dtype (precision) and as
+    the method asks (e.g. 4-bit)."""
     load_kwargs = p.method.load_kwargs(p.effective["method"], p.cfg.model, p.device)
-    model, source = load_model(p.cfg.model, p.task.num_labels, **load_kwargs)
+    model, source = load_model(p.cfg.model, p.task.num_labels, p.dtypes.weights, **load_kwargs)
     return model.to(p.device), source
 
 
@@ -188,18 +189,21 @@ def check_positions(config: Any, p: Plan, features: list[dict]) -> None:
 
 
 def attach(p: Plan, model: nn.Module, steps: int, data: Data | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """(the model with the method attached, on the run's device; its parameter counts and the task head's module
-    names, for the record). BenchError when the method trains nothing outside the task head. With `data`, a method
-    that initialises from data (EVA, CorDA, LoRA-GA) reads the run's first training batches from a fresh loader in
-    the same order, so the training loader's order is not touched."""
+    """(the model with the method attached, on the run's device, its trainable parameters in the run's trainable
+    dtype; its parameter counts, the task head's module names and the dtypes, for the record). BenchError when the
+    method trains nothing outside the task head. With `data`, a method that initialises from data (EVA, CorDA,
+    LoRA-GA) reads the run's first training batches from a fresh loader in the same order, so the training loader's
+    order is not touched."""
     calibration = None
     if data is not None:
         def calibration():
             return train_loader(data.train_features, data.tokenizer, p.cfg)
     ctx = attach_context(p.cfg.model, p.rank, p.task.num_labels, steps, calibration)
-    model = p.method.attach(model, p.effective["method"], ctx).to(p.device)  # the method config the run's hash names
+    model = p.method.attach(model, p.effective["method"], ctx)  # the method config the run's hash names
+    model = hold_trainable(model, p.dtypes.trainable).to(p.device)
     head = head_modules(p.cfg.model)
-    counts: dict[str, Any] = {**count_params(model, head), "head_modules": list(head)}
+    counts: dict[str, Any] = {**count_params(model, head), "head_modules": list(head), **p.dtypes.names(),
+                              "param_bytes_by_dtype": param_bytes_by_dtype(model)}
     if counts["trainable_params_excl_head"] == 0 and not p.method.trains_all_weights:
         raise BenchError(f"method '{p.method.name}' attached no trainable parameters outside the task head; "
                          f"check method.target_modules ({p.cfg.method.get('target_modules')}) against the model")

@@ -118,6 +118,25 @@ def test_estimator_counts_a_llama_shape_and_the_logits_over_the_vocabulary():
     assert doubled["peak_bytes"] - lora["peak_bytes"] > 12 * tokens * VOCAB * 0.99  # the vocabulary term grows
 
 
+def test_estimator_in_bf16_on_a_llama_shape_by_hand():
+    """precision=bf16 on tiny-llama: LoRA keeps the frozen base in 2 bytes per parameter and its adapters fp32;
+    full fine-tuning is pure bf16 (2 + 2 + 4 bytes per parameter, temporaries of the largest tensor in bf16)."""
+    arch = mem.resolve_arch("tiny-llama", None)
+    p = arch.params
+    setting = mem.Setting(method="lora", rank=8, targets=("q_proj", "v_proj"), batch=4, seq=32, precision="bf16",
+                          fused_attention=False, optimizer_impl="single_tensor")
+    lora = mem.estimate(arch, setting)
+    t = lora["trainable_params"]
+    assert lora["weights_bytes"] == 2 * p + 4 * t and lora["gradients_bytes"] == 4 * t
+    assert lora["optimizer_bytes"] == 8 * t and lora["autocast_weight_copies_bytes"] == 2 * t
+    assert lora["optimizer_step_working_bytes"] == 8 * 8 * HIDDEN  # fp32 LoRA matrix (8 x h), two temporaries
+    full = mem.estimate(arch, mem.Setting(**{**setting.__dict__, "method": "full"}))
+    assert (full["weights_bytes"], full["gradients_bytes"], full["optimizer_bytes"]) == (2 * p, 2 * p, 4 * p)
+    assert full["optimizer_step_working_bytes"] == 2 * 2 * VOCAB * HIDDEN  # the embedding, two bf16 temporaries
+    fp32 = mem.estimate(arch, mem.Setting(**{**setting.__dict__, "precision": "fp32"}))
+    assert fp32["weights_bytes"] - lora["weights_bytes"] == 2 * p  # the frozen base, halved
+
+
 def test_record_estimate_for_causal_lm_runs_of_any_method():
     lora = mem.record_estimate(_causal_record("lora", 0.7, rank=8, seq=40))
     arch = mem.resolve_arch("tiny-llama", None)

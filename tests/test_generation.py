@@ -171,12 +171,12 @@ def test_batched_left_padded_greedy_decoding_equals_one_prompt_at_a_time():
     assert batched == alone and all(len(toks) > 0 for toks in batched)
 
 
-def test_a_generation_task_needs_a_causal_lm_and_bf16_needs_cuda():
+def test_a_generation_task_needs_a_causal_lm_and_fp16_needs_cuda():
     with pytest.raises(BenchError, match="generation task .* needs a causal LM") as err:
         plan(compose_cfg("task=gsm_symbolic"))
     assert "\n" not in str(err.value)
-    with pytest.raises(BenchError, match="precision=bf16 is for CUDA"):
-        plan(compose_cfg("model=tiny-llama", "task=gsm_symbolic", "device=cpu", "precision=bf16"))
+    with pytest.raises(BenchError, match="precision=fp16-mixed is for CUDA"):
+        plan(compose_cfg("model=tiny-llama", "task=gsm_symbolic", "device=cpu", "precision=fp16-mixed"))
 
 
 @needs_gsm

@@ -20,8 +20,48 @@ def test_full_finetuning_fp32_adam_is_16_bytes_per_param():
                      "optimizer_bytes": 56e9}
     assert sum(parts.values()) == 112e9  # 4 + 4 + 8 bytes per parameter = 112 GB for 7e9 parameters
     mixed = mem.training_state_bytes(7e9, 7e9, "bf16-mixed", "adamw")
-    assert sum(mixed.values()) == 112e9  # 2 (weights) + 4 (master) + 2 (grads) + 8 (moments): also 16 bytes
+    assert mixed == parts  # autocast over fp32 weights: the same 16 bytes (autocast's copies come on top)
+    master = mem.training_state_bytes(7e9, 7e9, "bf16-master", "adamw")
+    assert master == {"weights_bytes": 14e9, "master_weights_bytes": 28e9, "gradients_bytes": 14e9,
+                      "optimizer_bytes": 56e9}  # 2 (weights) + 4 (master) + 2 (grads) + 8 (moments): also 16 bytes
     assert mem.training_state_bytes(7e9, 1e6, "fp32", "adamw8bit")["optimizer_bytes"] == 2e6
+
+
+def test_full_finetuning_in_bf16_is_8_bytes_per_param_as_peers_hold_it():
+    """precision=bf16, full fine-tuning: weights, gradients and AdamW's two moments all bf16, no master copy
+    (peft's benchmark, torchtune): 2 + 2 + 4 = 8 bytes per parameter, 56 GB for 7e9."""
+    parts = mem.training_state_bytes(7e9, 7e9, "bf16", "adamw")
+    assert parts == {"weights_bytes": 14e9, "master_weights_bytes": 0.0, "gradients_bytes": 14e9,
+                     "optimizer_bytes": 28e9}
+    assert mem.training_state_bytes(7e9, 7e9, "bf16", "adamw8bit")["optimizer_bytes"] == 14e9  # 8-bit: 2 bytes
+    arch = mem.resolve_arch("7b", None)
+    full = mem.estimate(arch, mem.Setting(method="full", batch=1, seq=8, precision="bf16", optimizer_impl="foreach"))
+    assert full["autocast_weight_copies_bytes"] == 0  # already bf16: autocast copies nothing
+    assert full["optimizer_step_working_bytes"] == 2 * arch.params  # foreach: one bf16 temporary per parameter
+
+
+def test_lora_in_bf16_holds_the_frozen_base_in_2_bytes_per_param():
+    """precision=bf16, LoRA r=16 on q_proj, v_proj of the Llama-2 7B shape, by hand: the frozen base 2 bytes per
+    parameter, the adapters fp32 with fp32 gradients and moments, and autocast copies only the adapters; against
+    bf16-mixed (the frozen base fp32, every linear weight of the layers copied to bf16 per use)."""
+    arch = mem.resolve_arch("7b", None)
+    p, lora = 6_738_415_616, 32 * 2 * 16 * (4096 + 4096)  # parameters; LoRA: 32 layers x (q, v) x r x (in + out)
+    st = mem.Setting(method="lora", rank=16, targets=("q_proj", "v_proj"), batch=1, seq=512, precision="bf16")
+    bf16 = mem.estimate(arch, st)
+    assert bf16["trainable_params"] == lora == 8_388_608
+    assert bf16["weights_bytes"] == 2 * p + 4 * lora == 13_510_385_664
+    assert (bf16["gradients_bytes"], bf16["optimizer_bytes"]) == (4 * lora, 8 * lora)
+    assert bf16["autocast_weight_copies_bytes"] == 2 * lora
+    mixed = mem.estimate(arch, mem.Setting(**{**st.__dict__, "precision": "bf16-mixed"}))
+    assert mixed["weights_bytes"] == 4 * p + 4 * lora == 26_987_216_896
+    # every linear weight of the 32 layers: q, k, v, o (4096 x 4096) and gate, up, down (4096 x 11008)
+    assert mixed["autocast_weight_copies_bytes"] == 2 * 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    assert mixed["peak_bytes"] - bf16["peak_bytes"] == pytest.approx(
+        2 * p + 2 * 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) - 2 * lora)
+    # QLoRA keeps what it quantises in NF4 and the rest fp32 (prepare_model_for_kbit_training) under any precision
+    q = mem.Setting(**{**st.__dict__, "method": "qlora"})
+    assert mem.estimate(arch, q)["weights_bytes"] == mem.estimate(arch, mem.Setting(
+        **{**q.__dict__, "precision": "bf16-mixed"}))["weights_bytes"]
 
 
 def test_llama_7b_preset_has_llama2_7b_parameter_count():
@@ -98,17 +138,26 @@ def test_activation_coefficients_match_what_autograd_keeps():
 
 def test_estimate_vs_measured_from_a_record(make_cfg, tmp_path):
     p = plan(make_cfg("method=lora", "rank=4"))
-    est = mem.estimate(mem.resolve_arch("tiny-bert", None),
-                       mem.Setting(method="lora", rank=4, batch=8, seq=24, precision="amp"))
+    arch = mem.resolve_arch("tiny-bert", None)
+    est = mem.estimate(arch, mem.Setting(method="lora", rank=4, batch=8, seq=24, precision="bf16"))
     rec = {"schema_version": SCHEMA_VERSION, "run_id": p.run_id, "config_hash": p.config_hash,
            "config_group": p.config_hash, "task": "sst2", "model": "tiny-bert", "seed": 42, "lr": p.lr,
            "budget": "smoke", "status": "ok", "method": "lora", "rank": 4,
-           "effective_config": {**p.effective, "device_type": "cuda", "precision": "bf16"},
+           "effective_config": {**p.effective, "device_type": "cuda", "precision": "bf16", "weight_dtype": "bf16"},
            "train": {"max_batch_seq_len": 24},
            "memory": {"train": {"kind": "cuda", "peak_allocated_bytes": int(est["peak_bytes"] / 1.1)}}}
     write_json_atomic(tmp_path / "runs" / p.run_id / RECORD_FILE, json.loads(json.dumps(rec, default=str)))
     rows = mem.compare_records(str(tmp_path / "runs"))
     assert len(rows) == 1 and rows[0]["estimate_over_measured_ratio"] == pytest.approx(1.1, rel=1e-6)
+    # a record that says bf16 without a weight_dtype ran autocast over fp32 weights: modelled as bf16-mixed
+    legacy = {**rec["effective_config"]}
+    del legacy["weight_dtype"]
+    assert mem.record_precision(legacy) == "bf16-mixed"
+    assert mem.record_precision({**legacy, "precision": "fp16"}) == "fp16-mixed"
+    assert mem.record_precision(rec["effective_config"]) == "bf16"
+    old = mem.record_estimate({**rec, "effective_config": legacy})
+    assert old["estimate_bytes"] == mem.estimate(arch, mem.Setting(method="lora", rank=4, batch=8, seq=24,
+                                                                   precision="bf16-mixed"))["peak_bytes"]
 
 
 def test_cli_prints_a_table_and_plots(tmp_path, capsys):
@@ -153,6 +202,27 @@ def test_tensor_bytes_counts_live_storages_once():
         assert tracker.bytes["gradients"] == 440
     tracker.close()
     assert tracker.peak_bytes >= 440 + 4000
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_bf16_weights_gradients_and_moments_match_what_the_loop_holds(method):
+    """precision=bf16 runs on the CPU, so the estimator's bf16 arithmetic is checked against the suite's own loop:
+    the weights (bf16 base; fp32 adapters and head, or all bf16 for full fine-tuning) and AdamW's moments to 1%.
+    The activations follow CPU autocast's op lists, not CUDA's, so the peak is only held within 20%."""
+    from bench.config import compose_config
+    from bench.tools.perf.memory import estimate_for, measure
+
+    cfg = compose_config(["model=tiny-bert", f"method={method}", "rank=8", "budget.batch_size=8",
+                          "budget.max_seq_len=32", "device=cpu", "precision=bf16"])
+    measured = measure(cfg, steps=2)
+    assert measured["precision"] == "bf16"
+    est = estimate_for(cfg, "bf16", fused_attention=False, device_type="cpu")
+    assert measured["by_kind"]["weights"] == pytest.approx(est["weights_bytes"], rel=0.01)
+    # at the peak: the moments, and in the optimiser step its temporaries (two of the largest tensor, in its dtype)
+    assert measured["by_kind"]["optimizer"] == pytest.approx(est["by_kind"]["optimizer"], rel=0.01)
+    per_param = 4 if method == "full" else 8  # AdamW's two moments in the trainable parameters' dtype
+    assert est["optimizer_bytes"] == per_param * est["trainable_params"]
+    assert est["peak_bytes"] == pytest.approx(measured["peak_bytes"], rel=0.2)
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])

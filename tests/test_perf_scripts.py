@@ -32,8 +32,8 @@ def test_perf_gpu_script_runs_and_skips_what_cannot_run_here(tmp_path, capsys):
                    "measure.latency_max_warmup_s=0.5",
                    "measure.latency_batch_size=4", "measure.latency_seq_len=16", "budget.eval_samples=32"])
     summary = (tmp_path / "summary.md").read_text()
-    assert "| tiny-bert | full | ok |" in summary and "| tiny-bert | lora | ok |" in summary
-    assert "| tiny-llama | lora | ok |" in summary  # a causal LM, with its decode speed
+    assert "| tiny-bert | full | fp32 / fp32 | ok |" in summary and "| tiny-bert | lora | fp32 / fp32 | ok |" in summary
+    assert "| tiny-llama | lora | fp32 / fp32 | ok |" in summary  # a causal LM, with its decode speed
     assert "qlora" in summary  # run on a GPU with bitsandbytes, or a note saying why it was skipped
 
 

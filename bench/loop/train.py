@@ -1,9 +1,10 @@
 """The one training loop every method shares.
 
-Read top to bottom: AdamW over the method's parameter groups (no decay on biases and LayerNorm), a linear warm-up
-then a linear or cosine decay (`budget.lr_schedule`, transformers' schedulers), gradient accumulation, autocast on
-CUDA (bf16/fp16) and fp32 on CPU, gradient clipping, the method's per-step hook after each optimiser step (before
-zero_grad), a loss curve every `log_every_steps`, and optional evaluation every `eval_every_steps` keeping the best
+Read top to bottom: AdamW over the method's parameter groups (no decay on biases and LayerNorm; its moments in each
+parameter's dtype), a linear warm-up then a linear or cosine decay (`budget.lr_schedule`, transformers' schedulers),
+gradient accumulation, autocast as the run's precision says (bench/model/precision.py; a loss scaler under fp16),
+gradient clipping, the method's per-step hook after each optimiser step (before zero_grad), a loss curve every
+`log_every_steps`, and optional evaluation every `eval_every_steps` keeping the best
 (`keep_best`: the best evaluation's trainable tensors, copied to host memory, and the method's `scored_state`, e.g.
 AdaLoRA's rank pattern, so that the model evaluated, saved and analysed is the one that was scored).
 
@@ -30,7 +31,7 @@ from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_wi
 
 from bench import BenchError
 from bench.model.device import sync
-from bench.model.precision import autocast, autocast_dtype
+from bench.model.precision import autocast, autocast_dtype, uses_loss_scaler
 from methods.base import HeadSpec, Method, is_head_param
 
 # budget.lr_schedule: a linear warm-up over the method's warmup_ratio of the steps, then a decay to 0 at the last step
@@ -116,7 +117,7 @@ def train(model: nn.Module, method: Method, loader, s: TrainSettings,
     schedule = SCHEDULES[str(budget.get("lr_schedule", "linear"))]
     scheduler = schedule(optimizer, int(round(s.warmup_ratio * steps)), steps)
     amp_dtype = autocast_dtype(s.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=s.precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=uses_loss_scaler(s.precision))
     accum = int(budget.grad_accum_steps)
 
     res = TrainResult(0, 0, 0.0, 0, 0.0, 0, 0, 0.0, 0.0)

@@ -150,32 +150,32 @@ def load_tokenizer(model_cfg: Any):
     return tokenizer
 
 
-def load_model(model_cfg: Any, num_labels: int, **load_kwargs: Any):
-    """Return (model, source string). A classifier: regression when num_labels == 1; a causal LM ignores
-    num_labels (its LM head scores the answers). `load_kwargs` (from the method, e.g. a 4-bit quantisation config)
-    go to `from_pretrained`; a random-init model that needs them is built, saved to a temporary folder and loaded
-    back through `from_pretrained`."""
+def load_model(model_cfg: Any, num_labels: int, dtype: torch.dtype = torch.float32, **load_kwargs: Any):
+    """Return (model, source). A classifier: regression when num_labels == 1; a causal LM ignores
+    num_labels (its LM head scores the answers). The weights are loaded in `dtype` whatever the checkpoint's own
+    (transformers 5 defaults to dtype="auto"): the run's precision decides (bench/model/precision.py); a random-init
+    model is built in it. `load_kwargs` (from the method, e.g. a 4-bit quantisation config) go to `from_pretrained`;
+    a random-init model that needs them is built, saved to a temporary folder and loaded back through
+    `from_pretrained`."""
     causal = model_kind(model_cfg) == CAUSAL_LM
     auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     head_kwargs = {} if causal else {
         "num_labels": num_labels, "problem_type": "regression" if num_labels == 1 else "single_label_classification"}
     if model_cfg.get("random_init"):
         config = AutoConfig.for_model(model_cfg.family, **head_kwargs, **dict(model_cfg.get("config") or {}))
-        model = auto.from_config(config)
+        model = auto.from_config(config, dtype=dtype)
         source = f"random_init:{model_cfg.family}"
         if not load_kwargs:
             return model, source
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
             del model
-            return auto.from_pretrained(tmp, **{"dtype": torch.float32, **load_kwargs}), source
+            return auto.from_pretrained(tmp, **{"dtype": dtype, **load_kwargs}), source
     path, source = resolve_source(model_cfg)
     if model_cfg.get("gguf_file") and os.path.isdir(path):
         path = converted_gguf(path, str(model_cfg.gguf_file), "model")
     try:
-        # fp32 master weights whatever the checkpoint's dtype (transformers 5 defaults to dtype="auto");
-        # mixed precision comes from autocast in the loop.
-        model = auto.from_pretrained(path, **head_kwargs, **{"dtype": torch.float32, **load_kwargs})
+        model = auto.from_pretrained(path, **head_kwargs, **{"dtype": dtype, **load_kwargs})
     except OSError as exc:
         raise BenchError(f"model '{model_cfg.name}': cannot load {path} (no network? set HF_HUB_OFFLINE=1 "
                          f"and use an offline model such as model=minilm): {str(exc).splitlines()[0]}") from exc

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from bench import BenchError
+from bench.model import precision
 
 _gpu_lock_fds: dict[int, int] = {}  # GPU index -> open lock fd, held for the life of this process
 
@@ -32,14 +33,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if name not in ("fp32", "bf16", "fp16"):
-        raise BenchError(f"precision={name}: choose auto, fp32, bf16 or fp16")
-    if device.type == "cpu" and name != "fp32":
-        raise BenchError(f"precision={name} is for CUDA; CPU runs use fp32 (precision=auto or fp32)")
-    return name
-
+    """The precision mode `name` runs as on `device` (bench/model/precision.py); BenchError when it cannot."""
+    bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    return precision.resolve_precision(name, device.type, bf16)
 
 
 def claim_gpu(n_gpus: int, lock_dir: Path | None = None, names: list[str] | None = None) -> int | None:

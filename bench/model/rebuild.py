@@ -16,6 +16,7 @@ from torch import nn
 
 from bench import BenchError
 from bench.model import attach_context, load_model, seed_everything
+from bench.model.precision import DTYPES
 from bench.record import WEIGHTS_DIR, read_record, record_path
 from methods import get_method
 
@@ -57,16 +58,26 @@ def cannot_rebuild(record: dict) -> str | None:
 
 
 def base_model(record: dict, cfg: DictConfig) -> nn.Module:
-    """The pre-trained model the run started from, loaded as the run loaded it (e.g. 4-bit for qlora; same seed,
-    so random-init test models match too). BenchError when this machine cannot (`cannot_rebuild`)."""
+    """The pre-trained model the run started from, loaded as the run loaded it (in its weight dtype; e.g. 4-bit for
+    qlora; same seed, so random-init test models match too), then held in fp32 (bf16 -> fp32 is exact): the values
+    the run computed with, and merging an adapter into them or subtracting them from a full fine-tuning's weights is
+    not rounded to bf16. BenchError when this machine cannot (`cannot_rebuild`)."""
     reason = cannot_rebuild(record)
     if reason:
         raise BenchError(f"{record.get('run_id')}: {reason}")
     device = analysis_device()
     load_kwargs = get_method(record["method"]).load_kwargs(effective_method(record), cfg.model, device)
     seed_everything(int(record["seed"]))
-    model, _ = load_model(cfg.model, _num_labels(record), **load_kwargs)
+    model, _ = load_model(cfg.model, _num_labels(record), run_weight_dtype(record), **load_kwargs)
+    if "quantization_config" not in load_kwargs:
+        model = model.float()
     return model.eval()
+
+
+def run_weight_dtype(record: dict) -> torch.dtype:
+    """The dtype the run loaded its pre-trained weights in (its `weight_dtype`; fp32 in records written before the
+    field existed, when every run's weights were fp32)."""
+    return DTYPES[str(record.get("weight_dtype") or "fp32")]
 
 
 def saved_weights(run_dir: str | Path, record: dict) -> dict[str, int]:

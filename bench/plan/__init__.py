@@ -14,6 +14,7 @@ from bench import BenchError
 from bench.data.tasks import Task, task_from_config
 from bench.model import is_causal_lm
 from bench.model.device import resolve_device, resolve_precision
+from bench.model.precision import Dtypes, dtype_name, precision_dtypes
 from bench.plan.schema import validate_config
 from bench.record.identity import config_hash, run_id
 from methods import Method, get_method
@@ -32,6 +33,11 @@ class Plan:
     config_hash: str
     run_id: str
     run_dir: Path
+
+    @property
+    def dtypes(self) -> Dtypes:
+        """Which dtype holds the frozen weights, which the trainable ones, and autocast's (bench/model/precision.py)."""
+        return precision_dtypes(self.precision, self.method.trains_all_weights)
 
 
 def plan(cfg: DictConfig) -> Plan:
@@ -68,6 +74,9 @@ def plan(cfg: DictConfig) -> Plan:
         "precision": precision,
         "measure": valid["measure"],
     }
+    weights = precision_dtypes(precision).weights
+    if weights != torch.float32:  # only then, so runs with fp32 weights keep their identity; and `precision: bf16`
+        effective["weight_dtype"] = dtype_name(weights)  # once named autocast over fp32 weights (bf16-mixed now)
     if causal:
         effective["lm"] = valid["lm"]
     if cfg.get("forgetting"):  # only when set, so runs without it keep their identity

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bench import BenchError
+from bench.model.precision import PRECISIONS
 
 
 class _Strict(BaseModel):
@@ -98,7 +99,7 @@ class RunConfig(_Strict):
     seed: int = Field(ge=0)
     lr: float | None = Field(gt=0)
     device: str
-    precision: Literal["auto", "fp32", "bf16", "fp16"]
+    precision: Literal[PRECISIONS]  # bench/model/precision.py: what each mode holds in which dtype
     cpu_threads: int | None = Field(gt=0)
     results_dir: str = Field(min_length=1)
     save_weights: Literal["adapter", "none"]

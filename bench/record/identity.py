@@ -17,10 +17,11 @@ from typing import Any
 from bench import BenchError
 from bench.hashing import json_sha256
 
-# The effective config's top-level parts, all of them identity when present (lm: causal LMs only; forgetting:
-# only when a probe is on). Inside task, model and measure only the classified keys below count.
-TOP = ("task", "model", "method", "rank", "budget", "seed", "device_type", "precision", "measure", "lm",
-       "forgetting", "fingerprints")
+# The effective config's top-level parts, all of them identity when present (weight_dtype: only when the frozen
+# weights are not fp32; lm: causal LMs only; forgetting: only when a probe is on). Inside task, model and measure only
+# the classified keys below count.
+TOP = ("task", "model", "method", "rank", "budget", "seed", "device_type", "precision", "weight_dtype", "measure",
+       "lm", "forgetting", "fingerprints")
 
 TASK = {
     "name": "the task",

@@ -275,6 +275,18 @@ class Record(_Block):
     trainable_params_excl_head: int | None = Field(None, description="what papers report")
     total_params: int | None = None
     head_modules: list[str] | None = Field(None, description="the task head's modules (trainable for every method)")
+    weight_dtype: str | None = Field(
+        None, description="the dtype the pre-trained weights were loaded in and the frozen ones stay in: fp32 or bf16 "
+                          "(precision; qlora: its linear layers are 4-bit NF4 whatever this says); null in records "
+                          "written before it existed, whose weights were fp32")
+    trainable_dtype: str | None = Field(
+        None, description="the dtype every trainable parameter is held in, and so its gradient and AdamW's moments: "
+                          "fp32, or bf16 for full fine-tuning under precision=bf16 (no fp32 master copy)")
+    autocast_dtype: str | None = Field(None, description="torch.autocast's dtype in every forward pass (bf16, fp16); "
+                                                         "null: autocast off")
+    param_bytes_by_dtype: dict[str, dict[str, int]] | None = Field(
+        None, description="bytes of the parameters as held after the method is attached, `frozen` and `trainable` "
+                          "apart, by dtype (fp32, bf16, fp16; uint8: bitsandbytes' packed 4-bit weights)")
     zero_shot_metrics: Metrics | None = Field(None, description="causal LMs: the pre-trained model's metrics")
     zero_shot_main_metric_value: float | None = None
     zero_shot_generation_eval: GenerationEval | None = None

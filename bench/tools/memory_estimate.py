@@ -3,7 +3,7 @@ parameter count or a named preset. Its command line and the estimate-vs-records 
 analysis/memory.py; the benchmark scripts in bench/tools/perf/ use this module directly.
 
     python -m analysis.memory --model minilm --batch-size 32 --seq-len 128 --rank 8
-    python -m analysis.memory --model 7b --batch-size 1 --seq-len 2048 --precision amp --grad-checkpointing
+    python -m analysis.memory --model 7b --batch-size 1 --seq-len 2048 --precision bf16 --grad-checkpointing
     python -m analysis.memory --params 3e9 --plot memory.png --gpu h100-80gb
     python -m analysis.memory --records results/runs          # estimate vs measured peak for CUDA runs
 
@@ -12,35 +12,46 @@ or config.json path, a preset (`7b`, `13b`, `70b`: Llama-2 shapes), or a Hub id 
 (never the network). The model is built on the `meta` device, so parameter and LoRA counts are exact and
 nothing is allocated.
 
-What is counted, in bytes (P = all parameters, T = trainable ones):
-- weights: 4 P (fp32 and `amp`, PyTorch autocast over fp32 weights: what this suite does on CUDA), 2 P under
-  `bf16-mixed` (16-bit weights with fp32 master copies), and for QLoRA 0.5 byte per quantised linear weight
-  (NF4) plus its quantisation constants (fp32 absmax per 64 values = 1/16 byte/param; with double
-  quantisation 8-bit absmax plus an fp32 constant per 256 of them = 1/64 + 1/4096 byte/param), the rest fp32;
-- master weights: 4 T under `bf16-mixed`, else none;
-- gradients: 4 T (2 T under `bf16-mixed`);
-- optimiser: AdamW keeps two moments per trainable parameter: 8 T in 32 bits, 2 T for 8-bit AdamW
-  (bitsandbytes, also its paged variant; paging moves states to CPU only under memory pressure, so they are
-  counted on the GPU here);
-- autocast weight copies (`amp`): autocast casts each linear weight to 16 bits per use and autograd keeps the
-  copy for the backward pass: 2 bytes per linear weight of the layers (QLoRA dequantises one layer at a time
-  instead);
+What is counted, in bytes (F = frozen parameters, T = trainable ones: adapters and the task head, or every
+parameter for full fine-tuning). The precisions are the suite's (bench/model/precision.py), plus `bf16-master`:
+- weights: F frozen and T trainable parameters at their dtype's size:
+  `fp32` 4 F + 4 T; `bf16` (this suite's default on CUDA) 2 F + 4 T, and for full fine-tuning (F = 0) 2 T, pure
+  bf16 as peft's benchmark and torchtune hold it; `bf16-mixed` / `fp16-mixed` (autocast over fp32 weights) 4 F + 4 T;
+  `bf16-master` (16-bit weights with fp32 master copies, as Megatron and DeepSpeed hold them; not a mode of this
+  suite) 2 F + 2 T; and for QLoRA 0.5 byte per quantised linear weight (NF4) plus its quantisation constants (fp32
+  absmax per 64 values = 1/16 byte/param; with double quantisation 8-bit absmax plus an fp32 constant per 256 of
+  them = 1/64 + 1/4096 byte/param), the rest fp32 (peft's `prepare_model_for_kbit_training` casts it) whatever the
+  precision;
+- master weights: 4 T under `bf16-master`, else none;
+- gradients: one per trainable parameter in its dtype: 4 T, 2 T for full fine-tuning under `bf16` and under
+  `bf16-master`;
+- optimiser: AdamW keeps two moments per trainable parameter in that parameter's dtype (torch's AdamW makes them
+  like the parameter; `bf16-master`: like the fp32 master): 8 T in fp32, 4 T for full fine-tuning under `bf16`;
+  2 T for 8-bit AdamW (bitsandbytes, also its paged variant; paging moves states to CPU only under memory pressure,
+  so they are counted on the GPU here), 8 T for bitsandbytes' 32-bit paged AdamW;
+- autocast weight copies: autocast casts each fp32 weight a linear layer uses to 16 bits per use and autograd keeps
+  the copy for the backward pass: 2 bytes per linear weight of the layers under `bf16-mixed` / `fp16-mixed`; under
+  `bf16` only the trainable fp32 tensors are cast (2 T; none for full fine-tuning, already bf16); QLoRA dequantises
+  one layer at a time instead;
 - activations kept for the backward pass, per layer, for s tokens x b sequences, hidden h, FFN width f,
   a heads:  alpha*s*b*h + beta*s*b*f + gamma*a*s^2*b  bytes.  Korthikanti et al. 2022 ("Reducing Activation
   Recomputation in Large Transformer Models") give s*b*h*(34 + 5*a*s/h) for pure 16-bit activations; PyTorch
   autocast keeps LayerNorm/softmax/residual tensors in fp32 and casts inputs per linear layer, so the
   coefficients here were measured instead, by summing the bytes of the tensors autograd saves in a BERT layer
-  (torch 2.x, `torch.autograd.graph.saved_tensors_hooks`): fp32 alpha 40, beta 8; amp alpha 34, beta 4;
+  (torch 2.x, `torch.autograd.graph.saved_tensors_hooks`): fp32 alpha 40, beta 8; under autocast alpha 34, beta 4
+  (measured over fp32 weights; used for every 16-bit precision, an upper bound where the residual stream stays
+  16-bit, as in a Llama with bf16 weights);
   gamma 12 when attention scores are materialised (eager attention, CPU fp32), 0 with fused attention (SDPA
   flash / memory-efficient kernels on CUDA). LoRA keeps slightly less (frozen linear layers need no input
-  for a weight gradient: alpha -12 fp32, -6 amp, measured with LoRA on query/value). A SwiGLU MLP (Llama)
+  for a weight gradient: alpha -12 fp32, -6 under autocast, measured with LoRA on query/value). A SwiGLU MLP (Llama)
   keeps four f-wide tensors instead of two (beta doubled); no dropout masks (alpha -2). Embeddings: 12 s*b*h
   for full fine-tuning; -4 s*b*h for LoRA/QLoRA (frozen embeddings keep nothing, the first layer keeps less).
   Gradient checkpointing keeps only each layer's input (4 s*b*h) plus one layer's full activations.
 - optimiser step working memory: fused AdamW (this suite on CUDA) and 8-bit AdamW update in place, 0; the
-  foreach implementation takes one fp32 temporary per trainable parameter (the square root of the second
-  moment, for all tensors at once), 4 T; the single-tensor one (PyTorch's choice on CPU) two temporaries of the
-  largest trainable tensor, 8 bytes per element of it (measured: `python -m bench.tools.perf.memory`).
+  foreach implementation takes one temporary per trainable parameter in the moments' dtype (the square root of the
+  second moment, for all tensors at once), 4 T in fp32; the single-tensor one (PyTorch's choice on CPU) two
+  temporaries of the largest trainable tensor, 8 bytes per element of it in fp32 (measured:
+  `python -m bench.tools.perf.memory`).
 - peak = weights + master + optimiser + the larger of
   (a) max(activations + autocast copies, gradients) + one layer's activations as backward working memory:
       activations are freed and gradients created as the backward pass walks down the layers (gradients are
@@ -59,6 +70,8 @@ What is counted, in bytes (P = all parameters, T = trainable ones):
   padded batch (`train.max_batch_seq_len`), as every position gets logits even with the loss on the answer only.
   A run record of another method than full/lora/qlora (IA3, prompt tuning, ...) is modelled as a frozen base with
   the record's trainable count (`record_setting`).
+- a run record is modelled at its own precision; a record whose effective config says `bf16` or `fp16` without a
+  `weight_dtype` ran autocast over fp32 weights: `bf16-mixed` / `fp16-mixed` (`record_precision`).
 
 Not counted: the CUDA context (~0.3-0.6 GiB, outside PyTorch's allocator), cuBLAS workspaces, the caching
 allocator's fragmentation (measured as reserved - allocated), and the data batch. So compare with
@@ -77,8 +90,12 @@ from bench.model import package_model_dir
 
 GIB = 2**30
 METHODS = ("full", "lora", "qlora")
-PRECISIONS = ("fp32", "amp", "bf16-mixed")
-OPTIMIZERS = {"adamw": 8.0, "adamw8bit": 2.0, "paged_adamw8bit": 2.0, "paged_adamw32bit": 8.0}
+# The suite's precision modes (bench/model/precision.py MODES) and `bf16-master`: 16-bit weights, fp32 master copies.
+PRECISIONS = ("fp32", "bf16", "bf16-mixed", "fp16-mixed", "bf16-master")
+AUTOCAST_OVER_FP32 = ("bf16-mixed", "fp16-mixed")
+# AdamW's two moments, bytes per trainable parameter: None = in the parameter's dtype (torch's AdamW), else fixed.
+OPTIMIZERS: dict[str, float | None] = {"adamw": None, "adamw8bit": 2.0, "paged_adamw8bit": 2.0,
+                                       "paged_adamw32bit": 8.0}
 OPTIMIZER_IMPLS = ("fused", "foreach", "single_tensor")  # torch AdamW implementations (fused: in place)
 GPUS_GIB = {"t4": 16, "l4": 24, "rtx4090": 24, "a10g": 24, "a100-40gb": 40, "a100-80gb": 80, "h100-80gb": 80,
             "h200": 141}
@@ -235,22 +252,45 @@ def lora_trainable(arch: Arch, rank: int, targets: Iterable[str]) -> int:
     return sum(rank * (i + o) for i, o in lora_targets(arch, targets))
 
 
-def training_state_bytes(total_params: float, trainable_params: float, precision: str = "fp32",
-                         optimizer: str = "adamw") -> dict[str, float]:
-    """Weights, master weights, gradients and optimiser states of an unquantised model (bytes)."""
+def weight_bytes(precision: str, trains_all: bool) -> tuple[float, float, float]:
+    """Bytes per parameter under a precision: (frozen weight, trainable weight, fp32 master copy); a trainable
+    parameter's gradient is as large as the trainable weight."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision}: choose one of {PRECISIONS}")
-    half = precision == "bf16-mixed"
-    return {"weights_bytes": (2 if half else 4) * total_params,
-            "master_weights_bytes": 4 * trainable_params if half else 0.0,
-            "gradients_bytes": (2 if half else 4) * trainable_params,
-            "optimizer_bytes": OPTIMIZERS[optimizer] * trainable_params}
+    if precision == "bf16":
+        return 2.0, 2.0 if trains_all else 4.0, 0.0
+    if precision == "bf16-master":
+        return 2.0, 2.0, 4.0
+    return 4.0, 4.0, 0.0
+
+
+def moment_bytes(precision: str, optimizer: str, trains_all: bool) -> float:
+    """AdamW's two moments, bytes per trainable parameter: in the dtype of what it updates (the parameter, or its
+    fp32 master copy) for torch's AdamW; fixed for bitsandbytes' optimisers."""
+    fixed = OPTIMIZERS[optimizer]
+    if fixed is not None:
+        return fixed
+    _, trainable, master = weight_bytes(precision, trains_all)
+    return 2.0 * (master or trainable)
+
+
+def training_state_bytes(total_params: float, trainable_params: float, precision: str = "fp32",
+                         optimizer: str = "adamw", trains_all: bool | None = None) -> dict[str, float]:
+    """Weights, master weights, gradients and optimiser states of an unquantised model (bytes); `total_params`
+    counts the trainable ones too (the frozen ones are the rest). `trains_all` (default: every parameter trains):
+    full fine-tuning, whose trainable weights take the frozen weights' dtype under `bf16`."""
+    trains_all = trainable_params >= total_params if trains_all is None else trains_all
+    frozen, trainable, master = weight_bytes(precision, trains_all)
+    return {"weights_bytes": frozen * (total_params - trainable_params) + trainable * trainable_params,
+            "master_weights_bytes": master * trainable_params,
+            "gradients_bytes": trainable * trainable_params,
+            "optimizer_bytes": moment_bytes(precision, optimizer, trains_all) * trainable_params}
 
 
 def activation_bytes_per_layer(arch: Arch, batch: int, seq: int, precision: str, fused_attention: bool,
                                lora: bool = False) -> float:
     """Bytes autograd keeps per transformer layer (see the module docstring for the coefficients)."""
-    fp32 = precision == "fp32"
+    fp32 = precision == "fp32"  # else 16-bit autocast
     alpha, beta = (40.0, 8.0) if fp32 else (34.0, 4.0)
     if lora:
         alpha -= 12.0 if fp32 else 6.0
@@ -264,21 +304,23 @@ def activation_bytes_per_layer(arch: Arch, batch: int, seq: int, precision: str,
 
 
 def optimizer_working_bytes(arch: Arch, method: str, rank: int, targets: Iterable[str], trainable: float,
-                            optimizer: str, impl: str) -> float:
-    """Temporaries of one AdamW step (see the module docstring): 0 fused or 8-bit, 4 bytes per trainable
-    parameter foreach, 8 bytes per element of the largest trainable tensor single-tensor."""
+                            optimizer: str, impl: str, precision: str = "fp32") -> float:
+    """Temporaries of one AdamW step (see the module docstring), in the moments' dtype: 0 fused or 8-bit; one per
+    trainable parameter foreach (4 bytes in fp32); two of the largest trainable tensor single-tensor."""
     if impl not in OPTIMIZER_IMPLS:
         raise ValueError(f"optimizer implementation {impl}: choose one of {OPTIMIZER_IMPLS}")
-    if impl == "fused" or OPTIMIZERS[optimizer] < 8:
+    fixed = OPTIMIZERS[optimizer]
+    if impl == "fused" or fixed is not None and fixed < 8:  # fused and 8-bit AdamW update in place
         return 0.0
+    state = moment_bytes(precision, optimizer, method == "full") / 2  # bytes per element of one moment
     if impl == "foreach":
-        return 4.0 * trainable
+        return state * trainable
     if method == "full":
-        return 8.0 * arch.largest_param
+        return 2 * state * arch.largest_param
     lora = [rank * max(i, o) for i, o in lora_targets(arch, targets)]
     # a causal LM's LM head is frozen under LoRA (no task head trains); a classifier's head trains
     head = [] if arch.causal_lm else [i * o for n, (i, o, _) in arch.linears.items() if _is_head(n)]
-    return 8.0 * max(lora + head + [0])
+    return 2 * state * max(lora + head + [0])
 
 
 @dataclass
@@ -288,7 +330,7 @@ class Setting:
     targets: tuple[str, ...] = ("query", "value")
     batch: int = 32
     seq: int = 128
-    precision: str = "amp"
+    precision: str = "bf16"
     optimizer: str = "adamw"
     optimizer_impl: str = "fused"
     fused_attention: bool = True
@@ -307,21 +349,32 @@ def estimate(arch: Arch, s: Setting) -> dict[str, float]:
         trainable = s.trainable
     else:
         trainable = lora_trainable(arch, s.rank, s.targets) + arch.head_params
+    if s.precision not in PRECISIONS:
+        raise ValueError(f"precision {s.precision}: choose one of {PRECISIONS}")
     out: dict[str, float] = {"total_params": float(arch.params), "trainable_params": float(trainable)}
+    full = s.method == "full"
+    # the frozen base: every parameter but the task head (which trains), none for full fine-tuning
+    frozen = 0.0 if full else float(arch.params - arch.head_params)
     if s.method == "qlora":
         quantised = arch.quantisable_params
-        rest = arch.params - quantised
+        rest = arch.params - arch.head_params - quantised
+        # peft's prepare_model_for_kbit_training holds everything it does not quantise in fp32, whatever the precision
         out["weights_bytes"] = quantised * (NF4_BYTES + QUANT_CONST_BYTES[s.double_quant]) + 4 * (rest + trainable)
         out["master_weights_bytes"] = 0.0
         out["gradients_bytes"] = 4.0 * trainable
-        out["optimizer_bytes"] = OPTIMIZERS[s.optimizer] * trainable
+        out["optimizer_bytes"] = moment_bytes("fp32", s.optimizer, False) * trainable
         # one layer's weights dequantised to 16 bits at a time (forward and backward)
         copies = 2.0 * arch.layer_linear_params / max(arch.layers, 1)
     else:
-        out.update(training_state_bytes(arch.params, trainable, s.precision, s.optimizer))
-        copies = 2.0 * arch.layer_linear_params if s.precision == "amp" else 0.0
-    precision = "amp" if s.method == "qlora" else s.precision
-    per_layer = activation_bytes_per_layer(arch, s.batch, s.seq, precision, s.fused_attention, s.method != "full")
+        out.update(training_state_bytes(frozen + trainable, trainable, s.precision, s.optimizer, trains_all=full))
+        if s.precision in AUTOCAST_OVER_FP32:  # every linear weight of the layers, cast per use and kept
+            copies = 2.0 * arch.layer_linear_params
+        elif s.precision == "bf16" and not full:  # the frozen weights are bf16 already: only the fp32 trainable ones
+            copies = 2.0 * trainable
+        else:
+            copies = 0.0
+    precision = "bf16-mixed" if s.method == "qlora" else s.precision
+    per_layer = activation_bytes_per_layer(arch, s.batch, s.seq, precision, s.fused_attention, not full)
     tokens = s.batch * s.seq
     # outside the layers: embeddings (+12 s*b*h); with frozen embeddings nothing before the first adapter is
     # kept, which also trims the first layer (-4 s*b*h, measured)
@@ -336,8 +389,9 @@ def estimate(arch: Arch, s: Setting) -> dict[str, float]:
     # a causal LM's backward starts at the loss over the vocabulary: two fp32 tokens x vocab gradients at once
     head_working = LOGITS_BACKWARD_BYTES * tokens * arch.vocab if arch.causal_lm else 0.0
     out["backward_working_bytes"] = max(per_layer, head_working)
-    out["optimizer_step_working_bytes"] = optimizer_working_bytes(arch, s.method, s.rank, s.targets, trainable,
-                                                                  s.optimizer, s.optimizer_impl)
+    out["optimizer_step_working_bytes"] = optimizer_working_bytes(
+        arch, s.method, s.rank, s.targets, trainable, s.optimizer, s.optimizer_impl,
+        "fp32" if s.method == "qlora" else s.precision)
     if s.trainable is not None:  # a method's own tensors, shapes unknown here: at most 8 bytes per trainable one
         out["optimizer_step_working_bytes"] = min(out["optimizer_step_working_bytes"], 8.0 * trainable)
     fixed = out["weights_bytes"] + out["master_weights_bytes"] + out["optimizer_bytes"]
@@ -374,13 +428,22 @@ def record_setting(rec: dict) -> tuple[Setting, str]:
     device_type = str(eff.get("device_type") or "cpu")
     st = Setting(method=method if method in METHODS else "lora", rank=rec.get("rank") or 8,
                  targets=tuple(method_cfg.get("target_modules") or ()), batch=int(eff["budget"]["batch_size"]),
-                 seq=seq, precision="fp32" if eff["precision"] == "fp32" else "amp",
+                 seq=seq, precision=record_precision(eff),
                  fused_attention=device_type == "cuda",
                  # bench.train: fused AdamW on CUDA, torch's default (single-tensor) elsewhere
                  optimizer_impl="fused" if device_type == "cuda" else "single_tensor",
                  grad_checkpointing=bool(method_cfg.get("gradient_checkpointing", False)),
                  double_quant=bool(method_cfg.get("double_quant", True)), trainable=trainable)
     return st, modelled_as
+
+
+def record_precision(eff: dict) -> str:
+    """The estimator's precision for a run's effective config: its own mode; `bf16` / `fp16` without a
+    `weight_dtype` is a run from before the weights' dtype followed the precision (autocast over fp32 weights)."""
+    precision = str(eff.get("precision") or "fp32")
+    if precision in ("bf16", "fp16") and "weight_dtype" not in eff:
+        return f"{precision}-mixed"
+    return precision
 
 
 def record_estimate(rec: dict) -> dict[str, Any]:
@@ -392,7 +455,8 @@ def record_estimate(rec: dict) -> dict[str, Any]:
     arch = arch_from_model_conf(eff["model"], num_labels=record_num_labels(rec))
     st, modelled_as = record_setting(rec)
     est = estimate(arch, st)
-    row = {"run_id": rec["run_id"], "method": rec["method"], "params": arch.params, "batch": st.batch,
+    row = {"run_id": rec["run_id"], "method": rec["method"], "precision": st.precision, "params": arch.params,
+           "batch": st.batch,
            "seq": st.seq, "estimate_bytes": est["peak_bytes"], "kind": mem.get("kind"), "modelled_as": modelled_as,
            "causal_lm": arch.causal_lm, "parts": est}
     if mem.get("kind") == "cuda":

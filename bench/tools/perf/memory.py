@@ -12,9 +12,11 @@ reports on a GPU, without the caching allocator's 512-byte rounding; it is not p
 no Python or library memory). It then prints the estimate of `analysis.memory` for the same setting, the
 ratio, and both split by kind (weights, gradients, optimiser states, activations + temporaries) at the peak.
 
-On CPU the suite trains in fp32, so this checks the fp32 arithmetic (weights, gradients, AdamW moments,
-activation coefficients); the autocast (`amp`) path needs a GPU: `python -m bench.tools.perf.gpu`. A benchmark script
-that prints figures, not a test.
+On CPU the suite trains in fp32 by default, so this checks the fp32 arithmetic (weights, gradients, AdamW moments,
+activation coefficients). `precision=bf16` runs on CPU too (CPU autocast): that checks the bf16 weights, the fp32 or
+bf16 trainable weights, their gradients and moments, but not the activations, which follow CPU autocast's op lists
+rather than CUDA's; the CUDA path: `python -m bench.tools.perf.gpu`. A benchmark script that prints figures, not a
+test.
 """
 from __future__ import annotations
 
@@ -127,7 +129,7 @@ def estimate_for(cfg: DictConfig, precision: str, fused_attention: bool, device_
     targets = tuple(cfg.method.get("target_modules") or cfg.model.lora_targets)
     st = Setting(method=str(cfg.method.name), rank=int(cfg.rank), targets=targets,
                  batch=int(cfg.budget.batch_size), seq=int(cfg.budget.max_seq_len),
-                 precision="fp32" if precision == "fp32" else "amp", fused_attention=fused_attention,
+                 precision=precision, fused_attention=fused_attention,
                  optimizer_impl="fused" if device_type == "cuda" else "single_tensor")  # as bench.train does
     est = estimate(arch, st)
     # Split the estimated peak the way the measurement is split at its peak, summing to the peak: in the optimiser

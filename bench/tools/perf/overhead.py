@@ -146,6 +146,7 @@ def run_trainer(s: Setup, steps: int) -> tuple[float, float]:
 
     clock = Clock()
     model = s.model()
+    amp = autocast_dtype(s.precision)  # Trainer's bf16/fp16 flags are its autocast
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=int(s.cfg.budget.batch_size), max_steps=steps,
@@ -153,7 +154,7 @@ def run_trainer(s: Setup, steps: int) -> tuple[float, float]:
             warmup_steps=int(round(float(s.cfg.method.warmup_ratio) * steps)),
             max_grad_norm=float(s.cfg.budget.max_grad_norm), logging_steps=int(s.cfg.budget.log_every_steps),
             save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
-            seed=int(s.cfg.seed), bf16=s.precision == "bf16", fp16=s.precision == "fp16",
+            seed=int(s.cfg.seed), bf16=amp == torch.bfloat16, fp16=amp == torch.float16,
             use_cpu=s.device.type == "cpu", optim="adamw_torch_fused" if s.device.type == "cuda" else "adamw_torch")
         trainer = SameOrderTrainer(model=model, args=args, train_dataset=s.features,
                                    data_collator=CountingCollator(DataCollatorWithPadding(s.tokenizer,
