@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from bench import BenchError
@@ -26,7 +27,7 @@ from bench.metrics import directions
 from bench.model import attach_context, is_causal_lm, load_model, seed_everything
 from bench.model.precision import autocast_dtype, hold_trainable, param_bytes_by_dtype
 from bench.plan import Plan
-from bench.record import CURVE_FILE, SAMPLES_FILE, WEIGHTS_DIR, write_jsonl
+from bench.record import CURVE_FILE, SAMPLES_FILE, WEIGHTS_DIR, untrained, write_jsonl
 from methods import Method
 from methods.base import count_params, head_modules, tensor_bytes
 
@@ -67,12 +68,8 @@ class Recipe:
         model, out["model_source"] = build_model(p)
         check_positions(model.config, p, [*self.data.train_features, *self.data.dev_features])
         self.amp = autocast_dtype(p.precision)
-        self.forgetting_before = self.probe.measure(model, p.device, self.amp) if self.probe is not None else None
-        if self.causal:  # the pre-trained LM on the same evaluation: what fine-tuning adds over zero-shot prompting
-            out["zero_shot_metrics"], _ = self._evaluate(model, stage="zero_shot")
-            out["zero_shot_main_metric_value"] = out["zero_shot_metrics"][p.task.main_metric]
-        if self.data.few_shot_loader is not None:  # and over k-shot prompting (lm.shots)
-            out["few_shot_metrics"], _ = self._evaluate(model, stage="few_shot", loader=self.data.few_shot_loader)
+        with torch.random.fork_rng(devices=[p.device] if p.device.type == "cuda" else []):
+            self.untrained_evals(model)  # the random state as it was: training is the same whether read or computed
         if cfg.model.get("random_init"):
             out["model_note"] = "random-init test model: metrics are meaningless"
         out["full_model_bytes"] = tensor_bytes(model)
@@ -80,6 +77,32 @@ class Recipe:
         self.steps = total_steps(len(self.data.train_loader), cfg.budget)
         self.model, counts = attach(p, model, self.steps, self.data)
         out.update(counts)
+
+    def untrained_evals(self, model: nn.Module) -> None:
+        """What the pre-trained model scores: the forgetting probe's value before training and a causal LM's zero-shot
+        (and k-shot, lm.shots) metrics, what fine-tuning adds over prompting. Read when an earlier run of the same
+        results folder computed the same (bench/record/untrained.py), else computed and stored."""
+        p, out = self.p, self.out
+        reuse = bool(p.cfg.measure.get("reuse_untrained", True))
+        key = untrained.untrained_key(p.effective, p.method.load_kwargs(p.effective["method"], p.cfg.model, p.device))
+        saved = untrained.read(p.cfg.results_dir, key) if reuse else None
+        if saved is not None:
+            out.update(saved["fields"])
+            self.forgetting_before = saved["forgetting_before"]
+            self.samples += saved["samples"]
+            out["untrained_evals"] = {"key": key, "computed_by": saved["computed_by"], "reused": True}
+            return
+        self.forgetting_before = self.probe.measure(model, p.device, self.amp) if self.probe is not None else None
+        if self.causal:
+            out["zero_shot_metrics"], _ = self._evaluate(model, stage="zero_shot")
+            out["zero_shot_main_metric_value"] = out["zero_shot_metrics"][p.task.main_metric]
+        if self.data.few_shot_loader is not None:
+            out["few_shot_metrics"], _ = self._evaluate(model, stage="few_shot", loader=self.data.few_shot_loader)
+        if reuse and (self.causal or self.probe is not None):
+            fields = {k: out[k] for k in untrained.FIELDS if k in out}
+            untrained.write(p.cfg.results_dir, key, p.run_id, fields, self.forgetting_before,
+                            [s for s in self.samples if s["stage"] in untrained.STAGES])
+            out["untrained_evals"] = {"key": key, "computed_by": p.run_id, "reused": False}
 
     def train(self) -> None:
         """The shared loop; throughput excludes the timing warm-up steps and any evaluation."""

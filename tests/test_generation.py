@@ -14,7 +14,7 @@ from bench.data import answers, text
 from bench.data.tasks import get_task, load_generation_task
 from bench.orchestrate.runner import run
 from bench.plan import plan
-from bench.record import SAMPLES_FILE, load_records
+from bench.record import CURVE_FILE, SAMPLES_FILE, load_records
 from tests.conftest import compose_cfg, needs_gsm
 
 EXTRACTION = [  # generation -> the number read (None: no answer)
@@ -206,3 +206,28 @@ def test_dylora_on_a_generation_task_evaluates_each_rank_by_generation(tmp_path)
     assert rec["status"] == "ok", rec.get("error")
     assert set(rec["rank_metrics"]) == {"1", "2", "4"}  # method.eval_ranks up to the rank trained
     assert all(set(m) == {"accuracy", "no_answer_fraction", "eval_loss"} for m in rec["rank_metrics"].values())
+
+
+@needs_gsm
+def test_a_later_run_reads_the_untrained_evaluations_and_trains_as_if_it_had_computed_them(tmp_path):
+    common = ("model=tiny-llama", "task=gsm_symbolic", "lm.max_new_tokens=4", "lm.shots=1", "budget.eval_samples=4",
+              "budget.max_steps=3", "measure.latency=false", "save_weights=none", "forgetting=wiki")
+    first = run(compose_cfg(*common, "method=ia3", results_dir=tmp_path / "sweep"))
+    second = run(compose_cfg(*common, "method=lora", results_dir=tmp_path / "sweep"))  # its init draws random numbers
+    alone = run(compose_cfg(*common, "method=lora", results_dir=tmp_path / "alone"))
+    assert first["status"] == second["status"] == alone["status"] == "ok"
+    assert first["untrained_evals"]["reused"] is False and first["untrained_evals"]["computed_by"] == first["run_id"]
+    assert second["untrained_evals"] == {**first["untrained_evals"], "reused": True}
+    assert alone["untrained_evals"]["reused"] is False
+    for key in ("zero_shot_metrics", "few_shot_metrics", "zero_shot_generation_eval"):
+        assert second[key] == first[key]
+    assert second["forgetting"]["before"] == alone["forgetting"]["before"]
+    # the random state after the untrained evaluations is the one before them: the same training either way
+    losses = [pd.read_csv(tmp_path / folder / second["run_id"] / CURVE_FILE)[["step", "loss"]].values.tolist()
+              for folder in ("sweep", "alone")]
+    assert losses[0] == losses[1] and second["metrics"] == alone["metrics"]
+    stages = [json.loads(line)["stage"] for line in (tmp_path / "sweep" / second["run_id"] / SAMPLES_FILE).open()]
+    assert stages == ["zero_shot"] * 4 + ["few_shot"] * 4 + ["final"] * 4
+    off = run(compose_cfg(*common, "method=lora", "measure.reuse_untrained=false", "seed=7",
+                          results_dir=tmp_path / "sweep"))
+    assert off["status"] == "ok" and "untrained_evals" not in off

@@ -59,6 +59,7 @@ class Measure(_Strict):
     eval_batch_size: int = Field(gt=0)
     busy_gpu: Literal["flag", "refuse", "ignore"]
     busy_gpu_threshold_bytes: int = Field(ge=0)
+    reuse_untrained: bool = True  # newer than some records' configs
 
 
 class LM(_Strict):

@@ -83,6 +83,8 @@ MODEL_NOT = {
 MEASURE_NOT = {
     "busy_gpu": "what to do when the GPU is busy at run start (recorded as gpu_start)",
     "busy_gpu_threshold_bytes": "when the GPU counts as busy (recorded as gpu_start)",
+    "reuse_untrained": "whether the untrained model's evaluations are read from an earlier run with the same key "
+                       "(the same computation: recorded as untrained_evals)",
 }
 _GROUPS = {"task": (TASK, TASK_NOT), "model": (MODEL, MODEL_NOT)}
 

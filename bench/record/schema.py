@@ -205,6 +205,12 @@ class GenerationEval(_Block):
     samples_file: str | None = Field(None, description="every answer, beside the record (JSON lines)")
 
 
+class UntrainedEvals(_Block):
+    key: str = Field(description="what decides the untrained model's evaluations, hashed (bench/record/untrained.py)")
+    computed_by: str = Field(description="the run_id of the run that computed them")
+    reused: bool = Field(description="true: read from `<results_dir>/.untrained/<key>.json`, not computed by this run")
+
+
 class Forgetting(_Block):
     probe: str | None = Field(None, description="sts, mlm, ppl or wiki (conf/forgetting/)")
     metric: str | None = Field(None, description="what the probe scores (wiki: `next_token_ce_nats_per_token` for a "
@@ -293,6 +299,9 @@ class Record(_Block):
     few_shot_metrics: Metrics | None = Field(None, description="generation tasks, lm.shots > 0: the pre-trained "
                                                                "model prompted with k solved training examples")
     few_shot_generation_eval: GenerationEval | None = None
+    untrained_evals: UntrainedEvals | None = Field(
+        None, description="where the zero-shot, k-shot and forgetting-before figures come from: computed by this run "
+                          "or by an earlier run with the same key (measure.reuse_untrained)")
     train: Train | None = None
     train_samples_per_s: float | None = Field(None, description="= train.samples_per_s")
     train_tokens_per_s: float | None = Field(None, description="= train.tokens_per_s")
