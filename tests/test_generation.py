@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bench import BenchError
-from bench.data import answers, text
+from bench.data import answers, load_data, text
 from bench.data.tasks import get_task, load_generation_task
 from bench.orchestrate.runner import run
 from bench.plan import plan
@@ -155,6 +155,19 @@ def test_the_loss_is_on_the_solution_only_unless_loss_on_all():
         else:
             assert train["labels"] == train["input_ids"]
         assert tokenizer.decode(solution, skip_special_tokens=True).strip() == "2 + 3 = 5\n#### 5"
+
+
+@needs_gsm
+def test_k_shot_prompts_get_room_for_their_examples_so_the_question_and_solution_are_not_cut():
+    _, tokenizer, cfg = _tiny_llama()
+    cfg.lm.shots, cfg.budget.max_seq_len, cfg.budget.eval_samples = 3, 384, 8  # 3 solved problems: ~600 tokens
+    data = load_data(get_task("gsm_symbolic"), cfg, tokenizer)
+    zero, k_shot = data.dev_loader.dataset, data.few_shot_loader.dataset
+    assert data.info["prompts_cut"]["few_shot"] == data.info["prompts_cut"]["dev"] == 0
+    for z, k in zip(zero, k_shot):
+        assert k["answer_ids"] == z["answer_ids"] and len(k["prompt_ids"]) > len(z["prompt_ids"]) + 300
+        question = tokenizer.decode(z["prompt_ids"], skip_special_tokens=True).split("Question:")[-1]
+        assert tokenizer.decode(k["prompt_ids"], skip_special_tokens=True).endswith(question)
 
 
 @needs_gsm

@@ -70,12 +70,13 @@ def load_data(task: Task, cfg: DictConfig, tokenizer=None, rows: Rows | None = N
         if shots:  # the first k training rows, solved, before each dev question
             examples = tuple(zip(train_df["text_a"].head(shots), train_df["label"].head(shots)))
             k_shot = lm.solving(cfg.task, cfg.lm, tokenizer, examples)
-            k_features, _ = lm.encode_solutions(dev_df, tokenizer, k_shot, int(budget.max_seq_len))
+            room = int(budget.max_seq_len) + k_shot.shots_tokens(tokenizer)  # the question keeps its zero-shot room
+            k_features, few_shot_cut = lm.encode_solutions(dev_df, tokenizer, k_shot, room)
             few_shot_loader = lm.solution_loader(k_features, tokenizer, batch, new_tokens)
         info.update(prompt={"chat_template": sv.chat, "loss_on": sv.loss_on, "eval_mode": "generate",
                             "answer_rule": task.answer_rule, "max_new_tokens": new_tokens, "shots": shots,
                             "example": sv.prompt(tokenizer, str(dev_df.iloc[0]["text_a"]))},
-                    prompts_cut={"train": train_cut, "dev": dev_cut})
+                    prompts_cut={"train": train_cut, "dev": dev_cut, **({"few_shot": few_shot_cut} if shots else {})})
     elif is_causal_lm(cfg.model):  # the task as text (bench/data/text.py)
         pr = lm.prompting(cfg.task, cfg.lm, tokenizer, task.name)
         encoded, train_cut = lm.encode(train_df, tokenizer, pr, int(budget.max_seq_len))

@@ -23,6 +23,7 @@ start and the question at its end survive; the data info counts such rows.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -294,6 +295,15 @@ class Solving:
 
     def solution(self, text: str) -> str:
         return text if self.chat else " " + text
+
+    def shots_tokens(self, tokenizer) -> int:
+        """Tokens the solved examples add in front of every question: a k-shot prompt gets this much more room than
+        `max_seq_len`, so its question and solution are not cut where the zero-shot prompt's are not."""
+        if not self.shots:
+            return 0
+        bare = dataclasses.replace(self, shots=())
+        return (len(_ids(tokenizer, self.prompt(tokenizer, ""), not self.chat))
+                - len(_ids(tokenizer, bare.prompt(tokenizer, ""), not self.chat)))
 
 
 def solving(task_cfg: Any, lm_cfg: Any, tokenizer, shots: tuple[tuple[str, str], ...] = ()) -> Solving:

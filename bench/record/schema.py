@@ -74,7 +74,8 @@ class DataInfo(_Block):
     prompt: dict[str, Any] | None = Field(
         None, description="causal LMs: chat_template, loss_on, eval_mode, the answers and an example prompt")
     prompts_cut: dict[str, int] | None = Field(
-        None, description="causal LMs: prompts cut in the middle to fit budget.max_seq_len, per split")
+        None, description="causal LMs: prompts cut in the middle to fit budget.max_seq_len, per split (few_shot: "
+                          "the k-shot prompts, which have max_seq_len plus their solved examples' tokens)")
 
 
 class GpuStart(_Block):
