@@ -15,6 +15,7 @@ import functools
 import pytest
 import torch
 from omegaconf import DictConfig
+from peft.tuners.shadow import ShadowModel
 from torch import nn
 
 from bench import BenchError
@@ -189,14 +190,14 @@ def test_virtual_token_methods_generate_on_the_causal_lm(name):
 def test_shadow_adds_its_own_loss_in_training_only():
     """peft adds the shadow network's loss whenever labels are given; here eval_loss stays the task loss. At init the
     injection is zero, so the task loss is the base model's."""
-    from peft.tuners.shadow import ShadowModel
-
     cfg, method, base, ctx, eff = build("shadow")
     b = causal_batch(3)
-    base_loss = base.eval()(**b).loss
+    with torch.no_grad():
+        base_loss = base.eval()(**b).loss
     model = method.attach(base, eff, ctx)
     torch.testing.assert_close(model.eval()(**b).loss, base_loss, atol=1e-5, rtol=0)
-    assert float(ShadowModel.forward(model.base_model, **b).loss.detach()) > float(base_loss) + 1e-3  # peft's: aux
+    peft_eval_loss = ShadowModel.forward(model.base_model, **b).loss.detach()  # peft's own: the shadow loss added
+    assert float(peft_eval_loss) > float(base_loss) + 1e-3
     train_loss = model.train()(**b).loss
     weight = float(eff["peft_args"]["auxiliary_loss_weight"])
     torch.testing.assert_close(train_loss, base_loss + weight * model.base_model.last_shadow_loss, atol=1e-5, rtol=0)
