@@ -5,7 +5,7 @@
 
 A method is its yaml (conf/method/<name>.yaml: defaults and `facts:`) plus the Python class that attaches it: a
 class of its own for the methods written here, a shared class built from the yaml for the yaml-only tuners
-(methods/peft_generic.py: `peft_config:` or `lora_init:`), so `show` names both.
+(methods/peft_generic.py: `peft_config:`, `lora_init:` or `lora_variant:`), so `show` names both.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from methods.facts import FACTS_KEY, header, method_yaml, parents, relative, yam
 
 LOOP_SETTINGS = ("lr", "warmup_ratio", "weight_decay")  # what the shared loop reads; the rest is the method's own
 _HIDDEN = ("name", "defaults", FACTS_KEY)  # not defaults: the name, the yaml's own defaults list, the facts
-_BUILT_FROM = ("peft_config", "lora_init")  # the yaml keys that pick a yaml-only method's behaviour
+_BUILT_FROM = ("peft_config", "lora_init", "lora_variant")  # the yaml keys that pick a yaml-only method's behaviour
 
 
 def defined_in(method: Method) -> str:

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from methods.errors import BenchError
-from methods.facts import FACTS_KEY, MethodFacts, read_facts
+from methods.facts import EVERY_FAMILY, FACTS_KEY, MethodFacts, read_facts
 
 
 @dataclass(frozen=True)
@@ -128,11 +128,12 @@ class Method:
 
     def validate_model(self, model_cfg: Any) -> None:
         """Raise BenchError (at plan time) when the method cannot apply to this model (conf/model/*.yaml): the
-        families its facts' `cannot_apply` names."""
+        families its facts' `cannot_apply` names, or every family ("*")."""
         family = str(model_cfg.get("family") or "")
-        if family in self.cannot_apply:
+        why = self.cannot_apply.get(family) or self.cannot_apply.get(EVERY_FAMILY)
+        if why:
             raise BenchError(f"method '{self.name}' cannot apply to model '{model_cfg.get('name')}' "
-                             f"({family} family): {self.cannot_apply[family]}")
+                             f"({family} family): {why}")
 
     def virtual_tokens(self, rank: int | None) -> int:
         """Positions the method adds in front of every sequence (prompt/prefix tuning); 0 for most methods."""

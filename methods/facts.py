@@ -26,6 +26,7 @@ from methods.errors import BenchError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 METHOD_CONF = REPO_ROOT / "conf" / "method"
 FACTS_KEY = "facts"  # the yaml key of the facts; left out of every effective config
+EVERY_FAMILY = "*"  # `cannot_apply` key for a method that refuses every model (it needs what no run of the suite has)
 
 
 class MethodFacts(BaseModel):
@@ -49,7 +50,9 @@ class MethodFacts(BaseModel):
     unchanged_reason: str = ""
     edits_in_place: bool = False  # trains pre-trained parameters in place: nothing added, nothing to merge
     trains_all_weights: bool = False  # every weight trains (no "attached nothing" check)
-    cannot_apply: dict[str, str] = {}  # model family -> the one line saying why the run stops at plan time
+    # model family -> the one line saying why the run stops at plan time; "*": every model family (the method needs
+    # inputs no run of the suite has, such as several trained adapters)
+    cannot_apply: dict[str, str] = {}
 
     @model_validator(mode="after")
     def _consistent(self) -> MethodFacts:
@@ -169,5 +172,5 @@ def read_facts(name: str, schema: type[MethodFacts] = MethodFacts) -> MethodFact
     return validate_facts(name, method_yaml(name).get(FACTS_KEY), schema)
 
 
-__all__ = ["FACTS_KEY", "METHOD_CONF", "MethodFacts", "TunerFacts", "header", "method_yaml", "parents",
+__all__ = ["EVERY_FAMILY", "FACTS_KEY", "METHOD_CONF", "MethodFacts", "TunerFacts", "header", "method_yaml", "parents",
            "read_facts", "relative", "validate_facts", "yaml_path"]

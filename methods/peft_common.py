@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from peft import PeftConfig, PeftModel, TaskType, get_peft_model
+from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 from methods.base import AttachContext, Method, head_modules
@@ -18,6 +19,18 @@ def task_type(ctx: AttachContext) -> TaskType:
     """peft's task type for the model: CAUSAL_LM for a decoder LM (no head; labels shifted by the model), SEQ_CLS for
     a classifier (peft adds its `classifier`/`score` to modules_to_save)."""
     return TaskType.CAUSAL_LM if ctx.causal_lm else TaskType.SEQ_CLS
+
+
+def merged_head_unwrapped(model: nn.Module) -> nn.Module:
+    """A merged copy by peft's merge_and_unload, with the trained task head unwrapped first: peft 0.21's generic
+    unload (every tuner but LoRA's) copies `.weight` from the head's wrapper and fails on a head without one
+    (RoBERTa's classification head)."""
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.modules_to_save[module.active_adapters[0]])
+    return model.merge_and_unload()
 
 
 class PeftMethod(Method):

@@ -1,6 +1,8 @@
 """Any peft tuner from a yaml alone: every `conf/method/<name>.yaml` with a `peft_config:` key (the name of a
-`peft.*Config` class) is a `GenericPeftMethod` built with its yaml's facts, and every one with a `lora_init:` key (one
-of LoRA's initialisations) a `LoraInit` (methods/lora.py); neither has Python of its own.
+`peft.*Config` class) is a `GenericPeftMethod` built with its yaml's facts, every one with a `lora_init:` key (one
+of LoRA's initialisations) a `LoraInit` (methods/lora.py), and every one with a `lora_variant:` key (one of the
+variants peft configures through a LoraConfig sub-config) a `LoraVariant` (methods/lora_variants.py); none has Python
+of its own.
 
 A tuner's yaml holds:
 - `peft_config`: the peft config class (`VeraConfig`, `LoHaConfig`, ...), built with the model's peft task type;
@@ -16,20 +18,19 @@ are not. Attaching, counting, saving, loading and merging are PeftMethod's (meth
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import peft
 from peft import PeftConfig, PeftModel
-from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 from methods.base import AttachContext, add
 from methods.errors import BenchError
 from methods.facts import FACTS_KEY, METHOD_CONF, MethodFacts, TunerFacts, method_yaml, validate_facts
 from methods.lora import LoraInit
-from methods.peft_common import PeftMethod, task_type
+from methods.lora_variants import LoraVariant
+from methods.peft_common import PeftMethod, merged_head_unwrapped, task_type
 from methods.prompt import read_real_first_token
 
 
@@ -64,15 +65,7 @@ class GenericPeftMethod(PeftMethod):
                              f"check peft_args in conf/method/{self.name}.yaml") from exc
 
     def merged(self, model: nn.Module) -> nn.Module:
-        """peft's merge_and_unload, with the trained task head unwrapped first: peft 0.21's generic unload (every
-        tuner but LoRA's) copies `.weight` from the head's wrapper and fails on a head without one (RoBERTa's
-        classification head)."""
-        model = copy.deepcopy(model)
-        for name, module in list(model.named_modules()):
-            if isinstance(module, ModulesToSaveWrapper):
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, module.modules_to_save[module.active_adapters[0]])
-        return model.merge_and_unload()
+        return merged_head_unwrapped(model)
 
     def virtual_tokens(self, rank: int | None) -> int:
         return int(rank or 0) if self.facts.prepends_tokens else 0
@@ -91,23 +84,26 @@ class GenericPeftMethod(PeftMethod):
 
 def method_yamls() -> dict[str, dict]:
     """{name: the yaml as composed (methods/facts.py `method_yaml`; interpolations unresolved)} of every method yaml
-    that names a peft config (`peft_config:`) or one of LoRA's initialisations (`lora_init:`)."""
+    that names a peft config (`peft_config:`), one of LoRA's initialisations (`lora_init:`) or one of its variants
+    (`lora_variant:`)."""
     out = {}
     for path in sorted(METHOD_CONF.glob("*.yaml")):
         raw = method_yaml(path.stem)
-        if raw.get("peft_config") or raw.get("lora_init"):
+        if raw.get("peft_config") or raw.get("lora_init") or raw.get("lora_variant"):
             out[path.stem] = raw
     return out
 
 
 def from_yaml(name: str, raw: dict[str, Any]) -> PeftMethod:
     """The method a tuner's yaml describes (`raw`: the composed yaml). A yaml that names no such peft class, an unknown
-    LoRA initialisation, or facts that do not check stops here with one line (every command imports the registry, so
-    a broken yaml cannot go unnoticed)."""
+    LoRA initialisation or variant, or facts that do not check stops here with one line (every command imports the
+    registry, so a broken yaml cannot go unnoticed)."""
     if raw.get("name") != name:
         raise BenchError(f"conf/method/{name}.yaml: name: {raw.get('name')!r} must equal the file's name")
     if raw.get("lora_init"):
         return LoraInit(name, validate_facts(name, raw.get(FACTS_KEY), MethodFacts), str(raw["lora_init"]))
+    if raw.get("lora_variant"):
+        return LoraVariant(name, validate_facts(name, raw.get(FACTS_KEY), MethodFacts), str(raw["lora_variant"]))
     return GenericPeftMethod(name, validate_facts(name, raw.get(FACTS_KEY), TunerFacts), str(raw["peft_config"]))
 
 

@@ -9,7 +9,10 @@ arXiv:2101.00190; P-Tuning v2 for NLU) via peft. `rank` = number of virtual toke
   (conf/model/family: `first_token_reader`) drops the virtual positions from its input (`read_real_first_token`);
   it is applied on attach and on load and, being a plain object in the module's hooks, survives a deep copy.
 - prefix_tuning: `rank` trained key/value vectors are prepended in every layer (past_key_values).
-Neither is identity at init and neither merges. Both lengthen the sequence: with a model of 512
+- cartridge (Cartridges, peft's CartridgeConfig): the same trained key/value prefix, stored directly as the KV cache
+  it is served as, with its first `num_frozen_tokens` positions frozen (the paper's attention sink). Cartridges are
+  made for compressing a corpus by self-study distillation; here the prefix trains on the task loss.
+None is identity at init and none merges. Both lengthen the sequence: with a model of 512
 positions, the longest tokenised example + rank must stay <= 512 (BERT also shifts positions past a prefix):
 the runner checks this on the data before training (`virtual_tokens`).
 
@@ -27,7 +30,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit
+from peft import CartridgeConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit
 from torch import nn
 
 from methods.base import AttachContext, register
@@ -100,6 +103,25 @@ class PrefixTuning(VirtualTokens):
             kwargs["encoder_hidden_size"] = int(eff["encoder_hidden_size"])
         return PrefixTuningConfig(task_type=task_type(ctx), num_virtual_tokens=int(eff["num_virtual_tokens"]),
                                   prefix_projection=bool(eff["prefix_projection"]), **kwargs)
+
+    def adapt(self, model: PeftModel, ctx: AttachContext) -> PeftModel:
+        return _accept_past_key_values(model)
+
+
+@register
+class Cartridge(VirtualTokens):
+    name = "cartridge"
+
+    def derive(self, settings: dict, rank: int | None) -> dict:
+        out = super().derive(settings, rank)
+        if int(out["num_virtual_tokens"]) <= int(out["num_frozen_tokens"]):
+            raise BenchError(f"cartridge: rank {rank} leaves no trained virtual token after the "
+                             f"{out['num_frozen_tokens']} frozen one(s); choose rank > method.num_frozen_tokens")
+        return out
+
+    def peft_config(self, eff: dict, ctx: AttachContext) -> CartridgeConfig:
+        return CartridgeConfig(task_type=task_type(ctx), num_virtual_tokens=int(eff["num_virtual_tokens"]),
+                               num_frozen_tokens=int(eff["num_frozen_tokens"]))
 
     def adapt(self, model: PeftModel, ctx: AttachContext) -> PeftModel:
         return _accept_past_key_values(model)

@@ -9,7 +9,7 @@ from torch import nn
 
 from bench import BenchError
 from bench.loop.train import TrainSettings, train
-from bench.model import is_causal_lm, load_model
+from bench.model import is_causal_lm, load_model, tokenizer_path
 from bench.plan import plan
 from methods import REGISTRY, AttachContext, Method, in_display_order
 from methods.base import HeadSpec, head_modules, is_head_param
@@ -38,9 +38,11 @@ IDENTITY_AT_INIT = {name for name in ALL_METHODS if REGISTRY[name].identity_at_i
 # The yaml-only methods share one code path (methods/peft_generic.py), so the fast suite checks every hand-written
 # method and one yaml tuner of each kind: shared random projections (vera), a multiplicative rotation (oft), a
 # spectral one that is not identity at init (fourierft), a virtual-token one (p_tuning), a LoRA init that moves W
-# (pissa), a LoRA init from a data pass (eva) and one that does not merge (lily). Every other registered method gets
-# the same tests under `-m slow` (docs/development.md), so each test still covers the whole registry.
-FAST_YAML = {"vera", "oft", "fourierft", "p_tuning", "pissa", "eva", "lily"}
+# (pissa), a LoRA init from a data pass (eva), one that does not merge (lily) and a LoRA variant whose regulariser
+# the loss gets in training and whose sampler state must be released after each step (monteclora). Every other
+# registered method gets the same tests under `-m slow` (docs/development.md), so each test still covers the whole
+# registry.
+FAST_YAML = {"vera", "oft", "fourierft", "p_tuning", "pissa", "eva", "lily", "monteclora"}
 
 
 def registry_cases(names, fast: set[str] = FAST_YAML) -> list:
@@ -63,7 +65,7 @@ def build(make_cfg, method_name: str, *overrides: str, rank: int = 4, total_step
     cfg = make_cfg(f"method={method_name}", f"rank={rank}", *overrides)
     p = plan(cfg)
     ctx = AttachContext(rank=p.rank, model_cfg=cfg.model, causal_lm=is_causal_lm(cfg.model),
-                        num_labels=NUM_LABELS, total_steps=total_steps,
+                        num_labels=NUM_LABELS, total_steps=total_steps, tokenizer_path=tokenizer_path(cfg.model),
                         calibration=lambda: [batch(i) for i in range(4)])
     return cfg, p.method, fresh_base(cfg), ctx, p.effective["method"]
 

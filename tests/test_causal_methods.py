@@ -5,8 +5,8 @@ outputs; merging methods merge to the same logits; save/load reproduces them for
 
 The fast suite runs a small set that covers each Llama-specific path (peft's CAUSAL_LM task type, the layer-regex of
 IA3, adapters on o_proj/down_proj with RMSNorms, prefix tuning through the cache API, the decoder-only adaption
-prompt, LN-tuning on RMSNorms); every other method (full FT, AdaLoRA's hook, the data-pass LoRA inits without
-token_type_ids, ...) under `-m slow`."""
+prompt, LN-tuning on RMSNorms, ShadowPEFT's decoder-only shadow network); every other method (full FT, AdaLoRA's
+hook, the data-pass LoRA inits without token_type_ids, ...) under `-m slow`."""
 from __future__ import annotations
 
 import copy
@@ -15,11 +15,12 @@ import functools
 import pytest
 import torch
 from omegaconf import DictConfig
+from peft.tuners.shadow import ShadowModel
 from torch import nn
 
 from bench import BenchError
 from bench.loop.train import TrainSettings, train
-from bench.model import is_causal_lm, load_model
+from bench.model import is_causal_lm, load_model, tokenizer_path
 from bench.plan import plan
 from methods import REGISTRY, AttachContext, Method, in_display_order
 from methods.base import head_modules, is_head_param
@@ -28,13 +29,15 @@ from tests.method_helpers import perturb
 
 MODEL = "tiny-llama"
 VOCAB = 49152
-# What refuses on Llama, and why (each one line): no bias terms; a CUDA-only quantiser; BEFT's unmergeable biases.
-EXPECTED_REFUSALS = {"bitfit", "qlora", "loftq", "beft"}
-FAST = {"lora", "ia3", "houlsby", "prefix_tuning", "adaption_prompt", "ln_tuning"}
-ROUND_TRIP = ["lora", "houlsby", "prefix_tuning", "adaption_prompt", "pissa", "ia3"]
+# What refuses on Llama, and why (each one line): no bias terms; a CUDA-only quantiser; BEFT's unmergeable biases;
+# several trained adapters (Arrow, X-LoRA), task ids (Poly, multitask prompt tuning), a typed few-shot context (CPT).
+EXPECTED_REFUSALS = {"bitfit", "qlora", "loftq", "beft", "arrow", "xlora", "poly", "multitask_prompt_tuning", "cpt"}
+FAST = {"lora", "ia3", "houlsby", "prefix_tuning", "adaption_prompt", "ln_tuning", "shadow"}
+ROUND_TRIP = ["lora", "houlsby", "prefix_tuning", "adaption_prompt", "pissa", "ia3", "shadow", "cartridge", "kasa",
+              "trainable_tokens"]
 ROUND_TRIP_FAST = {"lora", "prefix_tuning"}
 MERGE_FAST = {"lora", "ia3"}
-PLAN_FAST = {"bitfit", "beft"}  # plan() composes; qlora's and loftq's plan-time refusals are tested on BERT
+PLAN_FAST = {"bitfit", "beft", "xlora"}  # plan() composes; qlora's and loftq's plan-time refusals are tested on BERT
 
 
 def _cases(names, fast=FAST) -> list:
@@ -103,7 +106,7 @@ def build(name: str, rank: int = 4, total_steps: int = 8):
     cfg = _cfg(f"method={name}", f"rank={rank}")
     p = plan(cfg)
     ctx = AttachContext(rank=p.rank, model_cfg=cfg.model, causal_lm=is_causal_lm(cfg.model),
-                        num_labels=2, total_steps=total_steps,
+                        num_labels=2, total_steps=total_steps, tokenizer_path=tokenizer_path(cfg.model),
                         calibration=lambda: [causal_batch(i) for i in range(4)])
     return cfg, p.method, fresh_base(cfg), ctx, p.effective["method"]
 
@@ -169,7 +172,7 @@ def test_save_load_round_trip_reproduces_causal_logits(tmp_path, name):
     torch.testing.assert_close(lm_logits(loaded), expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", _cases(["prefix_tuning", "prompt_tuning", "adaption_prompt"],
+@pytest.mark.parametrize("name", _cases(["prefix_tuning", "prompt_tuning", "adaption_prompt", "cartridge", "shadow"],
                                         fast={"prefix_tuning"}))
 def test_virtual_token_methods_generate_on_the_causal_lm(name):
     """Decoding with the method attached: prefix tuning hands its prefix through the model's cache (transformers 5
@@ -182,3 +185,19 @@ def test_virtual_token_methods_generate_on_the_causal_lm(name):
         out = model.generate(input_ids=b["input_ids"][1:], attention_mask=b["attention_mask"][1:], max_new_tokens=3,
                              do_sample=False, pad_token_id=2)
     assert out.shape == (3, 12 + 3)
+
+
+def test_shadow_adds_its_own_loss_in_training_only():
+    """peft adds the shadow network's loss whenever labels are given; here eval_loss stays the task loss. At init the
+    injection is zero, so the task loss is the base model's."""
+    cfg, method, base, ctx, eff = build("shadow")
+    b = causal_batch(3)
+    with torch.no_grad():
+        base_loss = base.eval()(**b).loss
+    model = method.attach(base, eff, ctx)
+    torch.testing.assert_close(model.eval()(**b).loss, base_loss, atol=1e-5, rtol=0)
+    peft_eval_loss = ShadowModel.forward(model.base_model, **b).loss.detach()  # peft's own: the shadow loss added
+    assert float(peft_eval_loss) > float(base_loss) + 1e-3
+    train_loss = model.train()(**b).loss
+    weight = float(eff["peft_args"]["auxiliary_loss_weight"])
+    torch.testing.assert_close(train_loss, base_loss + weight * model.base_model.last_shadow_loss, atol=1e-5, rtol=0)

@@ -51,6 +51,7 @@ TRAINS = {
     "prompt_tuning": r"prompt_encoder\.default\.embedding\.weight",
     "prefix_tuning": r"prompt_encoder\.default\.embedding\.weight",
     "ia3": r".*\.ia3_l\.default",
+    "trainable_tokens": r".*\.word_embeddings\.trainable_tokens_delta\.default",
 }
 YAML_ONLY = sorted(set(ALL_METHODS) & set(method_yamls()))
 HAND_WRITTEN = ["full", "bitfit", "lora", "lora_fixed_alpha", "rslora", "dora", "adalora", "qlora", "ia3", "houlsby",
@@ -63,10 +64,13 @@ def test_every_method_is_registered_with_a_config():
     configs = {p.stem for p in (REPO / "conf" / "method").glob("*.yaml")}
     assert configs == set(REGISTRY)
     assert set(HAND_WRITTEN) <= set(REGISTRY)
-    assert set(REGISTRY) - set(HAND_WRITTEN) - set(method_yamls()) <= {"loraplus", "dylora", "lora_fa"}
+    assert set(REGISTRY) - set(HAND_WRITTEN) - set(method_yamls()) <= {"loraplus", "dylora", "lora_fa", "osf",
+                                                                       "trainable_tokens", "cartridge", "shadow"}
     assert len(YAML_ONLY) >= 20
-    # qlora and loftq need CUDA + bitsandbytes, adaption_prompt a decoder: every other method runs in these tests.
-    assert set(REGISTRY) - set(ALL_METHODS) == {"qlora", "loftq", "adaption_prompt"}
+    # qlora and loftq need CUDA + bitsandbytes; adaption_prompt, shadow and cpt a decoder; arrow, xlora, poly and
+    # multitask prompt tuning what no run of the suite has (trained adapters, task ids): every other method runs here.
+    assert set(REGISTRY) - set(ALL_METHODS) == {"qlora", "loftq", "adaption_prompt", "shadow", "cpt", "arrow", "xlora",
+                                                "poly", "multitask_prompt_tuning"}
     assert {n for n, m in REGISTRY.items() if not m.uses_rank} >= {"full", "bitfit", "ia3", "vera", "oft"}
     assert all(m.display_label != m.name or not m.label for m in REGISTRY.values())
 
@@ -217,6 +221,19 @@ def hand_counts(d: int, L: int, f: int, r: int) -> dict[str, int | None]:
         "p_tuning": r * d + (d * h + h) + (h * h + h) + (h * d + d),  # embeddings + the MLP encoder
         "pissa": lora, "olora": lora, "corda": lora, "lora_ga": lora,
         "eva": lora,  # ranks redistributed across layers, total kept; every matrix is d x d here
+        "kasa": lora + m * r,  # + the diagonal ΔΣ (r values) between A and B
+        "velora": lora,  # LoRA's factors; only the backward pass differs
+        "monteclora": lora + m * (r + 8),  # + the sampler's Wishart scale (r) and mixture logits (num_samples 8)
+        "bdlora": m * (r * d + d * r // 2),  # A full; B block-diagonal with 2 blocks (d/2 x r/2 each)
+        "adamss": m * (r * min(100, d) + d),  # K = r subspaces: A_k (1 x min(100, d)), B_k (its rows x 1)
+        "deft": lora,  # P (d_out x r) and R (r x d_in)
+        "frod": m * (d + int(d * d * 0.02)),  # a diagonal λ_l (d_in) + sparse_rate 0.02 of d_in² off-diagonal λ_s
+        "peanut": m * 2 * d * r,  # A (d_out -> r) and B (r -> d_out), depth 0
+        "psoft": m * (r * (r - 1) // 2 + 2 * r),  # a Cayley-parametrised r x r rotation + 2 scale vectors
+        "supertuning": m * int(d * d * (1 - 0.99)),  # 1 % of each matrix's entries
+        "osf": lora + m * r,  # U_low (d_out x r), S_low (r), V_low (r x d_in)
+        "trainable_tokens": 2 * d,  # the [CLS] and [SEP] rows of the input embeddings
+        "cartridge": (r - 1) * L * 2 * d,  # a key and a value per layer for each of the r - 1 unfrozen positions
     }
 
 
