@@ -76,7 +76,8 @@ def test_the_writer_refuses_a_field_the_schema_does_not_declare(tmp_path):
 
 def _overrides(rec: dict) -> list[str]:
     """The overrides a committed baseline was run with (its README's command)."""
-    preset = {"cpu-smoke": "smoke", "all-methods-minilm": "all_methods"}[Path(rec["record_path"]).parts[-3]]
+    preset = {"cpu-smoke": "smoke", "all-methods-minilm": "all_methods", "gsm-cpu": "gsm_cpu"}[
+        Path(rec["record_path"]).parts[-3]]
     rank = [f"rank={rec['rank']}"] if rec["rank"] is not None else []
     device = ["device=cpu"] if preset == "smoke" else []
     return [f"+sweep={preset}", f"method={rec['method']}", f"seed={rec['seed']}", *rank, *device]
