@@ -1,13 +1,13 @@
-"""Task loading from the offline GLUE copy: row counts match its README, labels are what they should be."""
+"""Task loading from the offline copies: row counts match their READMEs, labels are what they should be."""
 from __future__ import annotations
 
 import pytest
 
 from bench import BenchError
 from bench.data.tasks import TASKS, get_task, load_task
-from tests.conftest import GLUE_DIR, needs_glue
+from tests.conftest import GLUE_DIR, GSM_SYMBOLIC_DIR, needs_glue, needs_gsm
 
-OFFLINE = [name for name, task in TASKS.items() if task.offline_rows]
+OFFLINE = [name for name, task in TASKS.items() if task.offline_rows and task.data_env == "GLUE_DIR"]
 
 
 @needs_glue
@@ -25,6 +25,16 @@ def test_offline_task_rows_and_labels(name):
             assert set(df["label"].unique()) == set(range(task.num_labels))
     has_pair = task.text_fields[1:] != ()
     assert train["text_b"].notna().all() if has_pair else train["text_b"].isna().all()
+
+
+@needs_gsm
+def test_the_offline_math_problems_have_their_rows_and_a_final_number_each():
+    task = get_task("gsm_symbolic")
+    train, dev, source = load_task(task, GSM_SYMBOLIC_DIR)
+    assert source.startswith("gsm_symbolic_dir:")
+    assert (len(train), len(dev)) == (task.offline_rows["train"], task.offline_rows["dev"])
+    for df in (train, dev):
+        assert df["text_a"].str.len().gt(0).all() and df["answer"].notna().all()
 
 
 def test_missing_data_names_both_sources(tmp_path):
