@@ -189,18 +189,27 @@ def causal_lm_section(ok: pd.DataFrame, analyses: dict[str, dict], out: Path) ->
         lines += [f"### {model}, budget {budget_desc}", "",
                   (f"{len(part)} ok runs; tasks: {', '.join(sorted(part['task'].unique()))}; methods: "
                    f"{', '.join(sorted(part['method'].unique()))}."), ""]
-        if part.get("model_note") is not None and part["model_note"].notna().any():
-            lines += ["> **Random-init test model: every metric in this group is meaningless** "
-                      "(the group shows that the pipeline works, not how methods compare).", ""]
         table = next((t for t in lm_tables if t.title == f"Causal LM: {model} · budget {budget_desc}"), None)
-        if table is not None:
-            table.write(out / "tables", f"causal_lm{suffix}")
-            lines += [table.markdown(), "", f"Files: `tables/causal_lm{suffix}.md`, `.csv`, `.tex`.", ""]
-        intr_text, _ = intruder_section(part, analyses)
-        lines += ["#### Intruder dimensions and ΔW spectrum (q, k, v, o, gate, up, down projections)", "",
-                  intr_text.replace("except embeddings, pooler and task head", "except the embeddings and the "
-                                    "LM head (tied to the embeddings)"), ""]
+        lines += _lm_group_body(part, table, f"causal_lm{suffix}", analyses, out,
+                                "Intruder dimensions and ΔW spectrum (q, k, v, o, gate, up, down projections)")
     return lines
+
+
+def _lm_group_body(part: pd.DataFrame, table, stem: str, analyses: dict[str, dict], out: Path,
+                   intruder_heading: str) -> list[str]:
+    """Markdown lines of one causal-LM group after its heading: the random-init warning when it applies, its table
+    (written to tables/<stem>.*), then its intruders and spectrum over the decoder's projections."""
+    lines: list[str] = []
+    if part.get("model_note") is not None and part["model_note"].notna().any():
+        lines += ["> **Random-init test model: every metric in this group is meaningless** "
+                  "(the group shows that the pipeline works, not how methods compare).", ""]
+    if table is not None:
+        table.write(out / "tables", stem)
+        lines += [table.markdown(), "", f"Files: `tables/{stem}.md`, `.csv`, `.tex`.", ""]
+    intr_text, _ = intruder_section(part, analyses)
+    return lines + [f"#### {intruder_heading}", "",
+                    intr_text.replace("except embeddings, pooler and task head", "except the embeddings and the "
+                                      "LM head (tied to the embeddings)"), ""]
 
 
 def generation_section(ok: pd.DataFrame, analyses: dict[str, dict], out: Path) -> list[str]:
@@ -226,17 +235,9 @@ def generation_section(ok: pd.DataFrame, analyses: dict[str, dict], out: Path) -
         lines += [f"### {model}, {task_label}, budget {budget_desc}", "",
                   (f"{len(part)} ok runs; methods: {', '.join(sorted(part['method'].unique()))}; test questions: "
                    f"{', '.join(str(int(n)) for n in sorted(examples.unique())) or '?'}; device: {device}."), ""]
-        if part.get("model_note") is not None and part["model_note"].notna().any():
-            lines += ["> **Random-init test model: every metric in this group is meaningless** "
-                      "(the group shows that the pipeline works, not how methods compare).", ""]
         table = gen_tables.get(f"Generation: {model} · {task_label} · budget {budget_desc}")
-        if table is not None:
-            table.write(out / "tables", f"generation{suffix}")
-            lines += [table.markdown(), "", f"Files: `tables/generation{suffix}.md`, `.csv`, `.tex`.", ""]
-        intr_text, _ = intruder_section(part, analyses)
-        lines += ["#### Intruder dimensions and ΔW spectrum", "",
-                  intr_text.replace("except embeddings, pooler and task head", "except the embeddings and the "
-                                    "LM head (tied to the embeddings)"), ""]
+        lines += _lm_group_body(part, table, f"generation{suffix}", analyses, out,
+                                "Intruder dimensions and ΔW spectrum")
     return lines
 
 
