@@ -83,7 +83,7 @@ class Recipe:
         (and k-shot, lm.shots) metrics, what fine-tuning adds over prompting. Read when an earlier run of the same
         results folder computed the same (bench/record/untrained.py), else computed and stored."""
         p, out = self.p, self.out
-        reuse = bool(p.cfg.measure.get("reuse_untrained", True))
+        reuse = bool(p.cfg.measure.reuse_untrained)  # conf/config.yaml
         key = untrained.untrained_key(p.effective, p.method.load_kwargs(p.effective["method"], p.cfg.model, p.device))
         saved = untrained.read(p.cfg.results_dir, key) if reuse else None
         if saved is not None:
