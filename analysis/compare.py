@@ -15,10 +15,13 @@ one sample. Per config group:
   - the seeds differ and both sides have >= 2: Welch's t-test (one-sided) gives p < `--alpha`;
   - the seeds differ and a side has one: no verdict, "inconclusive: different seeds, n=1" (a seed change moves
     a small run by more than any fixed tolerance; run the same seeds, or more of them).
-- memory (peak during training: CUDA peak allocated, CPU peak RSS; median over seeds): REGRESSION when
-  current > baseline x (1 + `--memory-tol`).
-- speed (inference latency p50 unmerged, and merged where present; training samples/s): REGRESSION when
-  latency grew, or throughput shrank, by more than the factor `--time-factor`.
+- memory (peak during training: CUDA peak allocated, CPU peak RSS; median over seeds) and speed (inference latency
+  p50 of the base model, unmerged, and merged where present; training samples/s): beyond the limit (memory grew by
+  more than `--memory-tol`; latency grew, or throughput shrank, by more than the factor `--time-factor`) is judged
+  against the noise (see perf_check): a latency whose base model, timed in the same runs, moved as much is the
+  machine (ok); a throughput that moved like every other config's is inconclusive (a busier machine, or shared code);
+  where configs ran >= 2 seeds, a one-sided t-test on the logs against the pooled run-to-run spread decides
+  (REGRESSION or inconclusive); with one run a side, timing is inconclusive and memory is a REGRESSION.
   Memory and speed are compared only when both sides ran on the same device with the same torch version
   and number of torch threads (else `n/a`), unless `--ignore-device`.
 - a config with ok runs in the baseline and none in the current (failed or missing) is a REGRESSION
@@ -47,6 +50,7 @@ from analysis.collect import load_records, to_frame
 
 MEMORY_COLUMNS = ("memory.train.peak_allocated_bytes", "memory.train.peak_rss_bytes")
 LATENCY_COLUMNS = ("latency.unmerged.p50_ms", "latency.merged.p50_ms")
+BASE_LATENCY_COLUMN = "latency.base.p50_ms"  # timed interleaved with the method in the same run: the control
 THROUGHPUT_COLUMN = "train_samples_per_s"
 LABEL_COLUMNS = ("task", "model", "method", "rank", "lr", "budget")
 PROVENANCE_PREFIXES = ("provenance.versions.", "provenance.lock_sha256", "fingerprints.")
@@ -231,6 +235,93 @@ def ratio_check(base: np.ndarray, cur: np.ndarray, limit: float, higher_is_worse
     return text, "REGRESSION" if bad else "ok"
 
 
+def run_to_run_spread(frames: tuple[pd.DataFrame, ...], column: str) -> tuple[float, int]:
+    """(sigma, degrees of freedom) of log(column) between runs of one config: the within-config deviations of every
+    config group with >= 2 ok runs, on either side, pooled (one machine's run-to-run noise is shared by its configs).
+    (nan, 0) when no config ran twice."""
+    squares, dof = 0.0, 0
+    for df in frames:
+        if column not in df.columns:
+            continue
+        ok = df[df["_ok"]]
+        for _, runs in ok.groupby("config_group"):
+            logs = np.log(pd.to_numeric(runs[column], errors="coerce").dropna().to_numpy(float))
+            logs = logs[np.isfinite(logs)]
+            if len(logs) >= 2:
+                squares += float(((logs - logs.mean()) ** 2).sum())
+                dof += len(logs) - 1
+    return (math.sqrt(squares / dof), dof) if dof else (math.nan, 0)
+
+
+def _within_spread(base: np.ndarray, cur: np.ndarray, worse: float, spread: tuple[float, int],
+                   alpha: float) -> tuple[str, str | None]:
+    """(text, verdict) of a change beyond its limit against the run-to-run spread: REGRESSION when a one-sided
+    t-test on the logs (pooled sigma) gives p < alpha, else inconclusive; verdict None when no spread is measured."""
+    sigma, dof = spread
+    if not dof:
+        return "", None
+    se = sigma * math.sqrt(1 / len(base) + 1 / len(cur))
+    if se == 0:
+        return f"; spread 0 over {dof} df", "REGRESSION"
+    p = float(stats.t.sf(worse / se, dof))
+    text = f"; run-to-run spread ±{100 * math.expm1(sigma):.0f}% ({dof} df), p={p:.2g}"
+    return text, "REGRESSION" if p < alpha else "inconclusive: within the run-to-run spread"
+
+
+def common_shift(base: pd.DataFrame, cur: pd.DataFrame, column: str) -> float | None:
+    """The median over config groups (ok runs on both sides, at least 2 groups) of current/baseline median ratio of a
+    column: how much the whole sweep moved. None with fewer than 2 groups."""
+    ratios = []
+    for group, b in base[base["_ok"]].groupby("config_group"):
+        c = cur[(cur["config_group"] == group) & cur["_ok"]]
+        if column in b.columns and column in c.columns:
+            bv, cv = (pd.to_numeric(x[column], errors="coerce").dropna() for x in (b, c))
+            if len(bv) and len(cv) and bv.median() > 0:
+                ratios.append(float(cv.median() / bv.median()))
+    return float(np.median(ratios)) if len(ratios) >= 2 else None
+
+
+def perf_check(base: np.ndarray, cur: np.ndarray, limit: float, higher_is_worse: bool, *, spread: tuple[float, int],
+               alpha: float, timing: bool, control: tuple[np.ndarray, np.ndarray] | None = None,
+               shift: float | None = None) -> tuple[str, str]:
+    """(delta text, verdict) of a memory or speed figure (positive values; runs of one config per side).
+
+    Beyond `limit` (cur/base median ratio in the bad direction) is a REGRESSION only when the noise cannot explain it:
+    - `control` (latency: the base model's, timed interleaved in the same runs) moved as much: the machine's state
+      changed, not the method (ok);
+    - without a control, timing whose sweep `shift` (every config's median ratio, see common_shift) is beyond the limit
+      too, and this config within the limit of it: every config moved alike, which a busier machine does as well as
+      code they all share (inconclusive);
+    - a measured run-to-run `spread` (see run_to_run_spread): a one-sided t-test on the logs at `alpha`;
+    - no spread measured: timing is inconclusive (timing moves between runs by more than any fixed factor: one seed a
+      side measured +67% on a 3.7 ms p50 with the code unchanged); memory, which repeats within a few percent, is
+      judged by its tolerance alone."""
+    text, verdict = ratio_check(base, cur, limit, higher_is_worse)
+    if verdict != "REGRESSION":
+        return text, verdict
+    if control is not None:
+        (b_ctl, c_ctl) = control
+        c_text, c_verdict = ratio_check(b_ctl, c_ctl, limit, higher_is_worse)
+        overhead, o_verdict = ratio_check(base / b_ctl, cur / c_ctl, limit, higher_is_worse)
+        if c_verdict == "REGRESSION" and o_verdict == "ok":
+            return (f"{text} (the base model {c_text} in the same runs; over base {overhead})",
+                    "ok: the machine, not the method")
+    elif timing and shift is not None:
+        alike = ratio_check(np.array([shift]), np.array([float(np.median(cur) / np.median(base))]), limit,
+                            higher_is_worse)[1] == "ok"
+        if alike and ratio_check(np.array([1.0]), np.array([shift]), limit, higher_is_worse)[1] == "REGRESSION":
+            return (f"{text} (every config's median {100 * (shift - 1):+.1f}%)",
+                    "inconclusive: every config moved alike (the machine, or code they share)")
+    logs = np.log(base), np.log(cur)
+    worse = float(logs[1].mean() - logs[0].mean()) * (1 if higher_is_worse else -1)
+    more, tested = _within_spread(base, cur, worse, spread, alpha)
+    if tested is not None:
+        return text + more, tested
+    if timing:
+        return f"{text} (one run a side: spread unmeasured)", "inconclusive: run >= 2 seeds a side"
+    return text, verdict
+
+
 def compare(base: pd.DataFrame, cur: pd.DataFrame, *, metrics: list[str], alpha: float = 0.05,
             min_effect: float = 0.01, tolerance: float = 0.02, memory_tol: float = 0.10,
             time_factor: float = 1.5, ignore_device: bool = False, allow_missing: bool = False,
@@ -240,6 +331,11 @@ def compare(base: pd.DataFrame, cur: pd.DataFrame, *, metrics: list[str], alpha:
     for df in (base, cur):
         df["_memory"] = _first_present(df, MEMORY_COLUMNS)
         df["_ok"] = df["status"] == "ok"
+    perf = [("peak memory (train)", "_memory", 1 + memory_tol, True, "bytes")]
+    perf += [(col, col, time_factor, True, " ms") for col in (BASE_LATENCY_COLUMN, *LATENCY_COLUMNS)]
+    perf += [(THROUGHPUT_COLUMN, THROUGHPUT_COLUMN, time_factor, False, "/s")]
+    spreads = {col: run_to_run_spread((base, cur), col) for _, col, *_ in perf}
+    shifts = {col: common_shift(base, cur, col) for _, col, *_ in perf}
     cur_by_label = {_label_key(g.iloc[0]): k for k, g in cur.groupby("config_group")}
     base_by_label = {_label_key(g.iloc[0]): k for k, g in base.groupby("config_group")}
 
@@ -277,17 +373,15 @@ def compare(base: pd.DataFrame, cur: pd.DataFrame, *, metrics: list[str], alpha:
                          "current": _fmt(cs.to_numpy(float)), "delta": delta, "verdict": verdict})
 
         same = _same_device(b, c)
-        perf = [("peak memory (train)", "_memory", 1 + memory_tol, True, "bytes")]
-        perf += [(col, col, time_factor, True, " ms") for col in LATENCY_COLUMNS]
-        perf += [(THROUGHPUT_COLUMN, THROUGHPUT_COLUMN, time_factor, False, "/s")]
         for name, col, limit, higher_is_worse, unit in perf:
             if col not in b.columns or col not in c.columns:
                 continue
-            bv = pd.to_numeric(b[col], errors="coerce").dropna().to_numpy(float)
-            cv = pd.to_numeric(c[col], errors="coerce").dropna().to_numpy(float)
-            if len(bv) == 0 or len(cv) == 0:
+            pair = _positive(b, c, col, BASE_LATENCY_COLUMN if col in LATENCY_COLUMNS else None)
+            if pair is None:
                 continue
-            delta, verdict = ratio_check(bv, cv, limit, higher_is_worse)
+            (bv, cv), control = pair
+            delta, verdict = perf_check(bv, cv, limit, higher_is_worse, spread=spreads[col], alpha=alpha,
+                                        timing=col != "_memory", control=control, shift=shifts[col])
             if same is not None and not ignore_device:
                 verdict = f"n/a ({same})"
             rows.append({"config": label, "check": name, "baseline": _fmt(bv, unit), "current": _fmt(cv, unit),
@@ -302,6 +396,22 @@ def compare(base: pd.DataFrame, cur: pd.DataFrame, *, metrics: list[str], alpha:
             rows.append({"config": _label(c_all, group), "check": "runs", "baseline": "-",
                          "current": f"{int(c_all['_ok'].sum())} ok{hint}", "delta": "-", "verdict": "new"})
     return pd.DataFrame(rows, columns=["config", "check", "baseline", "current", "delta", "verdict"])
+
+
+def _positive(b: pd.DataFrame, c: pd.DataFrame, col: str, control: str | None):
+    """((base values, current values), (base control, current control) or None) over the runs where the figure (and
+    its control, when it has one on both sides) is a positive number; None when a side has none."""
+    def values(df: pd.DataFrame, with_control: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        v = pd.to_numeric(df[col], errors="coerce")
+        ctl = pd.to_numeric(df[control], errors="coerce") if with_control else None
+        keep = v > 0 if ctl is None else (v > 0) & (ctl > 0)
+        return v[keep].to_numpy(float), None if ctl is None else ctl[keep].to_numpy(float)
+
+    with_control = control is not None and control in b.columns and control in c.columns
+    (bv, bc), (cv, cc) = values(b, with_control), values(c, with_control)
+    if len(bv) == 0 or len(cv) == 0:
+        return None
+    return (bv, cv), ((bc, cc) if with_control else None)
 
 
 def _same_device(b: pd.DataFrame, c: pd.DataFrame) -> str | None:

@@ -2,6 +2,12 @@
 slower inference, a failed or missing config are regressions (exit 1)."""
 from __future__ import annotations
 
+import json
+import math
+
+import numpy as np
+import pandas as pd
+
 from analysis.collect import collect
 from analysis.compare import main, metric_check
 from bench.record import RECORD_FILE, SCHEMA_VERSION, config_group, config_hash, write_json_atomic
@@ -126,8 +132,6 @@ def test_empty_input_is_a_clear_error(tmp_path, capsys):
 
 
 def _arr(values):
-    import numpy as np
-
     return np.asarray(values, dtype=float)
 
 
@@ -150,9 +154,74 @@ def test_different_single_seeds_are_inconclusive_not_a_regression(tmp_path):
     for seed, side in ((1, "base"), (2, "cur")):
         for folder in (REPO / "results" / "baselines" / "cpu-smoke").glob(f"*-s{seed}-*"):
             shutil.copytree(folder, tmp_path / side / folder.name)
-    code = main(["--baseline", str(tmp_path / "base"), "--current", str(tmp_path / "cur"), "--time-factor", "3",
-                 "--memory-tol", "0.5", "--out", str(tmp_path / "report.md")])  # speed: as the CI smoke compares
+    code = main(["--baseline", str(tmp_path / "base"), "--current", str(tmp_path / "cur"),
+                 "--out", str(tmp_path / "report.md")])  # the default thresholds (time factor 1.5, memory 10%)
     report = (tmp_path / "report.md").read_text()
     # seed groups differ by config_group only in the seed, so the two sides pair up by config
     assert code == 0 and "REGRESSION" not in report, report
     assert report.count("inconclusive: different seeds, n=1") == 2, report
+    # the LoRA runs' latency moved ~+67% with the code unchanged: so did the base model's, timed in the same runs
+    rows = {(r.split(" | ")[0], r.split(" | ")[1]): r for r in report.splitlines() if r.startswith("| sst2")}
+    lora_unmerged = next(v for (cfg, check), v in rows.items() if "lora" in cfg and check.endswith("unmerged.p50_ms"))
+    assert "ok: the machine, not the method" in lora_unmerged and "+66.8%" in lora_unmerged
+    lora_base = next(v for (cfg, check), v in rows.items() if "lora" in cfg and check == "latency.base.p50_ms")
+    assert "inconclusive" in lora_base  # +76%, one run a side: the spread that would tell is unmeasured
+
+
+def _smoke_records(seeds=(1, 2)) -> list[dict]:
+    from tests.conftest import REPO
+
+    return [json.loads((folder / RECORD_FILE).read_text()) for seed in seeds
+            for folder in sorted((REPO / "results" / "baselines" / "cpu-smoke").glob(f"*-s{seed}-*"))]
+
+
+def test_seed_to_seed_timing_noise_is_never_a_regression_but_real_drops_are(tmp_path):
+    """The committed smoke baseline (2 configs x 2 seeds) against the same records with each run's timings moved by
+    the run-to-run noise the baseline itself shows (seed 1 2x and seed 2 1.3x slower), or every run 2x slower, base
+    model too (a busier machine): no regression. The same records 2 accuracy points lower on every seed, or with 20%
+    more memory: regressions."""
+    base = _smoke_records()
+
+    def changed(rec: dict, factor: float, *, base_too: bool = True, accuracy: float = 0.0, memory: float = 1.0):
+        rec = json.loads(json.dumps(rec))
+        for key in ("unmerged", "merged") + (("base",) if base_too else ()):
+            if key in rec["latency"]:
+                rec["latency"][key]["p50_ms"] *= factor
+        rec["train_samples_per_s"] /= factor
+        rec["main_metric_value"] += accuracy
+        rec["memory"]["train"]["peak_rss_bytes"] = int(rec["memory"]["train"]["peak_rss_bytes"] * memory)
+        return rec
+
+    noisy = [changed(r, 2.0 if r["seed"] == 1 else 1.3, base_too=False) for r in base]  # beyond 1.5x at the median
+    code, report = run_compare(tmp_path / "n", base, noisy)
+    assert code == 0 and "REGRESSION" not in report, report
+    assert "inconclusive: within the run-to-run spread" in report  # latency: seed 1 vs 2 differ ~1.7x already
+    assert "inconclusive: every config moved alike" in report  # throughput has no in-run control
+    machine = [changed(r, 2.0) for r in base]  # every run 2x slower, base model too: the machine
+    code, report = run_compare(tmp_path / "m", base, machine)
+    assert code == 0 and "ok: the machine, not the method" in report, report
+    dropped = [changed(r, 1.0, accuracy=-0.02) for r in base]
+    code, report = run_compare(tmp_path / "d", base, dropped)
+    assert code == 1 and report.count("| main_metric_value |") == 2 and report.count("**REGRESSION**") == 2, report
+    heavier = [changed(r, 1.0, memory=1.2) for r in base]
+    code, report = run_compare(tmp_path / "h", base, heavier)
+    assert code == 1 and report.count("**REGRESSION**") == 2 and "+20.0%" in report, report
+
+
+def test_timing_beyond_the_factor_with_one_run_a_side_is_inconclusive_memory_is_not(tmp_path):
+    code, report = run_compare(tmp_path / "t", [record(1, 0.8)], [record(1, 0.8, latency_ms=30.0)])
+    assert code == 0 and "inconclusive: run >= 2 seeds a side" in verdicts(report)["latency.unmerged.p50_ms"]
+    code, report = run_compare(tmp_path / "m", [record(1, 0.8)], [record(1, 0.8, memory_bytes=600e6)])
+    assert code == 1 and verdicts(report)["peak memory (train)"] == "REGRESSION"
+
+
+def test_run_to_run_spread_is_the_pooled_log_deviation():
+    from analysis.compare import run_to_run_spread
+
+    side = pd.DataFrame({"config_group": ["a", "a", "b", "b", "b", "c"], "_ok": True,
+                         "t": [10.0, 20.0, 5.0, 5.0, 10.0, 99.0]})  # c ran once: no deviation to pool
+    dev_a = np.log([10, 20]) - np.log([10, 20]).mean()
+    dev_b = np.log([5, 5, 10]) - np.log([5, 5, 10]).mean()
+    sigma, dof = run_to_run_spread((side,), "t")
+    assert dof == 3 and math.isclose(sigma, math.sqrt(((dev_a ** 2).sum() + (dev_b ** 2).sum()) / 3))
+    assert run_to_run_spread((side[side["config_group"] == "c"],), "t")[1] == 0
