@@ -108,8 +108,10 @@ class Recipe:
         """The shared loop; throughput excludes the timing warm-up steps and any evaluation."""
         warmup = timing_warmup(self.p, self.steps)
         with self.meter.phase("train"):
+            # evaluations during training (curve, keep_best) read the validation split when there is one, never dev
             tr = train_model(self.p, self.model, self.data.train_loader, self.steps, warmup,
-                             evaluate_fn=lambda: self._evaluate(self.model, stage=None)[0])
+                             evaluate_fn=lambda: self._evaluate(self.model, stage=None,
+                                                                loader=self.data.validation_loader)[0])
         self.curve = tr.curve
         self.out["train"] = train_summary(tr, warmup)
         self.out["train_samples_per_s"] = self.out["train"]["samples_per_s"]
@@ -124,6 +126,10 @@ class Recipe:
         out["higher_is_better"] = directions(out["metrics"])
         out["main_metric"] = p.task.main_metric
         out["main_metric_value"] = out["metrics"][p.task.main_metric]
+        if self.data.validation_loader is not None:  # what selection across runs reads (e.g. an lr search)
+            out["validation_metrics"], _ = self._evaluate(self.model, stage=None, loader=self.data.validation_loader,
+                                                          generate=False)
+            out["validation_main_metric_value"] = out["validation_metrics"].get(p.task.main_metric)
         rank_metrics = evaluate_rank_variants(p.method, self.model, lambda: self._evaluate(self.model, stage=None)[0])
         if rank_metrics:  # a method whose one trained model is also a model of other ranks (DyLoRA)
             out["rank_metrics"] = rank_metrics

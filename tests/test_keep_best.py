@@ -13,7 +13,8 @@ STEPS = 20  # AdaLoRA: tinit 2, tfinal 8; masks every step (deltaT=1) from step 
 
 def test_keep_best_restores_adalora_rank_pattern_so_evaluated_and_saved_model_agree(make_cfg, tmp_path):
     cfg, method, base, ctx, eff = build(make_cfg, "adalora", "method.deltaT=1", "budget.eval_every_steps=2",
-                                   "budget.keep_best=true", rank=4, total_steps=STEPS)
+                                   "budget.keep_best=true", "budget.validation_rows=10", rank=4,
+                                   total_steps=STEPS)
     model = method.attach(base, eff, ctx)
     scores = iter([0.0, 0.0, 1.0] + [0.0] * 7)  # evaluations at steps 2, 4, ..., 18, then the final one: 6 wins
     scored = {}

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
 SUBSET_SEED = 0  # fixed: the same train/dev subset for every method and seed
+VALIDATION_SEED = 1  # fixed: the same validation rows for every method, seed and budget (any validation_rows)
 
 
 def subset(df: pd.DataFrame, n: int | None) -> pd.DataFrame:
@@ -17,6 +18,22 @@ def subset(df: pd.DataFrame, n: int | None) -> pd.DataFrame:
         return df
     idx = np.random.default_rng(SUBSET_SEED).permutation(len(df))[:n]
     return df.iloc[np.sort(idx)].reset_index(drop=True)
+
+
+def carve_validation(train: pd.DataFrame, dev: pd.DataFrame, n: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train without the validation rows, validation): n rows drawn from train by a fixed permutation (the first n of
+    it, so a smaller n is a subset of a larger one), never a row whose text is also in dev; every training row whose
+    text is a validation row's is left out of train, so no text is in two splits. Rows keep their file order."""
+    def texts(df: pd.DataFrame) -> pd.Series:
+        return df["text_a"].astype(str) + "\t" + df["text_b"].fillna("").astype(str)
+
+    train_text, dev_text = texts(train), set(texts(dev))
+    candidates = np.flatnonzero(~train_text.isin(dev_text).to_numpy())
+    order = candidates[np.random.default_rng(VALIDATION_SEED).permutation(len(candidates))]
+    chosen = np.sort(order[:n])
+    validation = train.iloc[chosen]
+    rest = ~train_text.isin(set(train_text.iloc[chosen])).to_numpy()
+    return train[rest].reset_index(drop=True), validation.reset_index(drop=True)
 
 
 def tokenize(df: pd.DataFrame, tokenizer, max_seq_len: int) -> list[dict]:

@@ -46,6 +46,7 @@ class Task:
     column_names: tuple[str, ...] = ()
     offline_rows: dict[str, int] = field(default_factory=dict)  # rows in ../shared/data/glue
     offline_note: str = ""  # how offline data differs from official GLUE
+    validation_rows: int = 0  # the validation split's size (rows carved from train) for budgets that select
     # {counts: dev rows per class id, sources: the data sources (glue_dir, hub) whose dev set these are}
     dev_labels: dict[str, Any] = field(default_factory=dict)
     label: str = ""  # display name in tables and plots

@@ -95,6 +95,7 @@ def model_fingerprint(model_cfg: Any) -> dict[str, Any]:
 def fingerprints(rows: Rows, model_cfg: Any) -> dict[str, Any]:
     """The content fingerprints of a run (bench/plan/fingerprint.py): sha256 of the rows and of the model's and
     tokenizer's files (these join the identity), with the names of the files hashed."""
-    return {"train_rows_sha256": rows_sha256(rows.train), "dev_rows_sha256": rows_sha256(rows.dev),
+    validation = {} if rows.validation is None else {"validation_rows_sha256": rows_sha256(rows.validation)}
+    return {"train_rows_sha256": rows_sha256(rows.train), "dev_rows_sha256": rows_sha256(rows.dev), **validation,
             **model_fingerprint(model_cfg)}
 

@@ -35,6 +35,7 @@ class Budget(_Strict):
     eval_every_steps: int | None = Field(gt=0)
     keep_best: bool
     lr_schedule: Literal["linear", "cosine"] = "linear"
+    validation_rows: int = Field(0, ge=0, description="rows carved from train as the validation split (0: none)")
 
     @model_validator(mode="after")
     def _length_and_best(self) -> Budget:
@@ -42,6 +43,9 @@ class Budget(_Strict):
             raise ValueError("set exactly one of budget.max_steps and budget.epochs (the other null)")
         if self.keep_best and self.eval_every_steps is None:
             raise ValueError("budget.keep_best=true needs budget.eval_every_steps (how often to evaluate)")
+        if self.keep_best and not self.validation_rows:
+            raise ValueError("budget.keep_best=true selects on the validation split, never on dev: set "
+                             "budget.validation_rows (e.g. budget.validation_rows=${task.validation_rows})")
         return self
 
 

@@ -49,6 +49,7 @@ TASK_NOT = {
     "label_field": "which column is the label (fingerprinted)",
     "offline_rows": "rows the offline files are expected to have (a warning, and data.rows_below_expected)",
     "offline_note": "how the offline data differ from GLUE (a note)",
+    "validation_rows": "the validation split's suggested size; what a run carves is budget.validation_rows (identity)",
     "dev_labels": "the dev set's label counts, for reports' chance levels",
     "paper_epochs": "read into budget=paper's epochs, which are in the budget",
     "paper_eval_every_steps": "read into budget=paper's eval interval, which is in the budget",
@@ -80,6 +81,9 @@ MODEL_NOT = {
     "gguf_file": "where the weights are loaded from (fingerprinted)",
     "tokenizer_from": "where the tokenizer is loaded from (fingerprinted: fingerprints.tokenizer_files_sha256)",
 }
+# Budget keys left out of the identity while they hold their neutral value, which is what records without the key ran
+# with: a new knob at its old behaviour does not re-key finished runs.
+BUDGET_NEUTRAL = {"validation_rows": 0}
 MEASURE_NOT = {
     "busy_gpu": "what to do when the GPU is busy at run start (recorded as gpu_start)",
     "busy_gpu_threshold_bytes": "when the GPU counts as busy (recorded as gpu_start)",
@@ -109,6 +113,8 @@ def identity(effective: dict[str, Any]) -> dict[str, Any]:
                 raise BenchError(f"{part} '{value.get('name')}': key(s) {unknown} are not classified as identity or "
                                  f"not in bench/record/identity.py; add each to {part.upper()} or {part.upper()}_NOT")
             value = {k: v for k, v in value.items() if k in _GROUPS[part][0]}
+        elif part == "budget" and isinstance(value, dict):
+            value = {k: v for k, v in value.items() if not (k in BUDGET_NEUTRAL and v == BUDGET_NEUTRAL[k])}
         elif part == "measure" and isinstance(value, dict):
             value = {k: v for k, v in value.items() if k not in MEASURE_NOT}
         elif part == "fingerprints" and isinstance(value, dict):

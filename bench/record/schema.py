@@ -56,6 +56,7 @@ class Fingerprints(_Block):
     train_rows_sha256: str | None = Field(
         None, description="sha256 of the training rows used (text_a, text_b, label, in order)")
     dev_rows_sha256: str | None = Field(None, description="sha256 of the dev rows used")
+    validation_rows_sha256: str | None = Field(None, description="sha256 of the validation rows (carved from train)")
     model_files_sha256: str | None = Field(None, description="sha256 over the model's weight and config files; "
                                                        "null for a random-init model")
     model_files: list[str] | None = Field(None, description="the files hashed into model_files_sha256")
@@ -68,6 +69,10 @@ class DataInfo(_Block):
         None, description="where the rows came from: `glue_dir:<folder>` or `hub:<dataset>/<task>`")
     train_rows: int | None = Field(None, description="training rows after the budget's cap")
     dev_rows: int | None = Field(None, description="dev rows after the budget's cap")
+    validation_rows: int | None = Field(None, description="rows carved from train as the validation split "
+                                                          "(budget.validation_rows; 0: none)")
+    selection_split: str | None = Field(None, description="what evaluations during training (the curve, keep_best) "
+                                                          "read: `validation`, or `none` (dev, selecting nothing)")
     note: str | None = Field(None, description="how the offline data differ from the official task, if they do")
     rows_below_expected: dict[str, list[int]] | None = Field(
         None, description="{split: [rows, expected]} for data files shorter than the task's yaml expects")
@@ -308,6 +313,10 @@ class Record(_Block):
     train_tokens_per_s: float | None = Field(None, description="= train.tokens_per_s")
     metrics: Metrics | None = Field(None, description="dev metrics under their GLUE names, and eval_loss (nats)")
     higher_is_better: dict[str, bool] | None = Field(None, description="each metric's direction")
+    validation_metrics: Metrics | None = Field(None, description="budget.validation_rows > 0: the trained model's "
+                                                                 "metrics on the validation split (a generation "
+                                                                 "task's: its gold-solution loss)")
+    validation_main_metric_value: float | None = Field(None, description="what selection across runs compares")
     main_metric: str | None = None
     main_metric_value: float | None = None
     rank_metrics: dict[str, Metrics] | None = Field(None, description="DyLoRA: the trained model's metrics at "
