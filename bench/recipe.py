@@ -127,9 +127,8 @@ class Recipe:
         out["main_metric"] = p.task.main_metric
         out["main_metric_value"] = out["metrics"][p.task.main_metric]
         if self.data.validation_loader is not None:  # what selection across runs reads (e.g. an lr search)
-            out["validation_metrics"], _ = self._evaluate(self.model, stage=None, loader=self.data.validation_loader,
-                                                          generate=False)
-            out["validation_main_metric_value"] = out["validation_metrics"].get(p.task.main_metric)
+            out["validation_metrics"], _ = self._evaluate(self.model, stage=None, loader=self.data.validation_loader)
+            out["validation_main_metric_value"] = out["validation_metrics"][p.task.main_metric]
         rank_metrics = evaluate_rank_variants(p.method, self.model, lambda: self._evaluate(self.model, stage=None)[0])
         if rank_metrics:  # a method whose one trained model is also a model of other ranks (DyLoRA)
             out["rank_metrics"] = rank_metrics

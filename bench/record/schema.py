@@ -314,8 +314,7 @@ class Record(_Block):
     metrics: Metrics | None = Field(None, description="dev metrics under their GLUE names, and eval_loss (nats)")
     higher_is_better: dict[str, bool] | None = Field(None, description="each metric's direction")
     validation_metrics: Metrics | None = Field(None, description="budget.validation_rows > 0: the trained model's "
-                                                                 "metrics on the validation split (a generation "
-                                                                 "task's: its gold-solution loss)")
+                                                                 "metrics on the validation split")
     validation_main_metric_value: float | None = Field(None, description="what selection across runs compares")
     main_metric: str | None = None
     main_metric_value: float | None = None
