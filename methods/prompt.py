@@ -18,10 +18,11 @@ the runner checks this on the data before training (`virtual_tokens`).
 
 Prefix tuning and the transformers cache rename: peft (0.21) hands the prefix to the backbone as
 `past_key_values`, and only when that name is in the backbone's `forward` signature. transformers 5.24 renamed
-the argument to `cache` in BERT/RoBERTa (the old name still works, with a deprecation), so peft's check fails
-with "Model does not support past key values". Where the backbone takes `cache` and not `past_key_values`,
-`_accept_past_key_values` gives that one module instance a `forward` that takes the old name and passes it on as
-`cache`; nothing else changes, and with older transformers it does nothing.
+the argument to `cache` in BERT/RoBERTa, and 5.25 in Llama (the old name still works, with a deprecation), so
+peft's check fails with "Model does not support past key values". Where the backbone takes `cache` and not
+`past_key_values`, `_accept_past_key_values` gives that one module instance a `forward` that takes the old name and
+passes it on as `cache` (over the `cache=None` that a renamed causal-LM head passes beside it); nothing else
+changes, and with older transformers it does nothing.
 """
 from __future__ import annotations
 
@@ -157,7 +158,11 @@ def read_real_first_token(model: PeftModel, ctx: AttachContext) -> PeftModel:
 
 
 def _forward_with_past_key_values(self: nn.Module, *args: Any, past_key_values: Any = None, **kwargs: Any) -> Any:
-    return type(self).forward(self, *args, cache=past_key_values, **kwargs)
+    # A wrapping model that also took the rename (a Llama's causal-LM head, transformers >= 5.25) passes its own
+    # `cache=None` beside peft's prefix, which arrives through its **kwargs as `past_key_values`: the prefix wins.
+    if past_key_values is not None:
+        kwargs["cache"] = past_key_values
+    return type(self).forward(self, *args, **kwargs)
 
 
 def _accept_past_key_values(model: PeftModel) -> PeftModel:
