@@ -176,13 +176,18 @@ class Recipe:
         final) also records `<stage>_generation_eval` (`generation_eval` for the final one) and its answers."""
         p, loader = self.p, loader or self.data.dev_loader
         if not p.task.is_generation:
-            return evaluate(model, loader, p.task, p.device, p.precision)
-        res = evaluate_solutions(model, loader, self.data.tokenizer, p.device, p.precision, generate=generate)
-        if stage is not None:
-            key = "generation_eval" if stage == "final" else f"{stage}_generation_eval"
-            self.out[key] = {**res.stats, "samples_file": SAMPLES_FILE}
-            self.samples += [{"stage": stage, **s} for s in res.samples]
-        return res.metrics, res.scores
+            metrics, logits, predictions = evaluate(model, loader, p.task, p.device, p.precision)
+        else:
+            res = evaluate_solutions(model, loader, self.data.tokenizer, p.device, p.precision, generate=generate)
+            if stage is not None:
+                key = "generation_eval" if stage == "final" else f"{stage}_generation_eval"
+                self.out[key] = {**res.stats, "samples_file": SAMPLES_FILE}
+                self.samples += [{"stage": stage, **s} for s in res.samples]
+            metrics, logits = res.metrics, res.scores
+            predictions = {"pred": [int(s["correct"]) for s in res.samples], "label": [1] * len(res.samples)}
+        if stage == "final":  # each dev example's outcome: intervals and paired comparisons resample them
+            self.out["dev_predictions"] = predictions
+        return metrics, logits
 
 
 def fresh_model(p: Plan, steps: int) -> nn.Module:

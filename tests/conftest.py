@@ -4,11 +4,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
-from omegaconf import DictConfig
+# One OpenMP/BLAS thread for the tests and every process they start, set before torch and numpy load: tiny models
+# gain nothing from threads, and on a busy 2-core machine spinning threads make them many times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from bench.config import compose_config
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from bench.config import compose_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"

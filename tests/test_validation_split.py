@@ -104,3 +104,6 @@ def test_a_run_selects_on_validation_and_reports_dev(make_cfg, monkeypatch):
     assert seen.count(40) == 2  # dev: the reported evaluations only, unmerged and merged (LoRA merges)
     assert set(rec["validation_metrics"]) >= {"accuracy", "eval_loss"}
     assert rec["validation_main_metric_value"] == rec["validation_metrics"]["accuracy"]
+    pred, label = rec["dev_predictions"]["pred"], rec["dev_predictions"]["label"]
+    assert len(pred) == len(label) == 40  # each dev example's outcome: what intervals resample
+    assert sum(p == g for p, g in zip(pred, label)) / 40 == rec["metrics"]["accuracy"]

@@ -52,14 +52,15 @@ def to_predictions(logits: np.ndarray, is_regression: bool) -> np.ndarray:
 
 
 def evaluate(model: nn.Module, loader, task: Task, device: torch.device, precision: str
-             ) -> tuple[dict[str, float], np.ndarray]:
-    """(the task's metrics and eval_loss on `loader`, the logits)."""
+             ) -> tuple[dict[str, float], np.ndarray, dict[str, list]]:
+    """(the task's metrics and eval_loss on `loader`, the logits, each example's prediction and label: `pred` a class
+    id or a regression score, in loader order)."""
     logits, labels, loss = predict(model, loader, device, precision)
     preds = to_predictions(logits, task.is_regression)
     metrics = {**compute(list(task.metrics), preds, labels), "eval_loss": loss}
     if isinstance(getattr(loader, "collate_fn", None), text.GenerateCollator):  # lm.eval_mode=generate
         metrics["no_answer_fraction"] = text.no_answer_fraction(logits)
-    return metrics, logits
+    return metrics, logits, {"pred": preds.tolist(), "label": labels.tolist()}
 
 
 def evaluate_rank_variants(method: Method, model: nn.Module, evaluate_fn: Callable[[], dict[str, float]]

@@ -64,6 +64,12 @@ class Fingerprints(_Block):
     tokenizer_files: list[str] | None = Field(None, description="the files hashed into tokenizer_files_sha256")
 
 
+class Predictions(_Block):
+    pred: list[int | float] = Field(description="per example: the predicted class id, a regression's score, or a "
+                                                "generation task's 1 (final number right) / 0")
+    label: list[int | float] = Field(description="per example: the gold class id or score (generation tasks: 1)")
+
+
 class DataInfo(_Block):
     source: str | None = Field(
         None, description="where the rows came from: `glue_dir:<folder>` or `hub:<dataset>/<task>`")
@@ -313,6 +319,9 @@ class Record(_Block):
     train_tokens_per_s: float | None = Field(None, description="= train.tokens_per_s")
     metrics: Metrics | None = Field(None, description="dev metrics under their GLUE names, and eval_loss (nats)")
     higher_is_better: dict[str, bool] | None = Field(None, description="each metric's direction")
+    dev_predictions: Predictions | None = Field(
+        None, description="each dev example's outcome under the final model, in dev order (what bootstrap intervals "
+                          "and paired comparisons resample)")
     validation_metrics: Metrics | None = Field(None, description="budget.validation_rows > 0: the trained model's "
                                                                  "metrics on the validation split")
     validation_main_metric_value: float | None = Field(None, description="what selection across runs compares")
