@@ -29,6 +29,19 @@ def app(cfg: DictConfig) -> dict:
     from bench.orchestrate.runner import job_outcome, run  # imported here so `--help` and config errors stay fast
 
     multirun = _is_multirun()
+    if cfg.get("protocol"):  # +protocol=tuned: the job is the method's lr trials and seeds (orchestrate/protocol.py)
+        from bench.orchestrate.protocol import run_protocol
+
+        try:
+            outcome = run_protocol(cfg)
+        except BenchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            if multirun:
+                return {"status": "error", "error": str(exc), "skipped": False}
+            sys.exit(2)
+        if outcome["status"] != "ok" and not multirun:
+            sys.exit(1)
+        return outcome
     isolate = cfg.get("isolate_runs", "auto")
     if isolate is True or (isolate == "auto" and multirun):
         from bench.orchestrate.isolate import run_isolated

@@ -49,6 +49,23 @@ class Budget(_Strict):
         return self
 
 
+class Protocol(_Strict):
+    """`+protocol=tuned` (conf/protocol/): the same lr trials for every method, selection on validation, seeds."""
+    name: str
+    lr_factors: list[float] = Field(min_length=1)
+    selection_seed: int
+    seeds: list[int] = Field(min_length=1)
+    validation_rows: int = Field(gt=0)
+    reference: str
+
+    @field_validator("lr_factors")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(f <= 0 for f in v) or len(set(v)) != len(v):
+            raise ValueError("protocol.lr_factors must be distinct positive factors of the method's default lr")
+        return sorted(v)
+
+
 class Measure(_Strict):
     latency: bool
     latency_batch_size: int = Field(gt=0)
@@ -144,12 +161,21 @@ def _where(loc: tuple) -> str:
 
 def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """The config, normalised (seed=1.0 -> 1), or BenchError with one line per problem."""
+    return _validated(RunConfig, cfg)
+
+
+def validate_protocol(protocol: dict[str, Any]) -> dict[str, Any]:
+    """`cfg.protocol` normalised, or BenchError with one line per problem (keys named `protocol.<key>`)."""
+    return _validated(Protocol, protocol, prefix="protocol.")
+
+
+def _validated(model: type[BaseModel], cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     try:
-        return RunConfig.model_validate(cfg).model_dump()
+        return model.model_validate(cfg).model_dump()
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            where = _where(err["loc"])
+            where = prefix + _where(err["loc"])
             given = err.get("input")
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":

@@ -134,6 +134,13 @@ def config_group(effective: dict[str, Any]) -> str:
     return config_hash({k: v for k, v in effective.items() if k != "seed"})
 
 
+def tuning_group(effective: dict[str, Any]) -> str:
+    """The identity's hash without the seed and the learning rate: the runs of one config over the lr grid and seeds
+    of a tuning protocol (bench/orchestrate/protocol.py) share it."""
+    method = {k: v for k, v in (effective.get("method") or {}).items() if k != "lr"}
+    return config_group({**effective, "method": method})
+
+
 def _safe(part: str) -> str:
     """A run-folder name part: no path separators or leading dots, so no config value places files outside
     results_dir (`model.name=../../x` becomes `.._.._x`)."""
