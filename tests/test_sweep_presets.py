@@ -11,7 +11,7 @@ from methods import REGISTRY, in_display_order
 from tests.conftest import CONF
 
 PRESETS = {"smoke": 4, "glue_table": 11 * 7 * 3, "rank_study": 3 * 4 * 3 * 3, "lora_table2": 3 * 8 * 5,
-           "all_methods": len(REGISTRY), "llm_cpu": 5, "llm_gpu": 3 * 4}
+           "all_methods": len(REGISTRY), "llm_cpu": 5, "llm_gpu": 3 * 4, "tuned_minilm": 8}
 
 
 def compose_hydra(*overrides: str):
@@ -100,3 +100,11 @@ def test_all_methods_preset_runs_every_registered_method_once():
     cfg = compose_hydra("+sweep=all_methods")
     assert str(cfg.hydra.sweeper.params.method).split(",") == in_display_order()
     assert (cfg.model.name, cfg.task.name, cfg.budget.name, cfg.seed) == ("minilm", "sst2", "default", 1)
+
+
+def test_tuned_preset_runs_every_method_under_the_protocol():
+    """One job per method, each the protocol's lr trials on a validation split and its seeds."""
+    cfg = compose_hydra("+sweep=tuned_minilm")
+    assert cfg.protocol.name == "tuned" and len(cfg.protocol.lr_factors) == 4 and list(cfg.protocol.seeds) == [1, 2, 3]
+    assert cfg.protocol.validation_rows == 1000 and cfg.budget.validation_rows == 0  # the protocol sets it per run
+    assert "lora" in str(cfg.hydra.sweeper.params.method).split(",")
