@@ -11,7 +11,8 @@ from methods import REGISTRY, in_display_order
 from tests.conftest import CONF
 
 PRESETS = {"smoke": 4, "glue_table": 11 * 7 * 3, "rank_study": 3 * 4 * 3 * 3, "lora_table2": 3 * 8 * 5,
-           "all_methods": len(REGISTRY), "llm_cpu": 5, "llm_gpu": 3 * 4, "tuned_minilm": 8}
+           "all_methods": len(REGISTRY), "llm_cpu": 5, "llm_gpu": 3 * 4, "tuned_minilm": 8,
+           "study_data_size": 4 * 3, "study_target_modules": 2 * 2, "study_rank_scaling": 3 * 4}
 
 
 def compose_hydra(*overrides: str):
@@ -28,7 +29,8 @@ def test_preset_composes_and_expands(name, runs):
     for group in ("task", "model", "budget"):
         for value in str(params.get(group, cfg[group].name)).split(","):
             assert (CONF / group / f"{value}.yaml").is_file(), f"{name}: {group}={value} has no config"
-    missing = [m for m in str(params.method).split(",") if not (CONF / "method" / f"{m}.yaml").is_file()]
+    methods = str(params.get("method", cfg.method.name)).split(",")
+    missing = [m for m in methods if not (CONF / "method" / f"{m}.yaml").is_file()]
     if missing:  # this branch alone has full and lora; the other methods land with the methods work
         pytest.skip(f"{name}: methods not in conf/method yet: {missing}")
 
@@ -108,3 +110,23 @@ def test_tuned_preset_runs_every_method_under_the_protocol():
     assert cfg.protocol.name == "tuned" and len(cfg.protocol.lr_factors) == 4 and list(cfg.protocol.seeds) == [1, 2, 3]
     assert cfg.protocol.validation_rows == 1000 and cfg.budget.validation_rows == 0  # the protocol sets it per run
     assert "lora" in str(cfg.hydra.sweeper.params.method).split(",")
+
+
+def test_target_modules_study_pairs_equal_rank_and_equal_parameters(make_cfg):
+    """The arms are LoRA on [query, value] and on every linear layer, at r=8 and r=2; on MiniLM's shapes the
+    all-linear r=2 arm trains within 15% of the attention-only r=8 arm's parameters."""
+    from methods.base import count_params, head_modules
+    from tests.method_helpers import build
+
+    params = compose_hydra("+sweep=study_target_modules").hydra.sweeper.params
+    assert str(params["rank"]) == "8,2" and "choice(" in str(params["method.target_modules"])
+    trained = {}
+    for targets, rank in (("[query,value]", 8), ("[query,key,value,intermediate.dense,output.dense]", 2)):
+        cfg, method, base, ctx, eff = build(make_cfg, "lora", "model=minilm-random",
+                                            f"method.target_modules={targets}", rank=rank)
+        model = method.attach(base, eff, ctx)
+        trained[targets] = count_params(model, head_modules(cfg.model))["trainable_params_excl_head"]
+        wrapped = {n.rsplit(".", 1)[0] for n, _ in model.named_parameters() if "lora_A" in n}
+        assert len(wrapped) == 6 * (2 if rank == 8 else 6)  # 6 layers; the pooler (head) is never a target
+    attention, every = trained.values()
+    assert attention == 6 * 12_288 and every == 6 * 13_824 and every / attention < 1.15
