@@ -17,10 +17,18 @@ Rules (also printed with each verdict):
   when no run is left, the verdict is "too noisy to tell". Unmerged / base is shown beside it.
 - "intruders grow as rank falls": over LoRA runs analysed at three or more ranks, Spearman's ρ between rank
   and intruder count is negative and the lowest rank has more intruders than the highest.
+
+Power: the comparisons of means say what they can detect. With n_a and n_b runs and a per-run standard deviation sd,
+a two-sided test at 5% finds a true difference with 80% probability when it is at least
+(1.96 + 0.84) x sd x sqrt(1/n_a + 1/n_b) (the normal approximation); the runs a side needed to tell an observed
+difference d apart are 2 x ((1.96 + 0.84) x sd / d)^2. sd is the seeds' pooled standard deviation where a side ran
+two or more seeds, else the dev set's own sampling sd of an accuracy, 100 x sqrt(p(1 - p) / N) points (a floor: seeds
+add their own spread on top).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +42,48 @@ MATCH_POINTS = 1.0
 FORGET_POINTS = 1.0
 LATENCY_TOL = 0.05
 MAX_NOISE = 0.25  # base p95/p50 above 1.25: too noisy to judge a few-percent claim
+
+
+Z_POWER = 1.96 + 0.84  # two-sided 5% test, 80% power
+
+
+def detectable(sd: float, n_a: int, n_b: int) -> float:
+    """The smallest true difference a two-sided 5% test finds with 80% probability (module docstring)."""
+    return Z_POWER * sd * math.sqrt(1 / n_a + 1 / n_b)
+
+
+def runs_needed(sd: float, diff: float) -> int:
+    """Runs a side for a two-sided 5% test to find `diff` with 80% probability."""
+    return max(2, math.ceil(2 * (Z_POWER * sd / abs(diff)) ** 2)) if diff else 0
+
+
+def _spread(groups: list[pd.Series], mean_pct: float, dev_rows: float) -> tuple[float, str]:
+    """(sd in points, what it is): the seeds' pooled sd where a group has two or more runs, else the dev set's sampling
+    sd of an accuracy of `mean_pct` over `dev_rows` examples."""
+    dof = sum(len(g) - 1 for g in groups if len(g) >= 2)
+    if dof:
+        squares = sum(float(((g - g.mean()) ** 2).sum()) for g in groups if len(g) >= 2)
+        return math.sqrt(squares / dof), f"seed sd over {dof} df"
+    p = min(max(mean_pct / 100, 0.0), 1.0)
+    if dev_rows and dev_rows > 0:
+        return 100 * math.sqrt(max(p * (1 - p), 1e-4) / dev_rows), f"the {int(dev_rows)} dev examples' sampling sd"
+    return float("nan"), "no spread known"
+
+
+def power_line(label: str, a: pd.Series, b: pd.Series, dev_rows: float) -> str:
+    """What a comparison of two groups of runs (metric x 100) can detect, and the runs that would decide it."""
+    diff = float(a.mean() - b.mean())
+    sd, what = _spread([a, b], float(pd.concat([a, b]).mean()), dev_rows)
+    if not math.isfinite(sd):
+        return f"{label}: power unknown (no spread measured)"
+    text = (f"{label}: with {len(a)} vs {len(b)} run(s) and sd {sd:.2f} points ({what}), differences under "
+            f"{detectable(sd, len(a), len(b)):.1f} points are not detectable")
+    need = runs_needed(sd, diff)
+    if need > max(len(a), len(b)):
+        text += f"; the observed {diff:+.1f} needs about {need} runs a side to be told from noise"
+    elif need:
+        text += f"; the observed {diff:+.1f} is above that"
+    return text
 
 
 @dataclass
@@ -73,7 +123,8 @@ def lora_matches_full(df: pd.DataFrame) -> Claim:
             [
                 (
                     f"needs LoRA and full fine-tuning runs on the same task "
-                    f"(missing: {', '.join(missing) or 'a common task'})"
+                    f"(missing: {', '.join(missing) or 'a common task'}): one run each gives a verdict, three seeds "
+                    f"each detect differences of about {detectable(1.0, 3, 3):.1f} seed sds (80% power, 5% test)"
                 )
             ],
             rule,
@@ -99,6 +150,13 @@ def lora_matches_full(df: pd.DataFrame) -> Claim:
             parts.append(f"r={int(r['rank_key'])}: {r['mean']:.1f} ({diff:+.1f}{'' if ok else ', no'})")
         best_matches += ok_any
         lines.append(f"{_t(task)}: full FT {full['mean']:.1f} (n={int(full['n'])}); LoRA " + "; ".join(parts))
+        best = lora.sort_values("mean").iloc[-1]
+        runs = df[df["task"] == task]
+        full_runs = runs.loc[runs["method"] == "full", "metric_pct"].dropna()
+        lora_runs = runs.loc[(runs["method"] == "lora") & (runs["rank_key"] == best["rank_key"]), "metric_pct"].dropna()
+        dev_rows = float(runs["data.dev_rows"].median()) if "data.dev_rows" in runs else float("nan")
+        lines.append(power_line(f"{_t(task)} power (LoRA r={int(best['rank_key'])} vs full FT)", lora_runs,
+                                full_runs, dev_rows))
     if not judged:
         return Claim(claim, "not enough data", lines, rule)
     verdict = "not supported"

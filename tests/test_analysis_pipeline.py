@@ -4,6 +4,7 @@ config, then weight rebuild, intruders/spectrum cache, forgetting, tables, plots
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -348,6 +349,26 @@ def test_claims_say_which_way_the_figures_point():
     noisy = _frame([{**rows[1], "latency.base.p95_ms": 30.0}])
     assert claims.merged_lora_no_latency(noisy).verdict == "not enough data"
     assert np.isfinite(_frame(rows)["metric_pct"]).all()
+
+
+def test_claims_say_what_their_runs_can_detect_and_how_many_more_would_decide():
+    """Three seeds a side with a pooled seed sd of 1 point detect (1.96 + 0.84) x 1 x sqrt(2/3) = 2.29 points; an
+    observed 2-point gap needs 2 x (2.8 / 2)^2 = 3.92, so 4 runs a side. One run a side falls back to the dev set's
+    sampling sd at the two runs' mean: 100 x sqrt(0.89 x 0.11 / 872) = 1.06 points."""
+    assert math.isclose(claims.detectable(1.0, 3, 3), 2.8 * math.sqrt(2 / 3))
+    assert claims.runs_needed(1.0, 2.0) == 4 and claims.runs_needed(1.0, 0.0) == 0
+    rows = [{"task": "sst2", "method": "full", "rank": None, "seed": s, "main_metric_value": v,
+             "data.dev_rows": 872} for s, v in ((1, 0.90), (2, 0.91), (3, 0.89))]
+    rows += [{"task": "sst2", "method": "lora", "rank": 8, "seed": s, "main_metric_value": v, "data.dev_rows": 872}
+             for s, v in ((1, 0.88), (2, 0.89), (3, 0.87))]
+    lines = claims.lora_matches_full(_frame(rows)).lines
+    power = next(line for line in lines if "power" in line)
+    assert "3 vs 3 run(s)" in power and "sd 1.00 points (seed sd over 4 df)" in power
+    assert "under 2.3 points" in power and "the observed -2.0 needs about 4 runs a side" in power
+    single = claims.lora_matches_full(_frame([rows[0], rows[3]])).lines
+    assert "sd 1.06 points (the 872 dev examples' sampling sd)" in next(line for line in single if "power" in line)
+    lonely = claims.lora_matches_full(_frame([rows[3]]))
+    assert lonely.verdict == "not enough data" and "three seeds each detect" in lonely.lines[0]
 
 
 def test_intruder_labels_name_the_epsilon_the_counts_were_made_at_or_say_that_it_differs():
