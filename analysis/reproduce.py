@@ -63,6 +63,7 @@ _EFFECTIVE = {
     "eff.max_steps": ("budget", "max_steps"),
     "eff.max_seq_len": ("budget", "max_seq_len"),
     "eff.keep_best": ("budget", "keep_best"),
+    "eff.validation_rows": ("budget", "validation_rows"),
     "eff.lr_schedule": ("budget", "lr_schedule"),
     "eff.max_grad_norm": ("budget", "max_grad_norm"),
     "eff.warmup_ratio": ("method", "warmup_ratio"),
@@ -406,6 +407,11 @@ def deviations(part: pd.DataFrame, pub: Published, model: str | None, sampled: s
     if proto.get("best_epoch") and not part["eff.keep_best"].fillna(False).astype(bool).all():
         out.append("best epoch: the paper reports each run's best epoch; these runs (some or all) report the last "
                    "step (budget.keep_best=false)")
+    elif proto.get("best_epoch"):
+        rows = _fmt_set(set(part["eff.validation_rows"].dropna().astype(int))) if "eff.validation_rows" in part \
+            else "?"
+        out.append(f"best epoch: chosen on a validation split of {rows} rows carved from train (which trains without "
+                   "them); the paper chose it on the dev set it reports")
     if proto.get("warmup_ratio") is not None:
         w = set(part["eff.warmup_ratio"].dropna().astype(float))
         if w and w != {float(proto["warmup_ratio"])}:

@@ -21,7 +21,7 @@ def record(task: str, method: str, seed: int, value: float, *, model: str = "rob
            budget: str = "paper", lr: float = 5e-4, steps: int = 100, train_rows: int = 1000, batch: int = 16,
            note: str = "", max_seq_len: int = 512, keep_best: bool = True) -> dict:
     budget_cfg = {"name": budget, "max_steps": None, "epochs": 60, "batch_size": batch, "grad_accum_steps": 1,
-                  "max_seq_len": max_seq_len, "keep_best": keep_best}
+                  "max_seq_len": max_seq_len, "keep_best": keep_best, "validation_rows": 1000 if keep_best else 0}
     effective = {"task": {"name": task}, "model": {"name": model}, "method": {"name": method, "lr": lr,
                  "warmup_ratio": 0.06}, "rank": rank, "budget": budget_cfg, "seed": seed}
     rank_part = f"-r{rank}" if rank else ""
@@ -69,6 +69,7 @@ def test_known_verdict_table_on_the_papers_model(tmp_path):
     assert "initialisation: RTE start from the pre-trained model" in text
     assert "tasks not run: MRPC, CoLA, QNLI, QQP, STS-B" in text
     assert "not run: RoB-base (AdptD)* 0.3M" in text
+    assert "best epoch: chosen on a validation split of 1000 rows carved from train" in text  # never on dev
     md = rep.markdown()
     assert "| RoB-base (LoRA) | LoRA (r=8) | SST-2 | 95.1 ± 0.2 | 92.5 (n=5) |" in md
     assert "model differs" not in md
