@@ -17,6 +17,8 @@ Rules (also printed with each verdict):
   when no run is left, the verdict is "too noisy to tell". Unmerged / base is shown beside it.
 - "intruders grow as rank falls": over LoRA runs analysed at three or more ranks, Spearman's ρ between rank
   and intruder count is negative and the lowest rank has more intruders than the highest.
+- "intruder dimensions track forgetting": over LoRA runs with an intruder count and a forgetting probe (5 or more per
+  task), Spearman's ρ between the two is positive with its 95% bootstrap interval over runs above 0.
 
 Power: the comparisons of means say what they can detect. With n_a and n_b runs and a per-run standard deviation sd,
 a two-sided test at 5% finds a true difference with 80% probability when it is at least
@@ -332,7 +334,51 @@ def intruders_grow_as_rank_falls(df: pd.DataFrame) -> Claim:
     return Claim(claim, verdict, lines, rule)
 
 
-CLAIMS = (lora_matches_full, lora_does_not_forget, merged_lora_no_latency, intruders_grow_as_rank_falls)
+def spearman_interval(x: np.ndarray, y: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(Spearman's ρ, 95% bootstrap percentile interval over runs): runs drawn with replacement; draws where either
+    variable is constant (ρ undefined) are left out."""
+    rho = float(spearmanr(x, y).statistic)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(x), len(x))
+        if np.ptp(x[idx]) > 0 and np.ptp(y[idx]) > 0:
+            draws.append(spearmanr(x[idx], y[idx]).statistic)
+    low, high = np.percentile(draws, [2.5, 97.5]) if draws else (np.nan, np.nan)
+    return rho, float(low), float(high)
+
+
+def intruders_track_forgetting(df: pd.DataFrame) -> Claim:
+    claim = "intruder dimensions track forgetting"
+    rule = ("over LoRA runs with both an intruder count (saved weights) and a forgetting probe, at least 5 per task: "
+            "Spearman's ρ(intruders, forgetting) > 0 with its 95% bootstrap interval (over runs) above 0")
+    need = ["intruders", "forgetting_value"]
+    lora = df[(df["method"] == "lora") & df[need].notna().all(axis=1)] if set(need) <= set(df.columns) else df[:0]
+    if lora.empty:
+        return Claim(claim, "not enough data", [
+            "no LoRA run has both an intruder count and a forgetting probe: run LoRA at several ranks with "
+            "forgetting=sts (encoders) or forgetting=wiki (causal LMs) and save_weights=adapter, then analyse; "
+            "5 runs per task at least, and with 20 a ρ of about 0.6 has an interval clear of 0"], rule)
+    lines, verdicts = [], []
+    for task, part in lora.groupby("task"):
+        x, y = part["intruders"].to_numpy(float), (100 * part["forgetting_value"]).to_numpy(float)
+        if len(part) < 5 or np.ptp(x) == 0 or np.ptp(y) == 0:
+            lines.append(f"{_t(task)}: {len(part)} run(s)" + ("" if len(part) < 5 else ", one variable constant")
+                         + ": not enough (5 or more runs with varying counts needed)")
+            continue
+        rho, low, high = spearman_interval(x, y)
+        verdicts.append(bool(low > 0))
+        lines.append(f"{_t(task)}: Spearman ρ(intruders, forgetting) = {rho:+.2f} [95% CI {low:+.2f}, {high:+.2f}] "
+                     f"over {len(part)} LoRA runs (intruders {x.min():.0f}–{x.max():.0f}, forgetting "
+                     f"{y.min():+.2f}–{y.max():+.2f} points)")
+    if not verdicts:
+        return Claim(claim, "not enough data", lines, rule)
+    verdict = "supported" if all(verdicts) else "partly supported" if any(verdicts) else "not supported"
+    return Claim(claim, verdict, lines, rule)
+
+
+CLAIMS = (lora_matches_full, lora_does_not_forget, merged_lora_no_latency, intruders_grow_as_rank_falls,
+          intruders_track_forgetting)
 
 
 def check_all(df: pd.DataFrame) -> list[Claim]:

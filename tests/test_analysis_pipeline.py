@@ -342,6 +342,7 @@ def test_claims_say_which_way_the_figures_point():
         "LoRA does not forget": "not supported",
         "merged LoRA adds no latency": "supported",
         "intruders grow as rank falls": "supported",
+        "intruder dimensions track forgetting": "not enough data",  # 3 LoRA runs: 5 needed
     }
     lonely = claims.check_all(_frame([rows[1]]))
     assert lonely[0].verdict == "not enough data" and "full" in lonely[0].lines[0]
@@ -369,6 +370,27 @@ def test_claims_say_what_their_runs_can_detect_and_how_many_more_would_decide():
     assert "sd 1.06 points (the 872 dev examples' sampling sd)" in next(line for line in single if "power" in line)
     lonely = claims.lora_matches_full(_frame([rows[3]]))
     assert lonely.verdict == "not enough data" and "three seeds each detect" in lonely.lines[0]
+
+
+def test_intruders_track_forgetting_with_an_interval_over_runs():
+    def runs(pairs):
+        return _frame([{"task": "sst2", "method": "lora", "rank": r, "seed": i, "main_metric_value": 0.85,
+                        "analysis.intruders.total": n, "forgetting.forgetting": f, "forgetting.probe": "sts"}
+                       for i, (r, n, f) in enumerate(pairs)])
+
+    tracking = [(r, n, n / 100 + 0.001 * (i % 2)) for i, (r, n) in
+                enumerate([(1, 9), (2, 7), (4, 6), (8, 4), (16, 3), (32, 2), (64, 1), (1, 10)])]
+    c = claims.intruders_track_forgetting(runs(tracking))
+    assert c.verdict == "supported" and "ρ(intruders, forgetting) = +1.00" in c.lines[0]
+    rho, low, high = claims.spearman_interval(np.arange(8.0), np.arange(8.0))
+    assert (rho, low, high) == pytest.approx((1.0, 1.0, 1.0))  # a monotone relation stays monotone in every draw
+    opposed = [(r, n, -n / 100) for r, n, _ in tracking]
+    assert claims.intruders_track_forgetting(runs(opposed)).verdict == "not supported"
+    few = claims.intruders_track_forgetting(runs(tracking[:4]))
+    assert few.verdict == "not enough data" and "4 run(s)" in few.lines[0]
+    none = claims.intruders_track_forgetting(_frame([{"task": "sst2", "method": "lora", "rank": 8,
+                                                      "main_metric_value": 0.8}]))
+    assert none.verdict == "not enough data" and "forgetting=sts" in none.lines[0]
 
 
 def test_intruder_labels_name_the_epsilon_the_counts_were_made_at_or_say_that_it_differs():
