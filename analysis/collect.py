@@ -28,6 +28,7 @@ import pandas as pd
 from analysis.analyse import stored_analysis
 from bench import record
 from bench.data.tasks import CLASSIFICATION, GENERATION, TASKS
+from bench.record.identity import BUDGET_ADDED
 
 BUDGET_DESC_FIELDS = ("max_steps", "epochs", "batch_size", "train_samples", "eval_samples", "max_seq_len")
 
@@ -59,8 +60,11 @@ def analysis_summary(res: dict) -> dict:
 
 
 def _budget_fields(rec: dict) -> dict:
-    """The run's effective budget, without the fields that follow the task (budget=paper: epochs, batch size)."""
+    """The run's effective budget, without the fields that follow the task (budget=paper: epochs, batch size); keys
+    newer than the record filled with the value it ran with (bench/record/identity.py BUDGET_ADDED)."""
     budget = dict((rec.get("effective_config") or {}).get("budget") or {})
+    if budget:
+        budget = {**BUDGET_ADDED, **budget}
     if budget.get("name") == "paper":
         for key in ("epochs", "eval_every_steps", "batch_size"):
             budget.pop(key, None)

@@ -1,7 +1,7 @@
 """The report's HTML page (analysis.html via analysis.report) from constructed records: one self-contained file
 (no external URL, figures inlined) holding the expected tables and sections; and, marked slow, the page opened
 in headless Chromium: the DataTables render, the plots load, no console errors, a screenshot saved. And the report
-of the committed 42-method baseline (records without saved weights), built with every model and dataset loader and
+of the committed 58-method baseline (records without saved weights), built with every model and dataset loader and
 the network refusing."""
 from __future__ import annotations
 
@@ -161,7 +161,7 @@ def _refuse(what: str):
 
 @pytest.fixture(scope="module")
 def baseline_report(tmp_path_factory):
-    """The report of a copy of the committed 42-method baseline (its records say `weights_dir`, but no run folder
+    """The report of a copy of the committed 58-method baseline (its records say `weights_dir`, but no run folder
     kept its weights), built without GLUE_DIR, with the model, tokenizer and dataset loaders and the network
     refusing. Returns (root, stderr)."""
     import datasets
@@ -186,14 +186,14 @@ def baseline_report(tmp_path_factory):
 
 def test_a_report_from_records_without_weights_loads_no_model_no_dataset_and_no_hub(baseline_report):
     root, err = baseline_report
-    assert len(list((root / "runs").rglob(RECORD_FILE))) == 42
+    assert len(list((root / "runs").rglob(RECORD_FILE))) == 58
     lines = [line for line in err.splitlines() if line.strip()]
-    assert lines == ["weights analysis: 0 of 42 ok runs have saved weights; the 42 without are skipped (n/a anyway "
-                     "for 6: their method leaves W unchanged or does not merge)"], err
+    assert lines == ["weights analysis: 0 of 58 ok runs have saved weights; the 58 without are skipped (n/a anyway "
+                     "for 7: their method leaves W unchanged or does not merge)"], err
     assert not list((root / "runs").rglob(ANALYSIS_FILE))  # nothing written into the records' folders
     text = (root / "report" / "index.md").read_text()
     assert "Chance level (majority class of the dev set; 0 for correlations): SST-2 50.9." in text  # from facts
-    assert text.count("not analysed (no saved weights") == 36 and text.count("| n/a: ") == 6
+    assert text.count("not analysed (no saved weights") == 51 and text.count("| n/a: ") == 7
 
 
 def test_every_table_shows_every_row(baseline_report):
@@ -201,20 +201,20 @@ def test_every_table_shows_every_row(baseline_report):
     page = (root / "report" / "index.html").read_text(encoding="utf-8")
     tables = datatables(page)
     data, cells, args = tables["main-0"]
-    assert len(data) == len(cells) == 42  # one row per method, none left for a second page or dropped
+    assert len(data) == len(cells) == 58  # one row per method, none left for a second page or dropped
     assert '"paging": false' in args
-    assert len(tables["runs-index"][0]) == len(tables["runs-index"][1]) == 42
+    assert len(tables["runs-index"][0]) == len(tables["runs-index"][1]) == 58
     assert_no_missing_text(page)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(browser.chromium() is None, reason="needs Debian's chromium (apt-get install chromium)")
-def test_the_baseline_page_shows_all_42_methods_in_headless_chromium(baseline_report):
+def test_the_baseline_page_shows_all_58_methods_in_headless_chromium(baseline_report):
     root, _ = baseline_report
     r = browser.render(root / "report" / "index.html")
     assert r.errors == [], r.errors
     table = r.dom[r.dom.index('<table id="main-0"'):]
     body = table[table.index("<tbody"):table.index("</tbody>")]
-    assert body.count("<tr") == 42
+    assert body.count("<tr") == 58
     cells = [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", body, re.DOTALL)]
-    assert cells.count("–") >= 42 and not {c for c in cells if c in MISSING_TEXTS}  # one seed: no sd, a dash
+    assert cells.count("–") >= 58 and not {c for c in cells if c in MISSING_TEXTS}  # one seed: no sd, a dash

@@ -56,7 +56,6 @@ class Protocol(_Strict):
     selection_seed: int
     seeds: list[int] = Field(min_length=1)
     validation_rows: int = Field(gt=0)
-    reference: str
 
     @field_validator("lr_factors")
     @classmethod
