@@ -74,7 +74,12 @@ def select(runs: list[dict]) -> Tuned | None:
     best = choose(trials, higher_is_better(metric)) if common else None
     chosen = best["lr"] if best else None
     finals = sorted((r for r in runs if chosen is not None and float(r["lr"]) == chosen), key=lambda r: r["seed"])
-    return Tuned(str(first["method"]), method_label_of(first), str(first["task"]), str(first["model"]), metric, lrs,
+    label = method_label_of(first) + (f", r={first['rank']}" if first.get("rank") is not None else "")
+    eff = first.get("effective_config") or {}
+    targets = (eff.get("method") or {}).get("target_modules")
+    if isinstance(targets, list) and targets != (eff.get("model") or {}).get("lora_targets"):
+        label += f", on {'/'.join(map(str, targets))}"  # not the model's default targets (a target-modules study)
+    return Tuned(str(first["method"]), label, str(first["task"]), str(first["model"]), metric, lrs,
                  common, trials, chosen, chosen is not None and at_edge(chosen, lrs), finals)
 
 

@@ -23,8 +23,8 @@ def _outcome(correct: int, n: int = 40) -> dict:
     return {"pred": [1] * correct + [0] * (n - correct), "label": [1] * n}
 
 
-def _record(method: str, lr: float, seed: int, validation: float, test_correct: int) -> dict:
-    cfg = compose_cfg(f"method={method}", f"lr={lr}", f"seed={seed}", "budget.validation_rows=20")
+def _record(method: str, lr: float, seed: int, validation: float, test_correct: int, *overrides: str) -> dict:
+    cfg = compose_cfg(f"method={method}", f"lr={lr}", f"seed={seed}", "budget.validation_rows=20", *overrides)
     return planned_record(cfg, status="ok", main_metric="accuracy", main_metric_value=test_correct / 40,
                           metrics={"accuracy": test_correct / 40, "eval_loss": 0.5},
                           validation_main_metric_value=validation, dev_predictions=_outcome(test_correct))
@@ -108,3 +108,11 @@ def test_the_protocol_runs_trials_then_seeds_and_analysis_makes_the_same_choice(
     assert f"chosen lr {result.chosen_lr:g}" in chosen
     assert [r["seed"] for r in result.finals] == [1, 2] and result.test is not None
     assert np.isfinite(result.test.low)
+
+
+def test_each_arm_is_its_own_row_named_by_rank_and_targets():
+    """A target-modules or rank study's arms are separate tuning groups, labelled so that rows can be told apart."""
+    arms = [_record("lora", 1e-3, 1, 0.8, 30), _record("lora", 1e-3, 1, 0.7, 28, "rank=2"),
+            _record("lora", 1e-3, 1, 0.9, 33, "method.target_modules=[query,key,value]")]
+    labels = sorted(t.label for t in tuned_results(arms, reference="lora", n_boot=50))
+    assert labels == ["LoRA (α=2r), r=2", "LoRA (α=2r), r=8", "LoRA (α=2r), r=8, on query/key/value"]
