@@ -230,9 +230,12 @@ def ratio_check(base: np.ndarray, cur: np.ndarray, limit: float, higher_is_worse
     if b <= 0 or not math.isfinite(b) or not math.isfinite(c):
         return "-", "n/a"
     ratio = c / b
-    text = f"{100 * (ratio - 1):+.1f}%"
-    bad = ratio > limit if higher_is_worse else ratio < 1 / limit
-    return text, "REGRESSION" if bad else "ok"
+    return f"{100 * (ratio - 1):+.1f}%", "REGRESSION" if _beyond(ratio, limit, higher_is_worse) else "ok"
+
+
+def _beyond(ratio: float, limit: float, higher_is_worse: bool) -> bool:
+    """Whether a current/baseline ratio is beyond `limit` in the bad direction."""
+    return ratio > limit if higher_is_worse else ratio < 1 / limit
 
 
 def run_to_run_spread(frames: tuple[pd.DataFrame, ...], column: str) -> tuple[float, int]:
@@ -307,9 +310,8 @@ def perf_check(base: np.ndarray, cur: np.ndarray, limit: float, higher_is_worse:
             return (f"{text} (the base model {c_text} in the same runs; over base {overhead})",
                     "ok: the machine, not the method")
     elif timing and shift is not None:
-        alike = ratio_check(np.array([shift]), np.array([float(np.median(cur) / np.median(base))]), limit,
-                            higher_is_worse)[1] == "ok"
-        if alike and ratio_check(np.array([1.0]), np.array([shift]), limit, higher_is_worse)[1] == "REGRESSION":
+        alike = not _beyond(float(np.median(cur) / np.median(base)) / shift, limit, higher_is_worse)
+        if alike and _beyond(shift, limit, higher_is_worse):
             return (f"{text} (every config's median {100 * (shift - 1):+.1f}%)",
                     "inconclusive: every config moved alike (the machine, or code they share)")
     logs = np.log(base), np.log(cur)

@@ -81,12 +81,12 @@ MODEL_NOT = {
     "gguf_file": "where the weights are loaded from (fingerprinted)",
     "tokenizer_from": "where the tokenizer is loaded from (fingerprinted: fingerprints.tokenizer_files_sha256)",
 }
-# Budget keys left out of the identity while they hold their neutral value, which is what records without the key ran
-# with: a new knob at its old behaviour does not re-key finished runs.
-BUDGET_NEUTRAL = {"validation_rows": 0}
 # Budget keys newer than some records, with the value a record without the key ran with (tables group runs by budget:
 # a record from before `lr_schedule` existed trained on the linear schedule, and carved no validation split).
 BUDGET_ADDED = {"lr_schedule": "linear", "validation_rows": 0}
+# Those of them left out of the identity while they hold that value: a new knob at its old behaviour does not re-key
+# finished runs (`lr_schedule` came before this rule, and is in every identity since).
+BUDGET_NEUTRAL = {k: BUDGET_ADDED[k] for k in ("validation_rows",)}
 MEASURE_NOT = {
     "busy_gpu": "what to do when the GPU is busy at run start (recorded as gpu_start)",
     "busy_gpu_threshold_bytes": "when the GPU counts as busy (recorded as gpu_start)",
