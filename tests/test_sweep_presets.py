@@ -109,6 +109,7 @@ def test_tuned_preset_runs_every_method_under_the_protocol():
     cfg = compose_hydra("+sweep=tuned_minilm")
     assert cfg.protocol.name == "tuned" and len(cfg.protocol.lr_factors) == 4 and list(cfg.protocol.seeds) == [1, 2, 3]
     assert cfg.protocol.validation_rows == 1000 and cfg.budget.validation_rows == 0  # the protocol sets it per run
+    assert cfg.budget.max_steps == 200  # the 48 runs fit a 3-hour session on 2 CPU cores, as its header says
     assert "lora" in str(cfg.hydra.sweeper.params.method).split(",")
 
 
