@@ -13,18 +13,14 @@ import argparse
 import copy
 import json
 
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from bench import BenchError
-from bench.config import compose_config
-from bench.data import load_data
-from bench.loop.evaluate import evaluate
 from bench.loop.train import total_steps
 from bench.model import seed_everything
 from bench.model.rebuild import read_run, tuned_model
-from bench.plan import plan
 from bench.recipe import attach, train_model
+from bench.reevaluate import dev_set, head_copy, set_head, task_conf
 from methods import get_method
 from methods.base import head_modules
 
@@ -44,40 +40,28 @@ def sequential(run_dir, task_b: str, max_steps: int | None = None, train_samples
         raise BenchError(f"sequential forgetting supports methods that merge (and full); not '{method.name}'")
     budget = {k: v for k, v in (("max_steps", max_steps), ("train_samples", train_samples)) if v is not None}
     # Task A as the run had it, with any key its record lacks taken from conf/task; task B from conf/task; on CPU.
-    p_a = plan(_on_cpu(cfg, OmegaConf.merge(_task_conf(record["task"]), cfg.task), budget))
-    p_b = plan(_on_cpu(cfg, _task_conf(task_b), budget))
-    data_a = load_data(p_a.task, p_a.cfg)
-    data_b = load_data(p_b.task, p_b.cfg, tokenizer=data_a.tokenizer)
+    dev_a = dev_set(cfg, budget=budget)
+    dev_b = dev_set(cfg, task_conf(task_b), budget, tokenizer=dev_a.data.tokenizer)
+    p_a, p_b, data_b = dev_a.plan, dev_b.plan, dev_b.data
     head = head_modules(cfg.model)  # empty for a causal LM: its LM head answers both tasks as text, untouched here
 
-    def main_metric(model, p, data) -> float:
-        return evaluate(model, data.dev_loader, p.task, p.device, p.precision)[0][p.task.main_metric]
-
-    def set_head(model, modules: dict[str, nn.Module], task):
-        for path, module in modules.items():
-            parent, _, leaf = path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, module)
-        model.num_labels = model.config.num_labels = task.num_labels
-        model.config.problem_type = "regression" if task.is_regression else "single_label_classification"
-
     model = tuned_model(run_dir, merge=True)
-    before = main_metric(model, p_a, data_a)
+    before = dev_a.main_metric(model)
     # Task A's whole head (BERT: pooler + classifier) is set aside and put back; B starts from A's head with a
     # fresh output layer.
-    head_a = {path: copy.deepcopy(module) for path, module in model.named_modules()
-              if any(path == h or path.endswith(f".{h}") for h in head)}
+    head_a = head_copy(model, head)
     seed_everything(int(record["seed"]))
     if head:  # the head's output layer (conf/model/family: the last of `head`) gets B's labels
         set_head(model, {head[-1]: _fresh_head(model.get_submodule(head[-1]), p_b.task.num_labels)}, p_b.task)
     n_steps = total_steps(len(data_b.train_loader), p_b.cfg.budget)
     model, _ = attach(p_b, model, n_steps, data_b)
     train_model(p_b, model, data_b.train_loader, n_steps)
-    metric_b = main_metric(model, p_b, data_b)
+    metric_b = dev_b.main_metric(model)
     if method.merges and not method.edits_in_place:
         model = method.merged(model)
     if head:
         set_head(model, head_a, p_a.task)
-    after = main_metric(model, p_a, data_a)
+    after = dev_a.main_metric(model)
     task_a = p_a.task
     return {
         "run_id": record["run_id"],
@@ -92,20 +76,6 @@ def sequential(run_dir, task_b: str, max_steps: int | None = None, train_samples
         "after": after,
         "forgetting": before - after,
     }
-
-
-def _task_conf(name: str) -> DictConfig:
-
-    return compose_config([f"task={name}"]).task
-
-
-def _on_cpu(cfg: DictConfig, task: DictConfig, budget: dict) -> DictConfig:
-    """The run's config with `task`, the budget overrides, on CPU in fp32."""
-    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    out.task = task
-    out.budget = OmegaConf.merge(out.budget, budget)
-    out.device, out.precision = "cpu", "fp32"
-    return out
 
 
 def _fresh_head(old: nn.Module, num_labels: int) -> nn.Module:
