@@ -202,6 +202,17 @@ def lora_does_not_forget(df: pd.DataFrame) -> Claim:
             less_than_full.append(bool(lo["mean"].max() < f))
             text += f"; full FT {f:+.2f}"
         lines.append(text + " points")
+        worst_rank = lo.sort_values("mean").iloc[-1]["rank_key"]
+        runs = d[d["task"] == task]
+        worst_runs = runs.loc[(runs["method"] == "lora") & (runs["rank_key"] == worst_rank), "f100"]
+        if not full.empty:  # forgetting has no sampling formula: the spread is the seeds' or unknown
+            lines.append(power_line(f"{_t(task)} power (LoRA r={int(worst_rank)} vs full FT forgetting)", worst_runs,
+                                    runs.loc[runs["method"] == "full", "f100"], float("nan")))
+        elif len(worst_runs) >= 2:
+            sd = float(worst_runs.std(ddof=1))
+            lines.append(f"{_t(task)} power: {len(worst_runs)} seeds at r={int(worst_rank)}, sd {sd:.2f} points: "
+                         f"forgetting within {Z_POWER * sd / math.sqrt(len(worst_runs)):.2f} points of the "
+                         f"{FORGET_POINTS:g}-point limit cannot be told from it")
     if not np.isfinite(worst):
         return Claim(claim, "not enough data", lines, rule)
     base_before = lora["forgetting.before"].mean() * 100 if "forgetting.before" in lora else np.nan
@@ -282,6 +293,12 @@ def merged_lora_no_latency(df: pd.DataFrame) -> Claim:
             f"unmerged / base: median {unmerged.median():.3f} (range {unmerged.min():.3f}–"
             f"{unmerged.max():.3f})"
         )
+    if len(merged) >= 2:
+        sd = float(merged.std(ddof=1))
+        lines.append(f"power: {len(merged)} runs, merged / base sd {sd:.3f}: a slowdown under "
+                     f"{Z_POWER * sd / math.sqrt(len(merged)):.1%} is not detectable (80% power, 5% test)")
+    else:
+        lines.append("power: one run, no spread of merged / base: repeat the run (seeds) to know what it can detect")
     lines.append(
         f"base p50 {lora['latency.base.p50_ms'].median():.1f} ms, merged "
         f"{lora['latency.merged.p50_ms'].median():.1f} ms (medians); noise allowance {tol:.1%}"

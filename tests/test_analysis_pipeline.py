@@ -372,6 +372,24 @@ def test_claims_say_what_their_runs_can_detect_and_how_many_more_would_decide():
     assert lonely.verdict == "not enough data" and "three seeds each detect" in lonely.lines[0]
 
 
+def test_forgetting_and_latency_claims_say_what_their_runs_can_detect():
+    """Forgetting: LoRA (3 seeds, +0.5/+1.5/+1.0 points) vs full FT (3 seeds, 2/3/4): pooled seed sd
+    sqrt((0.5 + 2) / 4) = 0.79 points, detectable 2.8 x 0.79 x sqrt(2/3) = 1.8 points. Latency: merged / base of
+    1.00, 1.02, 1.04 has sd 0.02, so a slowdown under 2.8 x 0.02 / sqrt(3) = 3.2% is not detectable."""
+    rows = [{"task": "sst2", "method": m, "rank": r, "seed": i, "main_metric_value": 0.85,
+             "forgetting.forgetting": f, "forgetting.probe": "sts", "forgetting.before": 0.8,
+             "latency.base.p50_ms": 10.0, "latency.base.p95_ms": 10.2, "latency.merged.p50_ms": 10.0 * lat}
+            for m, r, fs, lats in (("lora", 8, (0.005, 0.015, 0.01), (1.0, 1.02, 1.04)),
+                                   ("full", None, (0.02, 0.03, 0.04), (1.0, 1.0, 1.0)))
+            for i, (f, lat) in enumerate(zip(fs, lats), start=1)]
+    forget = claims.lora_does_not_forget(_frame(rows))
+    power = next(line for line in forget.lines if "power" in line)
+    assert "LoRA r=8 vs full FT forgetting" in power and "3 vs 3 run(s) and sd 0.79 points" in power
+    assert "under 1.8 points are not detectable" in power
+    latency = claims.merged_lora_no_latency(_frame(rows))
+    assert "power: 3 runs, merged / base sd 0.020: a slowdown under 3.2% is not detectable" in latency.lines[1]
+
+
 def test_intruders_track_forgetting_with_an_interval_over_runs():
     def runs(pairs):
         return _frame([{"task": "sst2", "method": "lora", "rank": r, "seed": i, "main_metric_value": 0.85,
