@@ -12,7 +12,8 @@ from tests.conftest import CONF
 
 PRESETS = {"smoke": 4, "glue_table": 11 * 7 * 3, "rank_study": 3 * 4 * 3 * 3, "lora_table2": 3 * 8 * 5,
            "all_methods": len(REGISTRY), "llm_cpu": 5, "llm_gpu": 3 * 4, "tuned_minilm": 8,
-           "study_data_size": 4 * 3, "study_target_modules": 2 * 2, "study_rank_scaling": 3 * 4}
+           "study_data_size": 4 * 3, "study_target_modules": 2 * 2, "study_rank_scaling": 3 * 4,
+           "study_forgetting": 2 * 4 * 3}
 
 
 def compose_hydra(*overrides: str):
@@ -111,6 +112,13 @@ def test_tuned_preset_runs_every_method_under_the_protocol():
     assert cfg.protocol.validation_rows == 1000 and cfg.budget.validation_rows == 0  # the protocol sets it per run
     assert cfg.budget.max_steps == 200  # the 48 runs fit a 3-hour session on 2 CPU cores, as its header says
     assert "lora" in str(cfg.hydra.sweeper.params.method).split(",")
+
+
+def test_forgetting_study_saves_weights_and_probes_forgetting():
+    """Every run keeps what the intruder count and the forgetting claims read."""
+    cfg = compose_hydra("+sweep=study_forgetting")
+    assert cfg.save_weights == "adapter" and cfg.forgetting.probe == "sts" and cfg.forgetting.max_pairs == 500
+    assert str(cfg.hydra.sweeper.params.rank) == "1,4,16,64" and cfg.results_dir == "results/study_forgetting"
 
 
 def test_target_modules_study_pairs_equal_rank_and_equal_parameters(make_cfg):
