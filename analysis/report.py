@@ -22,7 +22,9 @@ worked solution -> final number; `analysis.collect.task_kind_of`) get theirs (`g
 (model, task, budget): accuracy with its 95% interval beside the zero-shot (and k-shot) accuracy, the no-answer
 share, the gold solution's loss, forgetting, memory, training and generation tokens/s. Records without `model_kind`
 are encoders. `--table auto` (default) reproduces the published tables that fit the runs: `lora-table2` for
-classification runs, `peft-metamathqa` for generation runs.
+classification runs, `peft-metamathqa` for generation runs. Serving benchmark records (`serving-*.json` from
+`python -m bench.tools.perf.serving`) in `perf/` beside the results folder get a section with their tables
+(`analysis.serving`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from analysis import claims, intruders, plots, reproduce, tables
 from analysis.analyse import analyse_all
 from analysis.collect import load_records
 from analysis.html import write_html
+from analysis.serving import serving_section
 from bench import BenchError
 
 PLOT_CAPTIONS = {
@@ -380,6 +383,7 @@ def build_report(
 
     lines += causal_lm_section(ok, analyses, out)
     lines += generation_section(ok, analyses, out)
+    lines += serving_section(results)  # serving benchmark records in perf/ beside the results folder
 
     if table == "auto":
         published = [reproduce.load_published(name) for name in published_tables(df)]

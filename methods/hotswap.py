@@ -5,15 +5,22 @@ Each adapter keeps its own copy of the task head (peft's modules_to_save), and s
 Only for methods saved in peft format (lora, rslora, dora, adalora, ia3, prompt/prefix tuning), all of
 one peft type; bitfit, full and the bottleneck adapters save plain tensors and cannot be hot-swapped.
 
+Mixed-adapter batches (each row through its own adapter in one call: peft's `adapter_names=` argument to forward
+and generate) work for fewer: the tuners that route rows to adapters (LoRA and its variants and initialisations,
+RoAd, GLoRA), not DoRA. The others either refuse the argument (AdaLoRA, DoRA) or ignore it and run every row
+through the active adapter (IA3, LoHa, VeRA, prompt methods, ...); `check_mixed_batches` refuses them in one line.
+
     model = load_adapters(base_model, {"sst2": "runs/a/weights", "rte": "runs/b/weights"})
     switch(model, "rte")
+    check_mixed_batches(model)
+    model(**batch, adapter_names=["sst2", "rte", "sst2"])   # one adapter per row
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
 
-from peft import PeftModel
+from peft import PeftModel, PeftType
 from torch import nn
 
 from methods.errors import BenchError
@@ -41,3 +48,27 @@ def switch(model: PeftModel, name: str) -> None:
     if name not in model.peft_config:
         raise BenchError(f"hot-swap: no adapter '{name}'; loaded: {', '.join(model.peft_config)}")
     model.set_adapter(name)
+
+
+# The peft types whose layers implement `_mixed_batch_forward` and whose tuner injects `adapter_names` (peft 0.21).
+MIXED_BATCH_TYPES = (PeftType.LORA, PeftType.ROAD, PeftType.GLORA)
+
+
+def mixed_batch_problem(model: PeftModel) -> str | None:
+    """Why `model`'s adapters cannot serve mixed-adapter batches (`adapter_names=`), or None when they can."""
+    for config in model.peft_config.values():
+        if config.peft_type not in MIXED_BATCH_TYPES:
+            return (f"{config.peft_type.value} adapters: peft routes the rows of a mixed-adapter batch "
+                    f"(adapter_names=) only for {', '.join(t.value for t in MIXED_BATCH_TYPES)} adapters without DoRA; "
+                    "for the others it refuses adapter_names= or ignores it and runs every row through the active "
+                    "adapter")
+        if getattr(config, "use_dora", False):
+            return "DoRA adapters: peft refuses adapter_names= (mixed-adapter batches) for DoRA"
+    return None
+
+
+def check_mixed_batches(model: PeftModel) -> None:
+    """BenchError (one line) unless every adapter of `model` can serve mixed-adapter batches."""
+    problem = mixed_batch_problem(model)
+    if problem:
+        raise BenchError(f"mixed-adapter batches: {problem}")

@@ -38,6 +38,11 @@ def _proc_status_bytes(field: str) -> int | None:
     return None
 
 
+def rss_bytes() -> int | None:
+    """The process's resident set now (VmRSS; Linux), None where /proc is missing."""
+    return _proc_status_bytes("VmRSS")
+
+
 def _reset_cpu_peak() -> bool:
     """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux only). True when it worked."""
     try:

@@ -5,9 +5,10 @@
     python -m bench.tools.perf.hotswap --model minilm --adapter-dir runs/A/weights --adapter-dir runs/B/weights
 
 Without --adapter-dir it makes --n-adapters adapters of --method (random non-zero weights: latency does
-not depend on the values) and saves them to a temporary folder. It prints the time to load each adapter,
-the swap latency (`set_adapter`, p50/p95 over --iters swaps, device-synchronised), and one forward pass
-with and without a swap before it.
+not depend on the values; bench/tools/perf/adapters.py) and saves them to a temporary folder. It prints the
+time to load each adapter, the swap latency (`set_adapter`, p50/p95 over --iters swaps, device-synchronised),
+and one forward pass with and without a swap before it. Many adapters at serving time (mixed-adapter batches,
+throughput and memory vs the number of adapters): `python -m bench.tools.perf.serving`.
 """
 from __future__ import annotations
 
@@ -21,35 +22,15 @@ import torch
 
 from bench.config import compose_config
 from bench.measure.latency import latency_batch
-from bench.model import attach_context, load_model
+from bench.model import load_model
 from bench.model.device import sync
-from methods import get_method
-from methods.base import head_modules, is_head_param
+from bench.tools.perf.adapters import make_adapters
 from methods.hotswap import load_adapters, switch
 
 
 def _pct(times_ms: list[float]) -> str:
     arr = np.asarray(times_ms)
     return f"p50 {np.percentile(arr, 50):8.3f} ms   p95 {np.percentile(arr, 95):8.3f} ms   (n={len(arr)})"
-
-
-def make_adapters(cfg, n: int, out: Path, num_labels: int) -> dict[str, Path]:
-    method = get_method(str(cfg.method.name))
-    ctx = attach_context(cfg.model, int(cfg.rank), num_labels, 100)
-    eff = method.effective_config(cfg.method, ctx.rank)
-    dirs = {}
-    for i in range(n):
-        torch.manual_seed(0)  # same base model every time
-        model, _ = load_model(cfg.model, num_labels)
-        model = method.attach(model, eff, ctx)
-        torch.manual_seed(1000 + i)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if param.requires_grad and not is_head_param(name, head_modules(cfg.model)):
-                    param.add_(0.02 * torch.randn_like(param))
-        dirs[f"adapter{i}"] = out / f"adapter{i}"
-        method.save(model, dirs[f"adapter{i}"])
-    return dirs
 
 
 def main(argv: list[str] | None = None) -> None:
