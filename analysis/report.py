@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import claims, intruders, plots, reproduce, tables
+from analysis import claims, intruders, plots, reproduce, tables, tuned
 from analysis.analyse import analyse_all
 from analysis.collect import load_records
 from analysis.html import write_html
@@ -268,6 +268,7 @@ def build_report(
     published = [reproduce.load_published(name) for name in named]  # an unknown name stops here, before any work
     analyses = analyse_all(results, force=force, k=k, epsilon=epsilon, compute=analyse)
     records, problems = load_records(results, analyses=analyses)
+    records, unchosen = tuned.chosen_only(records)  # a tuning protocol's trials at lrs it did not choose
     df = reproduce.frame(records)
     if df.empty:
         print(f"error: no run records under {results}", file=sys.stderr)
@@ -287,6 +288,10 @@ def build_report(
         + ". All runs in one table: `runs.csv`.",
         "",
     ]
+    if unchosen:
+        lines += [f"{unchosen} lr trials of a tuning protocol at learning rates it did not choose are left out: tables "
+                  "and claims compare each method at the lr chosen on validation (`python -m analysis.tuned` shows "
+                  "every trial).", ""]
     groups = list(encoders.groupby(["model", "budget_sig"], dropna=False)) if not encoders.empty else []
     if ok.empty:
         lines += ["No ok runs: nothing to compare.", ""]

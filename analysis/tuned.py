@@ -83,6 +83,18 @@ def select(runs: list[dict]) -> Tuned | None:
                  common, trials, chosen, chosen is not None and at_edge(chosen, lrs), finals)
 
 
+def chosen_only(records: list[dict]) -> tuple[list[dict], int]:
+    """(the records without the lr trials a tuning protocol did not choose, how many were left out): where a tuning
+    group ran several lrs with validation scores, only the chosen lr's runs stay, so tables and claims compare each
+    method at its chosen lr instead of pooling its trials. Other records (one lr, no validation, not ok) stay."""
+    dropped: set[int] = set()
+    for runs in _groups(records).values():
+        t = select(runs)
+        if t is not None and len(t.lrs) > 1 and t.chosen_lr is not None:
+            dropped |= {id(r) for r in runs if float(r["lr"]) != t.chosen_lr}
+    return [r for r in records if id(r) not in dropped], len(dropped)
+
+
 def _outcomes(t: Tuned) -> list[dict]:
     return [r["dev_predictions"] for r in t.finals if r.get("dev_predictions")]
 

@@ -46,6 +46,18 @@ def test_selection_follows_validation_even_where_the_test_set_disagrees(tmp_path
     assert tuned_main([str(tmp_path), "--boot", "100"]) == 0
 
 
+def test_tables_and_claims_see_each_method_at_its_chosen_lr_only():
+    """The lr trials a protocol did not choose would drag a method's mean down (or up) if pooled with its seeds."""
+    from analysis.tuned import chosen_only
+
+    trials = [_record("full", lr, 1, val, test) for lr, val, test in ((1e-5, 0.6, 20), (3e-5, 0.8, 30))]
+    finals = [_record("full", 3e-5, seed, 0.8, 31) for seed in (2, 3)]
+    single = [_record("lora", 1e-3, 1, 0.7, 28)]  # one lr: nothing to choose, kept
+    kept, dropped = chosen_only(trials + finals + single)
+    assert dropped == 1 and [(r["method"], r["lr"], r["seed"]) for r in kept] == [
+        ("full", 3e-5, 1), ("full", 3e-5, 2), ("full", 3e-5, 3), ("lora", 1e-3, 1)]
+
+
 def test_the_choice_rule_ties_to_the_smaller_lr_and_follows_the_metric_direction():
     trials = [{"lr": 1e-3, "validation": 0.8}, {"lr": 1e-4, "validation": 0.8}, {"lr": 3e-4, "validation": None}]
     assert choose(trials, higher_is_better=True)["lr"] == 1e-4
