@@ -76,11 +76,13 @@ def test_the_writer_refuses_a_field_the_schema_does_not_declare(tmp_path):
 
 def _overrides(rec: dict) -> list[str]:
     """The overrides a committed baseline was run with (its README's command)."""
-    preset = {"cpu-smoke": "smoke", "all-methods-minilm": "all_methods", "gsm-cpu": "gsm_cpu"}[
-        Path(rec["record_path"]).parts[-3]]
+    preset = {"cpu-smoke": "smoke", "all-methods-minilm": "all_methods", "gsm-cpu": "gsm_cpu",
+              "tuned-minilm": "tuned_minilm"}[Path(rec["record_path"]).parts[-3]]
     rank = [f"rank={rec['rank']}"] if rec["rank"] is not None else []
     device = ["device=cpu"] if preset == "smoke" else []
-    return [f"+sweep={preset}", f"method={rec['method']}", f"seed={rec['seed']}", *rank, *device]
+    # a protocol's run: its trial lr and the validation split the protocol sets (bench/orchestrate/protocol.py)
+    trial = [f"lr={rec['lr']}", "budget.validation_rows=1000", "~protocol"] if preset == "tuned_minilm" else []
+    return [f"+sweep={preset}", f"method={rec['method']}", f"seed={rec['seed']}", *rank, *device, *trial]
 
 
 def test_todays_configs_have_the_identity_of_the_migrated_baselines():
