@@ -24,7 +24,8 @@ share, the gold solution's loss, forgetting, memory, training and generation tok
 are encoders. `--table auto` (default) reproduces the published tables that fit the runs: `lora-table2` for
 classification runs, `peft-metamathqa` for generation runs. Serving benchmark records (`serving-*.json` from
 `python -m bench.tools.perf.serving`) in `perf/` beside the results folder get a section with their tables
-(`analysis.serving`).
+(`analysis.serving`). Intruder-mitigation results (`<run dir>/mitigation.json` from `python -m analysis.mitigate`)
+get a section with each run's λ table and plot (`analysis.mitigate`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from analysis import claims, intruders, plots, reproduce, tables, tuned
 from analysis.analyse import analyse_all
 from analysis.collect import load_records
 from analysis.html import write_html
+from analysis.mitigate import report_section as mitigation_section
 from analysis.serving import serving_section
 from bench import BenchError
 
@@ -389,6 +391,7 @@ def build_report(
     lines += causal_lm_section(ok, analyses, out)
     lines += generation_section(ok, analyses, out)
     lines += serving_section(results)  # serving benchmark records in perf/ beside the results folder
+    lines += mitigation_section(results, out / "plots", lambda p: _rel(p, out))  # <run dir>/mitigation.json files
 
     if table == "auto":
         published = [reproduce.load_published(name) for name in published_tables(df)]
