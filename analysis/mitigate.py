@@ -31,11 +31,9 @@ Two definitions (`--definition`):
   SVD, as a new adapter of the same config. ΔW_λ has rank up to r + the number of intruders (the part removed,
   σ u vᵀ of W_merged, holds W0's own action along v, not only ΔW's), so the truncation changes W_λ: the intruder
   directions are not scaled by λ (the σ ratio came out above λ wherever measured) and fewer of them go at λ = 0.
-Why `paper` is the default: peft's truncation does not do what λ says. With random rank-8 adapters on
-all-MiniLM-L6-v2's query and value weights (‖ΔW‖₂ = σ_max(W0), 88 intruders in 12 layers at k = 10, ε = 0.5),
-λ = 0.5 left the intruder directions at 0.54-0.87 of their singular value under `peft` (0.500 under `paper`), and
-λ = 0 left 24 intruders under `peft`, 12 under `paper`. Neither count is 0: the top k refills, and the vectors that
-slide into it from below (ΔW's further components) can be intruders too. On the tests' constructed run (one rank-1
+Why `paper` is the default: peft's truncation does not do what λ says (the σ ratio of a `--definition peft` run
+shows it: above λ). Under either definition the count at λ = 0 need not be 0: the top k refills, and the vectors
+that slide into it from below (ΔW's further components) can be intruders too. On the tests' constructed run (one rank-1
 intruder) both definitions leave 0. The intruder column therefore counts what remains in the top k, and the σ ratio
 says how much of the directions found is left.
 The helper needs two fixes, done here: it gives the new adapter a fresh copy of the *untrained* task head (peft's
