@@ -101,6 +101,17 @@ class LM(_Strict):
         return str(v).lower() if isinstance(v, bool) else v
 
 
+class Distributed(_Strict):
+    """conf/distributed/: one run over several processes (bench/distributed.py)."""
+
+    strategy: Literal["none", "ddp", "fsdp"] = "none"
+    nproc_per_node: int = Field(2, gt=0)
+    nnodes: int = Field(1, gt=0)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_s: float = Field(300, gt=0)
+    reshard_after_forward: bool = True
+
+
 class _Group(BaseModel):
     """A config group (method, task, model, forgetting): its owner checks the keys; here it needs a name."""
 
@@ -116,6 +127,7 @@ class RunConfig(_Strict):
     budget: Budget
     measure: Measure
     lm: LM | None = None  # older configs have none
+    distributed: Distributed = Distributed()  # older configs have none: one process
     rank: int = Field(gt=0)
     seed: int = Field(ge=0)
     lr: float | None = Field(gt=0)
