@@ -43,7 +43,8 @@ def app(cfg: DictConfig) -> dict:
             sys.exit(1)
         return outcome
     isolate = cfg.get("isolate_runs", "auto")
-    if isolate is True or (isolate == "auto" and multirun):
+    launched = "WORLD_SIZE" in os.environ  # a rank of a distributed run (torchrun): this process is the run
+    if (isolate is True or (isolate == "auto" and multirun)) and not launched:
         from bench.orchestrate.isolate import run_isolated
 
         return run_isolated(cfg)
@@ -59,7 +60,7 @@ def app(cfg: DictConfig) -> dict:
             raise
         traceback.print_exc()
         return {"status": "error", "error": f"{type(exc).__name__}: {exc}", "skipped": False}
-    if record["status"] != "ok" and not multirun:
+    if record["status"] != "ok" and not multirun and not record.get("skipped"):
         sys.exit(1)
     return job_outcome(cfg, record)
 

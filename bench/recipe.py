@@ -24,7 +24,7 @@ from bench.loop.train import TrainResult, TrainSettings, total_steps, train
 from bench.measure.latency import generation_interleaved, latency_batch, latency_interleaved, latency_ratios
 from bench.measure.memory import MemoryMeter, check_gpu_start, peak_memory_summary
 from bench.metrics import directions
-from bench.model import attach_context, is_causal_lm, load_model, seed_everything
+from bench.model import attach_context, distributed, is_causal_lm, load_model, seed_everything
 from bench.model.precision import autocast_dtype, hold_trainable, param_bytes_by_dtype
 from bench.plan import Plan
 from bench.record import CURVE_FILE, SAMPLES_FILE, WEIGHTS_DIR, untrained, write_jsonl
@@ -44,6 +44,8 @@ class Recipe:
     def run(self) -> dict[str, Any]:
         self.setup()
         self.train()
+        if not self.p.world.main:  # a distributed run's other ranks: their part ends with training
+            return self.out
         self.evaluate()
         self.measure()
         self.save()
@@ -68,8 +70,10 @@ class Recipe:
         model, out["model_source"] = build_model(p)
         check_positions(model.config, p, [*self.data.train_features, *self.data.dev_features])
         self.amp = autocast_dtype(p.precision)
-        with torch.random.fork_rng(devices=[p.device] if p.device.type == "cuda" else []):
-            self.untrained_evals(model)  # the random state as it was: training is the same whether read or computed
+        self.forgetting_before = None
+        if p.world.main:  # a distributed run: rank 0 evaluates and records, the others wait for it before training
+            with torch.random.fork_rng(devices=[p.device] if p.device.type == "cuda" else []):
+                self.untrained_evals(model)  # the random state as it was: training is the same either way
         if cfg.model.get("random_init"):
             out["model_note"] = "random-init test model: metrics are meaningless"
         out["full_model_bytes"] = tensor_bytes(model)
@@ -77,6 +81,8 @@ class Recipe:
         self.steps = total_steps(len(self.data.train_loader), cfg.budget)
         self.model, counts = attach(p, model, self.steps, self.data)
         out.update(counts)
+        distributed.wait_for_main(p.world)
+        self.trained = distributed.wrap(self.model, p.world, p.device, cfg.get("distributed"))  # what trains
 
     def untrained_evals(self, model: nn.Module) -> None:
         """What the pre-trained model scores: the forgetting probe's value before training and a causal LM's zero-shot
@@ -109,13 +115,34 @@ class Recipe:
         warmup = timing_warmup(self.p, self.steps)
         with self.meter.phase("train"):
             # evaluations during training (curve, keep_best) read the validation split when there is one, never dev
-            tr = train_model(self.p, self.model, self.data.train_loader, self.steps, warmup,
+            tr = train_model(self.p, self.trained, self.data.train_loader, self.steps, warmup,
                              evaluate_fn=lambda: self._evaluate(self.model, stage=None,
                                                                 loader=self.data.validation_loader)[0])
         self.curve = tr.curve
         self.out["train"] = train_summary(tr, warmup)
         self.out["train_samples_per_s"] = self.out["train"]["samples_per_s"]
         self.out["train_tokens_per_s"] = self.out["train"]["tokens_per_s"]
+        if self.p.world.distributed:
+            self.gather_ranks()
+
+    def gather_ranks(self) -> None:
+        """A distributed run: every rank's peak training memory to the record, and (FSDP) the trained model whole on
+        rank 0, gathered from the shards into a fresh copy of the model that evaluation and saving then use."""
+        p, world = self.p, self.p.world
+        peaks = distributed.gather(world, peak_memory_summary(self.meter.phases, "train"))
+        self.out["distributed"] = {
+            "strategy": world.strategy, "world_size": world.size, "launcher": world.launcher,
+            "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
+            "rank_peak_memory_bytes": [peak["peak_memory_bytes"] for peak in peaks],
+            "max_rank_peak_memory_bytes": max((peak["peak_memory_bytes"] or 0) for peak in peaks),
+            "peak_memory_kind": peaks[0]["peak_memory_kind"]}
+        if world.strategy == "fsdp":
+            state = distributed.full_state_dict(self.model, world)
+            self.model = self.trained = None
+            if world.main:
+                seed_everything(int(p.cfg.seed))
+                self.model = attach(p, build_model(p)[0], self.steps)[0]
+                self.model.load_state_dict(state)
 
     def evaluate(self) -> None:
         """Dev metrics of the trained model (and of each rank it also stands for), forgetting, and the merged
@@ -247,7 +274,7 @@ def train_settings(p: Plan, steps: int, timing_warmup_steps: int = 0) -> TrainSe
     return TrainSettings(steps=steps, lr=p.lr, weight_decay=float(p.cfg.method.weight_decay),
                          warmup_ratio=float(p.cfg.method.warmup_ratio), budget=p.cfg.budget, device=p.device,
                          precision=p.precision, head=head_modules(p.cfg.model), timing_warmup_steps=timing_warmup_steps,
-                         main_metric=p.task.main_metric)
+                         main_metric=p.task.main_metric, world=p.world)
 
 
 def train_model(p: Plan, model: nn.Module, loader, steps: int, timing_warmup_steps: int = 0,

@@ -1,8 +1,8 @@
 """Test aid, outside the training loop: BENCH_INJECT_FAULT='<substring of run_id>:<error|nan|kill|oom>[,...]'
 makes matching runs fail on purpose at step 2, so sweep fault tolerance can be tested (also through the command
-line). Not part of the config. `oom` raises an out-of-memory error only without gradient accumulation, like a
-real OOM that a smaller micro-batch cures (see bench/orchestrate/oom.py). The recipe installs the hook; the loop
-only calls its `StepHook` methods."""
+line); `killrank<k>` kills only rank k of a distributed run. Not part of the config. `oom` raises an
+out-of-memory error only without gradient accumulation, like a real OOM that a smaller micro-batch cures (see
+bench/orchestrate/oom.py). The recipe installs the hook; the loop only calls its `StepHook` methods."""
 from __future__ import annotations
 
 import os
@@ -29,7 +29,7 @@ class InjectedFault(StepHook):
             raise RuntimeError("injected fault (BENCH_INJECT_FAULT)")
         if self.kind == "oom" and accum == 1:
             raise torch.OutOfMemoryError("injected out of memory (BENCH_INJECT_FAULT)")
-        if self.kind == "kill":
+        if self.kind == "kill" or self.kind == f"killrank{os.environ.get('RANK', '0')}":
             os.kill(os.getpid(), signal.SIGKILL)
 
 

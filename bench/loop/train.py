@@ -31,6 +31,7 @@ from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_wi
 
 from bench import BenchError
 from bench.model.device import sync
+from bench.model.distributed import SINGLE, World, any_rank, mean, shard, unwrap
 from bench.model.precision import autocast, autocast_dtype, uses_loss_scaler
 from methods.base import HeadSpec, Method, is_head_param
 
@@ -66,13 +67,18 @@ def total_steps(n_batches: int, budget: Any) -> int:
     return int(math.ceil(n_batches / budget.grad_accum_steps) * budget.epochs)
 
 
-def _check_adapter_gradients(model: nn.Module, head: HeadSpec, method_name: str) -> None:
-    """After the first backward: some non-head trainable parameter must have a non-zero gradient,
-    otherwise the method attached nothing that learns."""
+def _check_adapter_gradients(model: nn.Module, head: HeadSpec, method_name: str, world: World = SINGLE) -> None:
+    """After the first backward: some non-head trainable parameter must have a non-zero gradient (on some rank:
+    FSDP holds a shard of each), otherwise the method attached nothing that learns."""
+    found = False
     for name, param in model.named_parameters():
-        if param.requires_grad and not is_head_param(name, head) and param.grad is not None \
-                and bool(param.grad.abs().sum() > 0):
-            return
+        if param.requires_grad and not is_head_param(name, head) and param.grad is not None:
+            grad = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad  # an FSDP shard
+            if bool(grad.abs().sum() > 0):
+                found = True
+                break
+    if any_rank(world, found):
+        return
     raise BenchError(f"method '{method_name}' attached nothing that learns: no parameter outside the task "
                      f"head got a gradient; check method.target_modules against the model's module names")
 
@@ -91,6 +97,7 @@ class TrainSettings:
     head: HeadSpec = ("classifier",)  # the task head's module names (conf/model/family: head)
     timing_warmup_steps: int = 0
     main_metric: str | None = None  # what keep_best compares
+    world: World = SINGLE  # distributed: each rank trains on its share of every batch (bench/model/distributed.py)
 
 
 class StepHook:
@@ -106,13 +113,14 @@ class StepHook:
 
 def train(model: nn.Module, method: Method, loader, s: TrainSettings,
           evaluate_fn: Callable[[], dict] | None = None, hooks: Sequence[StepHook] = ()) -> TrainResult:
-    device, budget, steps = s.device, s.budget, s.steps
-    params = [p for p in model.parameters() if p.requires_grad]
+    device, budget, steps, world = s.device, s.budget, s.steps, s.world
+    net = unwrap(model)  # `model` runs the forward pass (DDP's wrapper); the method and the optimiser see `net`
+    params = [p for p in net.parameters() if p.requires_grad]
     if not params:
         raise BenchError(f"method '{method.name}' left no trainable parameters")
     # One AdamW for every method; the groups (lr and weight decay per parameter) are the method's to say
     # (methods/base.py: the same lr everywhere, no decay on biases and LayerNorm; LoRA+: B at ratio x lr).
-    optimizer = torch.optim.AdamW(method.optimizer_param_groups(model, s.lr, s.weight_decay), lr=s.lr,
+    optimizer = torch.optim.AdamW(method.optimizer_param_groups(net, s.lr, s.weight_decay), lr=s.lr,
                                   fused=device.type == "cuda")
     schedule = SCHEDULES[str(budget.get("lr_schedule", "linear"))]
     scheduler = schedule(optimizer, int(round(s.warmup_ratio * steps)), steps)
@@ -144,9 +152,11 @@ def train(model: nn.Module, method: Method, loader, s: TrainSettings,
             # Count on the host-side batch: the same sum on the device would force a sync every micro-batch.
             n_tokens = int(batch["attention_mask"].sum()) if timed else 0
             res.max_batch_seq_len = max(res.max_batch_seq_len, int(seq_len))
+            batch, weight = shard(batch, world)  # the whole batch on one process (weight 1)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with autocast(device, amp_dtype):
-                loss = model(**batch).loss / accum
+                loss = model(**batch).loss
+            loss = (loss if weight == 1.0 else loss * weight) / accum
             for hook in hooks:
                 loss = hook.on_loss(loss, res.steps)
             scaler.scale(loss).backward()
@@ -156,14 +166,14 @@ def train(model: nn.Module, method: Method, loader, s: TrainSettings,
                 res.timed_samples += n_rows
                 res.timed_tokens += n_tokens
         if res.steps == 0:
-            _check_adapter_gradients(model, s.head, method.name)
+            _check_adapter_gradients(net, s.head, method.name, world)
         if budget.max_grad_norm:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, float(budget.max_grad_norm))
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        method.on_step(model, res.steps + 1)
+        method.on_step(net, res.steps + 1)
         optimizer.zero_grad(set_to_none=True)
         res.steps += 1
         log_count += 1
@@ -174,7 +184,7 @@ def train(model: nn.Module, method: Method, loader, s: TrainSettings,
             hook.after_step(res.steps, accum)
 
         if res.steps % budget.log_every_steps == 0 or res.steps == steps:
-            mean_loss = float(log_loss) / log_count
+            mean_loss = float(mean(world, log_loss)) / log_count  # every rank logs (and stops on) the same loss
             if not math.isfinite(mean_loss):
                 raise NonFiniteLoss(f"training loss is {mean_loss} at step {res.steps}")
             res.curve.append({"step": res.steps, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
@@ -188,13 +198,13 @@ def train(model: nn.Module, method: Method, loader, s: TrainSettings,
                 and res.steps < steps:
             sync(device)
             eval_start = time.perf_counter()
-            metrics = evaluate_fn()
+            metrics = evaluate_fn()  # every rank evaluates the whole split: their metrics, and so keep_best, agree
             model.train()
             res.evals.append({"step": res.steps, **metrics})
             if budget.keep_best and metrics[s.main_metric] > best_value:
                 best_value, res.best_step = metrics[s.main_metric], res.steps
-                best_state = copy_trainable_to_cpu(model)
-                best_method_state = method.scored_state(model)
+                best_state = copy_trainable_to_cpu(net)
+                best_method_state = method.scored_state(net)
             sync(device)
             if timed_start is not None:
                 eval_in_window_s += time.perf_counter() - eval_start
@@ -209,8 +219,8 @@ def train(model: nn.Module, method: Method, loader, s: TrainSettings,
         final = evaluate_fn()
         res.evals.append({"step": res.steps, **final})
         if final[s.main_metric] < best_value:  # restore the best evaluated model: its weights and method state
-            model.load_state_dict(best_state, strict=False)
-            method.restore_scored_state(model, best_method_state)
+            net.load_state_dict(best_state, strict=False)
+            method.restore_scored_state(net, best_method_state)
         else:
             res.best_step = res.steps
     return res

@@ -9,6 +9,10 @@ killer picks it; the job then writes an `error` record for it ("killed by SIGKIL
 goes on.
 The next invocation runs it again (failed runs are retried by default), taking over its stale lock.
 Cost: one Python start per run (a few seconds), small beside a run; single runs are not isolated.
+
+A distributed run (`distributed=ddp|fsdp` without a launcher around the suite) always runs this way, its child being
+torchrun's engine (`python -m torch.distributed.run --standalone --nproc_per_node=N`) starting N ranks of this module:
+when a rank dies, torchrun stops the others and exits non-zero, and the job records the run as failed.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from bench import BenchError
+from bench.model.distributed import planned_world
 from bench.orchestrate.lock import RunLock
 from bench.record import SCHEMA_VERSION, read_record, write_json_atomic, write_result
 
@@ -33,15 +38,15 @@ OUTCOME_ENV = "BENCH_RUN_OUTCOME"  # set by the parent: where the child says who
 
 def announce(identity: dict[str, Any]) -> None:
     """In an isolated child: tell the parent the run's identity (run_id, run_dir, config hash, ...) before it runs,
-    so the parent can record the run if the child is killed. Does nothing in a plain run."""
+    so the parent can record the run if the child is killed. Does nothing in a plain run (or on ranks other than 0)."""
     path = os.environ.get(OUTCOME_ENV)
-    if path:
+    if path and os.environ.get("RANK", "0") == "0":
         write_json_atomic(Path(path), {"identity": identity})
 
 
 def _finish(outcome: dict[str, Any]) -> None:
     path = os.environ.get(OUTCOME_ENV)
-    if path:
+    if path and os.environ.get("RANK", "0") == "0":
         previous = json.loads(Path(path).read_text()) if Path(path).is_file() else {}
         write_json_atomic(Path(path), {**previous, "outcome": outcome})
 
@@ -51,7 +56,7 @@ def run_isolated(cfg: DictConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
         cfg_path, outcome_path = Path(tmp) / "config.yaml", Path(tmp) / "outcome.json"
         OmegaConf.save(cfg, cfg_path, resolve=True)
-        proc = subprocess.Popen([sys.executable, "-m", "bench.orchestrate.isolate", str(cfg_path)],
+        proc = subprocess.Popen([*_launch(cfg), "-m", "bench.orchestrate.isolate", str(cfg_path)],
                                 env={**os.environ, OUTCOME_ENV: str(outcome_path)})
         proc.wait()
         said = json.loads(outcome_path.read_text()) if outcome_path.is_file() else {}
@@ -60,6 +65,8 @@ def run_isolated(cfg: DictConfig) -> dict[str, Any]:
     identity = said.get("identity")
     why = (f"killed by {signal.Signals(-proc.returncode).name} (signal {-proc.returncode}): out of memory (the "
            "kernel's OOM killer sends SIGKILL) or stopped from outside" if proc.returncode < 0
+           else f"a rank of the distributed run failed (torchrun exit code {proc.returncode}); the output above says "
+           "which and why" if len(_launch(cfg)) > 1
            else f"the run's process ended with exit code {proc.returncode} before it finished")
     if identity is None:  # killed before it knew its identity: nothing to record; the next invocation runs it
         return {"status": "error", "error": why, "skipped": False}
@@ -75,6 +82,18 @@ def run_isolated(cfg: DictConfig) -> dict[str, Any]:
         lock.unlink(missing_ok=True)  # the dead child's lock
     print(f"FAILED {record['run_id']} status=error: {why}\n  record: {path}")
     return {"run_id": record["run_id"], "status": "error", "skipped": False, "record": str(path), "error": why}
+
+
+def _launch(cfg: DictConfig) -> list[str]:
+    """The child's command up to its module: Python, or torchrun's engine starting a distributed run's ranks."""
+    world = planned_world(cfg.get("distributed"))
+    if not world.distributed or world.launched:
+        return [sys.executable]
+    if int(cfg.distributed.nnodes) > 1:
+        raise BenchError(f"distributed.nnodes={cfg.distributed.nnodes}: the suite starts the ranks of one node; for "
+                         "several, start torchrun on each node or use hydra/launcher=slurm (docs/distributed.md)")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={int(cfg.distributed.nproc_per_node)}"]
 
 
 def main(cfg_path: str) -> None:

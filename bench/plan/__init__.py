@@ -14,6 +14,7 @@ from bench import BenchError
 from bench.data.tasks import Task, task_from_config
 from bench.model import is_causal_lm
 from bench.model.device import resolve_device, resolve_precision
+from bench.model.distributed import SINGLE, World, planned_world
 from bench.model.precision import Dtypes, dtype_name, precision_dtypes
 from bench.plan.schema import validate_config
 from bench.record.identity import config_hash, run_id
@@ -33,6 +34,7 @@ class Plan:
     config_hash: str
     run_id: str
     run_dir: Path
+    world: World = SINGLE  # one process, or this process's place in a distributed run (bench/model/distributed.py)
 
     @property
     def dtypes(self) -> Dtypes:
@@ -45,7 +47,8 @@ def plan(cfg: DictConfig) -> Plan:
     valid = validate_config(OmegaConf.to_container(cfg, resolve=True))  # one line per problem, or normalised
     method = get_method(cfg.method.name)
     task = task_from_config(cfg.task)
-    device = resolve_device(valid["device"])
+    world = planned_world(cfg.get("distributed"))
+    device = _rank_device(valid["device"], world)
     precision = resolve_precision(valid["precision"], device)
     method.validate(device)
     method.validate_model(cfg.model)
@@ -81,7 +84,32 @@ def plan(cfg: DictConfig) -> Plan:
         effective["lm"] = valid["lm"]
     if cfg.get("forgetting"):  # only when set, so runs without it keep their identity
         effective["forgetting"] = OmegaConf.to_container(cfg.forgetting, resolve=True)
-    return _identified(Plan(cfg, task, method, device, precision, rank, lr, effective, "", "", Path()))
+    if world.distributed:  # only then, so one-process runs keep their identity
+        effective["distributed"] = _distributed_identity(world, valid)
+    return _identified(Plan(cfg, task, method, device, precision, rank, lr, effective, "", "", Path(), world))
+
+
+def _rank_device(name: str, world: World) -> torch.device:
+    """A distributed rank on a GPU node takes the GPU of its local rank (of those it sees: Slurm may show each task
+    only its own); otherwise the run's device."""
+    if world.launched and name in ("auto", "cuda") and torch.cuda.is_available():
+        index = world.local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return resolve_device(name)
+
+
+def _distributed_identity(world: World, valid: dict) -> dict:
+    """What of a distributed run changes its results (the reduction order, what is sharded), checked first."""
+    if valid["budget"]["batch_size"] % world.size:
+        raise BenchError(f"budget.batch_size={valid['budget']['batch_size']} is the global batch and must split "
+                         f"evenly over the {world.size} ranks")
+    if valid["oom_retries"]:
+        raise BenchError("oom_retries is for one-process runs: set oom_retries=0 with distributed=" + world.strategy)
+    out = {"strategy": world.strategy, "world_size": world.size}
+    if world.strategy == "fsdp":
+        out["reshard_after_forward"] = valid["distributed"]["reshard_after_forward"]
+    return out
 
 
 def _method_lr(value) -> float:

@@ -18,10 +18,10 @@ from bench import BenchError
 from bench.hashing import json_sha256
 
 # The effective config's top-level parts, all of them identity when present (weight_dtype: only when the frozen
-# weights are not fp32; lm: causal LMs only; forgetting: only when a probe is on). Inside task, model and measure only
-# the classified keys below count.
+# weights are not fp32; lm: causal LMs only; forgetting: only when a probe is on; distributed: only for a run over
+# several processes, its strategy and world size). Inside task, model and measure only the classified keys below count.
 TOP = ("task", "model", "method", "rank", "budget", "seed", "device_type", "precision", "weight_dtype", "measure",
-       "lm", "forgetting", "fingerprints")
+       "lm", "forgetting", "fingerprints", "distributed")
 
 TASK = {
     "name": "the task",

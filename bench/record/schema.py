@@ -249,6 +249,22 @@ class OomRetry(_Block):
     grad_accum_steps: int | None = None
 
 
+class DistributedRun(_Block):
+    """A run over several processes (distributed=ddp|fsdp): rank 0 writes the record; every rank's memory is here."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(description="ddp: each rank a whole replica; fsdp: FSDP2, parameters, "
+                                                         "gradients and optimiser states sharded over the ranks")
+    world_size: int = Field(description="ranks (processes) the run trained on; train.samples_per_s is all of theirs")
+    launcher: str | None = Field(None, description="who started the ranks: torchrun (the suite itself through "
+                                                   "torchrun's engine, or a user) or slurm")
+    backend: str | None = Field(None, description="torch.distributed backend: nccl (CUDA) or gloo (CPU)")
+    rank_peak_memory_bytes: list[int | None] = Field(
+        description="each rank's peak during training, in rank order, of the kind peak_memory_kind says")
+    max_rank_peak_memory_bytes: int | None = Field(None, description="the largest of rank_peak_memory_bytes: what a "
+                                                                     "device must hold")
+    peak_memory_kind: str | None = Field(None, description="cuda_allocated, cpu_rss_phase or cpu_rss_process_lifetime")
+
+
 class Record(_Block):
     """A run's record. Identity and outcome are always there; the measured blocks are there for ok runs."""
 
@@ -315,6 +331,7 @@ class Record(_Block):
         None, description="where the zero-shot, k-shot and forgetting-before figures come from: computed by this run "
                           "or by an earlier run with the same key (measure.reuse_untrained)")
     train: Train | None = None
+    distributed: DistributedRun | None = Field(None, description="set for a run over several processes")
     train_samples_per_s: float | None = Field(None, description="= train.samples_per_s")
     train_tokens_per_s: float | None = Field(None, description="= train.tokens_per_s")
     metrics: Metrics | None = Field(None, description="dev metrics under their GLUE names, and eval_loss (nats)")
