@@ -22,7 +22,7 @@ from bench.measure.flops import Architecture, Trainable, Work
 from bench.model.precision import precision_dtypes
 from bench.plan import plan
 from bench.recipe import attach, build_model
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, needs_glue
 
 ROWS, SEQ = 3, 16
 
@@ -183,3 +183,21 @@ def test_utilisation_divides_by_the_peak_of_every_process(monkeypatch):
     assert one["model_flops_per_s"] == pytest.approx(expected) and one["attention_seq_len"] == 20
     assert one["mfu_ratio"] == pytest.approx(expected / 1e12) and two["mfu_ratio"] == pytest.approx(expected / 2e12)
     assert one["hfu_ratio"] == one["mfu_ratio"] and one["checkpointed_layers"] == 0
+
+
+@needs_glue
+def test_smoke_run_records_mfu_with_its_labels(make_cfg):
+    from bench.orchestrate.runner import run
+
+    rec = run(make_cfg("method=lora", "rank=4", "measure.latency=false", "save_weights=none"))
+    assert rec["status"] == "ok", rec.get("error")
+    block, train = rec["train_flops"], rec["train"]
+    assert 0 < block["mfu_ratio"] <= 1 and block["hfu_ratio"] == block["mfu_ratio"]
+    if not torch.cuda.is_available():  # a CPU: a labelled probe, not a datasheet figure
+        assert block["peak_source"] == "measured" and block["peak_name"].startswith("cpu")
+        assert block["compute_dtype"] == "fp32"
+    assert block["world_size"] == 1 and block["weight_gradients"] == "trainable"
+    assert "HFU = MFU" in block["note"]
+    assert 1 <= block["attention_seq_len"] <= train["max_batch_seq_len"]
+    assert block["model_flops_per_s"] == pytest.approx(block["model_flops_per_token"] * train["tokens_per_s"])
+    assert block["forward_flops_per_token"] < block["model_flops_per_token"] < 3 * block["forward_flops_per_token"]
