@@ -26,7 +26,7 @@ forward. The activation gradient is counted through every layer, which is what a
 trainable parameter. Below it nothing needs a gradient: with frozen embeddings, layer 0's input projections (Q, K,
 V) compute no input gradient, its attention no key gradient where K has no adapter, and an adapter that reads the
 embedding output (LoRA's A in layer 0) no input gradient either. For such methods the formula is an upper bound by
-at most these layer-0 terms: 10% on the 2-layer test BERT with LoRA, about 3% on 6-layer MiniLM, 0.3% on the
+at most these layer-0 terms: 10% on the 2-layer test BERT with LoRA, about 2% on 6-layer MiniLM, 0.3% on the
 2-layer test Llama whose LM head dominates (tests/test_flops.py holds the formula to FlopCounterMode: equal for
 the forward and full fine-tuning, and for LoRA over by exactly these terms).
 
