@@ -316,6 +316,21 @@ def _phase_frame(block: dict | None, fields: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _utilisation_text(rec: dict) -> str | None:
+    """A run's MFU / HFU with the peak they are shares of: "41.2% / 41.2% of 989.5 TFLOP/s (datasheet: h100-sxm
+    bf16)" or "1.06% / 1.06% of 118.5 GFLOP/s (measured: cpu: ... 1024x1024 fp32 matmuls, 1 threads)"; the
+    record's note where it has no MFU."""
+    block = rec.get("train_flops") or {}
+    if block.get("mfu_ratio") is None:
+        return block.get("note")
+    peak = block.get("peak_flops_per_s") or 0.0
+    rate = f"{peak / 1e12:.4g} TFLOP/s" if peak >= 1e12 else f"{peak / 1e9:.4g} GFLOP/s"
+    world = f" x {block['world_size']} devices" if (block.get("world_size") or 1) > 1 else ""
+    hfu = block.get("hfu_ratio", block["mfu_ratio"])
+    return (f"{100 * block['mfu_ratio']:.3g}% / {100 * hfu:.3g}% of {rate}{world} "
+            f"({block.get('peak_source')}: {block.get('peak_name')})")
+
+
 def _run_section(rec: dict, analysis: dict | None, work: Path, index: int) -> str:
     run_dir = Path(rec["record_path"]).parent
     rid = str(rec.get("run_id", run_dir.name))
@@ -326,7 +341,9 @@ def _run_section(rec: dict, analysis: dict | None, work: Path, index: int) -> st
                  ("budget", rec.get("budget")), ("status", rec.get("status")), ("error", rec.get("error")),
                  ("trainable params (excl. head)", rec.get("trainable_params_excl_head")),
                  ("train steps", (rec.get("train") or {}).get("steps")),
-                 ("train samples/s", rec.get("train_samples_per_s")), ("run wall s", rec.get("run_wall_s")),
+                 ("train samples/s", rec.get("train_samples_per_s")),
+                 ("train tokens/s", rec.get("train_tokens_per_s")), ("train MFU / HFU", _utilisation_text(rec)),
+                 ("run wall s", rec.get("run_wall_s")),
                  ("adapter bytes", rec.get("adapter_bytes")), ("device", (rec.get("provenance") or {}).get("device")),
                  ("folder", str(run_dir))])
     lat = _phase_frame(rec.get("latency"), ["p50_ms", "p95_ms", "mean_ms"])

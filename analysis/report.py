@@ -14,18 +14,19 @@
    beside our runs (`analysis.reproduce`, `--table`), the claims checked with their figures, and the runs that
    failed; `index.html`: the same as one self-contained page to browse (`analysis.html`: sortable tables, the
    reproduction, Pareto plots with filters, claims, failed runs, a section per run).
-Runs of different models or training budgets are reported as separate groups, never mixed; causal-LM runs
-(record `model_kind: causal_lm`) on classification tasks get their own section after the encoders'
-(`causal_lm_section`): accuracy beside the zero-shot score, trainable parameters, peak memory beside the estimator's
-figure, training and decode tokens/s, perplexity forgetting and intruders. Runs of generation tasks (question ->
-worked solution -> final number; `analysis.collect.task_kind_of`) get theirs (`generation_section`), one table per
-(model, task, budget): accuracy with its 95% interval beside the zero-shot (and k-shot) accuracy, the no-answer
-share, the gold solution's loss, forgetting, memory, training and generation tokens/s. Records without `model_kind`
-are encoders. `--table auto` (default) reproduces the published tables that fit the runs: `lora-table2` for
-classification runs, `peft-metamathqa` for generation runs. Serving benchmark records (`serving-*.json` from
-`python -m bench.tools.perf.serving`) in `perf/` beside the results folder get a section with their tables
-(`analysis.serving`). Intruder-mitigation results (`<run dir>/mitigation.json` from `python -m analysis.mitigate`)
-get a section with each run's λ table and plot (`analysis.mitigate`).
+Runs of different models or training budgets are reported as separate groups, never mixed; causal-LM runs (record
+`model_kind: causal_lm`) on classification tasks get their own section after the encoders' (`causal_lm_section`):
+accuracy beside the zero-shot score, trainable parameters, peak memory beside the estimator's figure, training
+tokens/s with MFU (model FLOPs utilisation), decode tokens/s, perplexity forgetting and intruders. Runs of
+generation tasks (question -> worked solution -> final number; `analysis.collect.task_kind_of`) get theirs
+(`generation_section`), one table per (model, task, budget): accuracy with its 95% interval beside the zero-shot
+(and k-shot) accuracy, the no-answer share, the gold solution's loss, forgetting, memory, training tokens/s with MFU
+and generation tokens/s. Records without `model_kind` are encoders. `--table auto` (default) reproduces the
+published tables that fit the runs: `lora-table2` for classification runs, `peft-metamathqa` for generation runs.
+Serving benchmark records (`serving-*.json` from `python -m bench.tools.perf.serving`) in `perf/` beside the results
+folder get a section with their tables (`analysis.serving`). Intruder-mitigation results
+(`<run dir>/mitigation.json` from `python -m analysis.mitigate`) get a section with each run's λ table and plot
+(`analysis.mitigate`).
 """
 
 from __future__ import annotations

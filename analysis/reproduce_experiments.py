@@ -33,7 +33,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.tables import DASH, TASK_LABEL, Table, fmt_params, is_generation, method_label, ok_frame, t_interval
+from analysis.tables import (
+    DASH,
+    MEASURED_MARK,
+    TASK_LABEL,
+    Table,
+    fmt_mfu,
+    fmt_params,
+    is_generation,
+    method_label,
+    ok_frame,
+    t_interval,
+)
 
 LAYOUT = "experiments"
 Z95 = 1.959963984540054  # the normal distribution's 97.5% point
@@ -266,9 +277,12 @@ def _measures(row: Experiment, runs: pd.DataFrame, pub: PublishedExperiments, de
 
     theirs_rate = pub.train_total_tokens / row.step_time_s if row.step_time_s else math.nan
     rate = float(_col(runs, "train_tokens_per_s").median())
+    mfu = fmt_mfu(runs)
     out.append({"measure": "Train tokens/s", "theirs": f"{theirs_rate:,.0f}",
                 "ours": f"{rate:,.0f}" if np.isfinite(rate) else DASH, "compare": _ratio(rate, theirs_rate),
                 "note": "training steps only, timed after warm-up (theirs: all tokens / the steps' time)"
+                        + (f"; ours at MFU {mfu}" + (" (of a measured peak)" if mfu.endswith(MEASURED_MARK) else "")
+                           if mfu != DASH else "")
                         + (f"; {hardware}" if hardware else "")})
 
     mem, kind = _ours_memory(runs)

@@ -87,6 +87,7 @@ class Table:
                 ("·", "--"),
                 ("|cos|", r"$|\cos|$"),
                 ("†", r"$^\dagger$"),
+                ("‡", r"$^\ddagger$"),
             ):
                 text = text.replace(a, b)
             return text
@@ -520,11 +521,28 @@ def _fmt_rate(values: pd.Series) -> str:
     return f"{v.median():,.0f}" if v.median() >= 100 else f"{v.median():.3g}"
 
 
+MEASURED_MARK = "‡"  # † marks sampled tasks
+MFU_NOTE = ("MFU: model FLOPs utilisation, the training FLOPs the model's maths needs per second (PaLM's count, "
+            "bench/measure/flops.py) over the device's peak in the run's compute dtype (median over runs); "
+            f"{MEASURED_MARK} marks a measured peak (a CPU, or a GPU not in NVIDIA's datasheet table): the best rate "
+            "of plain matmuls timed in the run's process, not a hardware limit.")
+
+
+def fmt_mfu(g: pd.DataFrame) -> str:
+    """The median MFU of a group's runs in percent (record `train_flops.mfu_ratio`), marked where any of their peaks
+    was measured rather than read from a datasheet; the dash where no run has one."""
+    mfu = _col(g, "train_flops.mfu_ratio").dropna()
+    if mfu.empty:
+        return DASH
+    measured = "train_flops.peak_source" in g and (g.loc[mfu.index, "train_flops.peak_source"] == "measured").any()
+    return f"{100 * mfu.median():.3g}%" + (MEASURED_MARK if measured else "")
+
+
 def causal_lm_tables(df: pd.DataFrame) -> list[Table]:
     """Per (model, budget) of causal-LM runs on classification tasks (GLUE as text; generation tasks have
     `generation_tables`): task, method -> accuracy (the task's main metric from label log-likelihood scoring) and
     the pre-trained model's zero-shot score on the same evaluation, trainable parameters, peak training memory (and
-    the estimator's figure, column `memory_estimate_bytes` when the caller added it), training tokens/s, decode
+    the estimator's figure, column `memory_estimate_bytes` when the caller added it), training tokens/s and MFU, decode
     tokens/s with the KV cache (record `generation`), perplexity forgetting (probe `ppl`) and intruder
     dimensions."""
     df = ok_frame(df)
@@ -533,7 +551,7 @@ def causal_lm_tables(df: pd.DataFrame) -> list[Table]:
     for model, budget_desc, part in _groups(df):
         kinds = sorted(part["memory_kind"].dropna().unique())
         header = ["Task", "Method", "Accuracy", "Zero-shot", "Trainable params", "Peak train memory (MiB)",
-                  "Estimated peak (MiB)", "Train tokens/s", "Decode tokens/s (unmerged / merged)",
+                  "Estimated peak (MiB)", "Train tokens/s", "MFU", "Decode tokens/s (unmerged / merged)",
                   "PPL before → after", intruder_header(part), "Runs"]
         rows, numbers = [], []
         # lm.eval_mode (records before it existed scored by log-likelihood): its runs are not pooled with the other's
@@ -563,6 +581,7 @@ def causal_lm_tables(df: pd.DataFrame) -> list[Table]:
                 fmt_mean_std(mem, 0),
                 fmt_mean_std(est, 0),
                 _fmt_rate(_col(g, "train_tokens_per_s")),
+                fmt_mfu(g),
                 f"{_fmt_rate(unmerged)} / {_fmt_rate(merged)}",
                 f"{before.median():.1f} → {after.median():.1f}" if before.notna().any() else DASH,
                 intr_text,
@@ -575,6 +594,7 @@ def causal_lm_tables(df: pd.DataFrame) -> list[Table]:
                 "trainable_params": g["trainable_params"].astype(float).median(),
                 "peak_train_memory_mib_mean": mem.mean(), "estimated_peak_mib_mean": est.mean(),
                 "train_tokens_per_s_median": _col(g, "train_tokens_per_s").median(),
+                "train_mfu_median": _col(g, "train_flops.mfu_ratio").median(),
                 "decode_tokens_per_s_unmerged_median": unmerged.median(),
                 "decode_tokens_per_s_merged_median": merged.median(),
                 "ppl_before_median": before.median(), "ppl_after_median": after.median(),
@@ -591,6 +611,7 @@ def causal_lm_tables(df: pd.DataFrame) -> list[Table]:
             + (f"the base model decodes {base.median():,.0f} tokens/s here. " if base.notna().any() else "")
             + "PPL: perplexity of the forgetting probe's held-out text before → after fine-tuning (lower is "
             "better; a rise is ability lost).",
+            MFU_NOTE,
         ]
         if kinds:
             notes.append(f"Memory: {', '.join(kinds)} during training"
@@ -651,11 +672,11 @@ def _forgetting_text(g: pd.DataFrame) -> str:
 
 
 def generation_tables(df: pd.DataFrame) -> list[Table]:
-    """Per (model, task, budget) of generation-task runs (question -> worked solution -> final number, scored by
-    greedy decoding): method, rank -> accuracy and its 95% interval, the untrained model's zero-shot (and k-shot)
-    accuracy, the share of answers with no final number (zero-shot -> tuned), the gold solution's teacher-forced loss
-    (zero-shot -> tuned), forgetting (the probe named), peak training memory, training tokens/s, generated tokens/s
-    during the evaluation and trainable parameters. Never mixed with classification runs."""
+    """Per (model, task, budget) of generation-task runs (question -> worked solution -> final number, scored by greedy
+    decoding): method, rank -> accuracy and its 95% interval, the untrained model's zero-shot (and k-shot) accuracy,
+    the share of answers with no final number (zero-shot -> tuned), the gold solution's teacher-forced loss
+    (zero-shot -> tuned), forgetting (the probe named), peak training memory, training tokens/s and MFU, generated
+    tokens/s during the evaluation and trainable parameters. Never mixed with classification runs."""
     df = ok_frame(df)
     df = df[is_generation(df)]
     out = []
@@ -666,7 +687,8 @@ def generation_tables(df: pd.DataFrame) -> list[Table]:
         shot_header = [f"{shots[0]}-shot" if len(shots) == 1 else "k-shot"] if shots else []
         header = (["Method", "Rank", "Accuracy", "95% CI", "Zero-shot"] + shot_header
                   + ["No answer % (zero-shot → tuned)", "Gold-solution loss (zero-shot → tuned)", "Forgetting",
-                     "Peak train memory (MiB)", "Train tokens/s", "Generated tokens/s", "Trainable params", "Runs"])
+                     "Peak train memory (MiB)", "Train tokens/s", "MFU", "Generated tokens/s", "Trainable params",
+                     "Runs"])
         varied_lr = part.groupby(["method", "method_label", "rank_key"])["lr"].nunique().max() > 1
         keys = ["method", "method_label", "rank_key"] + (["lr"] if varied_lr else [])
         rows, numbers = [], []
@@ -686,7 +708,7 @@ def generation_tables(df: pd.DataFrame) -> list[Table]:
                 fmt_mean_std(g["metric_pct"]), ci_text, _baseline_text(zero),
                 *([_baseline_text(few)] if shots else []),
                 _arrow(zero_no_answer, no_answer, 0), _arrow(zero_loss, loss, 3), _forgetting_text(g),
-                fmt_mean_std(mem, 0), _fmt_rate(_col(g, "train_tokens_per_s")), _fmt_rate(gen_rate),
+                fmt_mean_std(mem, 0), _fmt_rate(_col(g, "train_tokens_per_s")), fmt_mfu(g), _fmt_rate(gen_rate),
                 fmt_params(g["trainable_params"].astype(float).median()), str(len(g)),
             ])
             numbers.append({
@@ -702,6 +724,7 @@ def generation_tables(df: pd.DataFrame) -> list[Table]:
                 if "forgetting.probe" in g else "",
                 "peak_train_memory_mib_mean": mem.mean(),
                 "train_tokens_per_s_median": _col(g, "train_tokens_per_s").median(),
+                "train_mfu_median": _col(g, "train_flops.mfu_ratio").median(),
                 "generated_tokens_per_s_median": gen_rate.median(),
                 "trainable_params": g["trainable_params"].astype(float).median(), "runs": len(g),
             })
@@ -723,6 +746,7 @@ def generation_tables(df: pd.DataFrame) -> list[Table]:
             "lost; wiki: mean token cross-entropy on Wikipedia text, ppl: perplexity on held-out English.",
             "Generated tokens/s: tokens decoded in the final evaluation / its decoding time (all questions of a batch "
             "decode together). Trainable parameters: a causal LM has no task head, so all of them count.",
+            MFU_NOTE,
         ]
         kinds = sorted(part["memory_kind"].dropna().unique())
         if kinds:

@@ -21,6 +21,7 @@ from bench.data import Data, Rows, load_data, train_loader
 from bench.loop.evaluate import evaluate, evaluate_rank_variants, evaluate_solutions
 from bench.loop.faults import injected_faults
 from bench.loop.train import TrainResult, TrainSettings, total_steps, train
+from bench.measure.flops import train_utilisation
 from bench.measure.latency import generation_interleaved, latency_batch, latency_interleaved, latency_ratios
 from bench.measure.memory import MemoryMeter, check_gpu_start, peak_memory_summary
 from bench.metrics import directions
@@ -122,6 +123,14 @@ class Recipe:
         self.out["train"] = train_summary(tr, warmup)
         self.out["train_samples_per_s"] = self.out["train"]["samples_per_s"]
         self.out["train_tokens_per_s"] = self.out["train"]["tokens_per_s"]
+        # FLOPs and MFU / HFU of the timed steps; a distributed run's tokens/s is global, so its peak is world_size's
+        p = self.p
+        if p.world.main:
+            self.out["train_flops"] = train_utilisation(
+                self.model, tr, self.out["train"], causal_lm=self.causal,
+                trains_all_weights=p.method.trains_all_weights,
+                trainable_params_excl_head=self.out["trainable_params_excl_head"], dtypes=p.dtypes, device=p.device,
+                world_size=p.world.size)
         if self.p.world.distributed:
             self.gather_ranks()
 

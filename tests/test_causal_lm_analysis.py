@@ -60,6 +60,8 @@ def _write(root, rec: dict) -> None:
 def test_report_shows_causal_lm_runs_in_their_own_section_with_their_figures(tmp_path):
     runs = tmp_path / "runs"
     lora = _causal_record("lora", 0.75, rank=8)
+    lora["train_flops"] = {"mfu_ratio": 0.412, "hfu_ratio": 0.412, "peak_flops_per_s": 989.5e12,
+                           "peak_source": "datasheet", "peak_name": "h100-sxm bf16", "world_size": 1}
     full = _causal_record("full", 0.625, trainable=3_219_776)
     for rec in (lora, full):
         _write(runs, rec)
@@ -72,7 +74,7 @@ def test_report_shows_causal_lm_runs_in_their_own_section_with_their_figures(tmp
     cells = [c.strip() for c in row.strip("|").split("|")]
     est = mem.record_estimate(json.loads((runs / lora["run_id"] / RECORD_FILE).read_text()))["estimate_bytes"]
     assert cells[2:5] == ["75.0 (Acc)", "50.0", "3.58K"]
-    assert cells[5:] == ["900", f"{est / 2**20:.0f}", "1,234", "300 / 480", "20.0 → 22.0", "–", "1"]
+    assert cells[5:] == ["900", f"{est / 2**20:.0f}", "1,234", "41.2%", "300 / 480", "20.0 → 22.0", "–", "1"]
     assert "base model decodes 500 tokens/s" in section
     csv = (tmp_path / "report" / "tables" / "causal_lm.csv").read_text()
     assert "zero_shot_pct_mean" in csv and "decode_tokens_per_s_merged_median" in csv

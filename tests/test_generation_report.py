@@ -38,6 +38,9 @@ def glue_as_text(rec: dict) -> dict:
 def runs() -> list[dict]:
     lora = [gen_record("lora", correct, rank=8, seed=seed, dropout=0.1, probe="wiki", forgetting=0.06, shots=2,
                        few_shot_correct=1, **CPU) for seed, correct in ((0, 3), (1, 5))]
+    for rec, mfu in zip(lora, (0.004, 0.006)):  # a CPU run's MFU is a share of a measured peak
+        rec["train_flops"] = {"mfu_ratio": mfu, "hfu_ratio": mfu, "peak_flops_per_s": 1.2e11, "peak_source": "measured",
+                              "peak_name": "cpu: 1024x1024 fp32 matmuls, 1 threads", "world_size": 1}
     full = gen_record("full", 4, probe="wiki", forgetting=0.02, shots=2, few_shot_correct=1,
                       **{**CPU, "trainable": 134_515_008, "lr": 2e-5})
     return [*lora, full, glue_as_text(lora[0])]
@@ -66,15 +69,16 @@ def test_report_shows_generation_runs_as_their_own_group_with_their_figures(repo
     header = next(line for line in section.splitlines() if line.startswith("| Method |"))
     assert [c.strip() for c in header.strip("|").split("|")] == [
         "Method", "Rank", "Accuracy", "95% CI", "Zero-shot", "2-shot", "No answer % (zero-shot → tuned)",
-        "Gold-solution loss (zero-shot → tuned)", "Forgetting", "Peak train memory (MiB)", "Train tokens/s",
+        "Gold-solution loss (zero-shot → tuned)", "Forgetting", "Peak train memory (MiB)", "Train tokens/s", "MFU",
         "Generated tokens/s", "Trainable params", "Runs"]
     [lora] = _rows(section, "LoRA")
     assert lora[1:] == ["8", "10.0 ± 3.5", "0.0 – 41.8 (t, n=2)", "5.0", "2.5", "60 → 2", "0.900 → 0.350",
-                        "+0.06 (wiki 1.600 → 1.660)", "2048 ± 0", "6,500", "20", "460.8K", "2"]
+                        "+0.06 (wiki 1.600 → 1.660)", "2048 ± 0", "6,500", "0.5%‡", "20", "460.8K", "2"]
     [full] = _rows(section, "Full FT")
     ci = binomtest(4, 40).proportion_ci(confidence_level=0.95, method="wilson")
     assert full[1:5] == ["–", "10.0", f"{ci.low * 100:.1f} – {ci.high * 100:.1f}", "5.0"]
     assert full[8] == "+0.02 (wiki 1.600 → 1.620)" and full[-2:] == ["134.5M", "1"]
+    assert full[11] == "–" and "‡ marks a measured peak" in section  # a record without train_flops: no MFU
     assert "SST-2" not in section and "GSM-Symbolic" not in causal  # the two kinds of run stay apart
     assert len(_rows(causal, "SST-2 | ")) == 1 and "Method × task (LoRA paper Table 2 style)" not in text
     assert f"Data: {GSM_NOTE}." in section and "prompted with 2 solved training problems" in section
@@ -87,6 +91,9 @@ def test_report_shows_generation_runs_as_their_own_group_with_their_figures(repo
     page = (report / "index.html").read_text()
     assert 'id="generation"' in page and '<table id="generation-0"' in page and "2-shot" in page
     assert re.search(r'<table id="repro-smollm2-gsm_symbolic-\d+-accuracy"', page) and "Not the same setup" in page
+    # each run's section: its MFU and HFU beside tokens/s, with the peak they are shares of and where it came from
+    assert "0.4% / 0.4% of 120 GFLOP/s (measured: cpu: 1024x1024 fp32 matmuls, 1 threads)" in page
+    assert "ours at MFU 0.5%‡ (of a measured peak)" in text  # the published comparison's throughput row
 
 
 def test_a_generation_run_is_known_from_its_record():

@@ -55,6 +55,7 @@ class TrainResult:
     compute_s: float
     data_s: float
     max_batch_seq_len: int = 0  # longest padded batch (tokens): activation memory peaks there
+    timed_token_pairs: int = 0  # sum over timed rows of their non-padding length squared: what attention multiplies
     curve: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     best_step: int | None = None
@@ -150,7 +151,7 @@ def train(model: nn.Module, method: Method, loader, s: TrainSettings,
         for batch in micro:
             n_rows, seq_len = batch["input_ids"].shape
             # Count on the host-side batch: the same sum on the device would force a sync every micro-batch.
-            n_tokens = int(batch["attention_mask"].sum()) if timed else 0
+            lengths = batch["attention_mask"].sum(dim=1) if timed else None
             res.max_batch_seq_len = max(res.max_batch_seq_len, int(seq_len))
             batch, weight = shard(batch, world)  # the whole batch on one process (weight 1)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -162,9 +163,10 @@ def train(model: nn.Module, method: Method, loader, s: TrainSettings,
             scaler.scale(loss).backward()
             log_loss += loss.detach()
             res.samples += n_rows
-            if timed:
+            if lengths is not None:
                 res.timed_samples += n_rows
-                res.timed_tokens += n_tokens
+                res.timed_tokens += int(lengths.sum())
+                res.timed_token_pairs += int((lengths * lengths).sum())
         if res.steps == 0:
             _check_adapter_gradients(net, s.head, method.name, world)
         if budget.max_grad_norm:

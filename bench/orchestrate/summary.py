@@ -39,7 +39,8 @@ def print_summary(rec: dict, path: Path) -> None:
         f"  trainable params {rec['trainable_params']:,} ({rec['trainable_params_excl_head']:,} excl. head) "
         f"of {rec['total_params']:,}",
         f"  train {rec['train']['steps']} steps in {rec['train']['wall_s']:.1f} s, "
-        f"{rec['train_samples_per_s']:.1f} samples/s; {peak_label} during training {_fmt_bytes(peak)}",
+        f"{rec['train_samples_per_s']:.1f} samples/s{_mfu_text(rec)}; {peak_label} during training "
+        f"{_fmt_bytes(peak)}",
     ]
     ev = rec.get("generation_eval")
     if ev:  # a generation task: accuracy's interval, answers without a number, decoding speed, the answers' file
@@ -84,3 +85,13 @@ def print_summary(rec: dict, path: Path) -> None:
                      f"vs full model {_fmt_bytes(rec['full_model_bytes'])}")
     lines.append(f"  record: {path}")
     print("\n".join(lines))
+
+
+def _mfu_text(rec: dict) -> str:
+    """", MFU 41.2% of NVIDIA's bf16 datasheet peak" or ", MFU 1.1% of a measured fp32 peak" (the record's
+    `train_flops`); empty when the run has none."""
+    block = rec.get("train_flops") or {}
+    if block.get("mfu_ratio") is None:
+        return ""
+    source = "NVIDIA's datasheet" if block["peak_source"] == "datasheet" else "a measured"
+    return f", MFU {block['mfu_ratio']:.2%} of {source} {block['compute_dtype']} peak"

@@ -119,6 +119,48 @@ class Train(_Block):
     max_batch_seq_len: int = Field(0, description="longest padded training batch (tokens)")
 
 
+class TrainFlops(_Block):
+    """The timed training steps' FLOPs and the share of the device's peak they used: MFU (model FLOPs: what the
+    maths needs) and HFU (hardware FLOPs: also the forward gradient checkpointing recomputes). Counted from the
+    model's architecture, PaLM's appendix B (bench/measure/flops.py; docs/measurement.md)."""
+
+    note: str | None = Field(None, description="what the figures include, or why there are none")
+    weight_gradients: Literal["all", "trainable"] | None = Field(
+        None, description="`all`: full fine-tuning, every weight's gradient (6N + 12·L·H·Q·T per token); "
+                          "`trainable`: the frozen weights pass the activation gradient only, the task head and the "
+                          "adapters (6 FLOPs per trainable parameter per token) get theirs")
+    checkpointed_layers: int | None = Field(
+        None, description="layers whose forward gradient checkpointing recomputes in the backward (0: none, so "
+                          "hardware FLOPs = model FLOPs)")
+    world_size: int | None = Field(None, description="processes (devices) the run trained on; MFU divides by the "
+                                                     "peak of all of them")
+    attention_seq_len: float | None = Field(
+        None, description="the attention term's sequence length (tokens): sum of each timed row's non-padding length "
+                          "squared over the timed tokens (the token-weighted mean length)")
+    forward_flops_per_token: float | None = Field(
+        None, description="FLOPs of one forward pass per non-padding token: 2 per multiply-accumulate of every "
+                          "matmul, attention's included; embedding lookups 0")
+    model_flops_per_token: float | None = Field(
+        None, description="FLOPs of a training step per non-padding token: forward + backward, no recomputation")
+    hardware_flops_per_token: float | None = Field(
+        None, description="model_flops_per_token plus the checkpointed layers' recomputed forward")
+    model_flops_per_s: float | None = Field(None, description="model_flops_per_token x train.tokens_per_s (global "
+                                                              "over world_size devices)")
+    hardware_flops_per_s: float | None = Field(None, description="hardware_flops_per_token x train.tokens_per_s")
+    compute_dtype: str | None = Field(None, description="the dtype the matmuls ran in (bf16, fp16, tf32, fp32), "
+                                                        "which picks the peak")
+    peak_flops_per_s: float | None = Field(None, description="one device's peak in compute_dtype: dense, no "
+                                                             "sparsity")
+    peak_source: Literal["datasheet", "measured"] | None = Field(
+        None, description="`datasheet`: NVIDIA's figure for the GPU; `measured`: a CPU or a GPU not in the table, "
+                          "the best rate of square matmuls timed in this process (a probe, not a hardware limit)")
+    peak_name: str | None = Field(None, description="the datasheet entry and dtype, or what the probe timed")
+    mfu_ratio: float | None = Field(None, description="model FLOPs utilisation: model_flops_per_s / "
+                                                      "(peak_flops_per_s x world_size)")
+    hfu_ratio: float | None = Field(None, description="hardware FLOPs utilisation: hardware_flops_per_s / "
+                                                      "(peak_flops_per_s x world_size)")
+
+
 class MemoryPhase(_Block):
     """One phase's memory: CUDA allocator figures (`kind: cuda`) or the process's resident set (`kind: cpu_rss`)."""
 
@@ -331,6 +373,7 @@ class Record(_Block):
         None, description="where the zero-shot, k-shot and forgetting-before figures come from: computed by this run "
                           "or by an earlier run with the same key (measure.reuse_untrained)")
     train: Train | None = None
+    train_flops: TrainFlops | None = Field(None, description="the timed training steps' FLOPs, MFU and HFU")
     distributed: DistributedRun | None = Field(None, description="set for a run over several processes")
     train_samples_per_s: float | None = Field(None, description="= train.samples_per_s")
     train_tokens_per_s: float | None = Field(None, description="= train.tokens_per_s")

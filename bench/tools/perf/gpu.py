@@ -1,5 +1,6 @@
 """GPU measurement in one command: full, LoRA, DoRA and QLoRA at several model sizes, then a table of peak
-memory, throughput and latency, and the memory estimator's figure next to each measured peak.
+memory, throughput (with MFU, bench/measure/flops.py) and latency, and the memory estimator's figure next to each
+measured peak.
 
     GLUE_DIR=... HF_HUB_OFFLINE=1 python -m bench.tools.perf.gpu --out perf_gpu
     python -m bench.tools.perf.gpu --tokenizer path/to/minilm-tokenizer --models minilm-random,bert-large-random
@@ -45,6 +46,15 @@ def _decode(record: dict) -> str:
                       ) if gen else ""
 
 
+def _mfu(record: dict) -> str:
+    """Model FLOPs utilisation in percent (record `train_flops`), marked `(measured peak)` where the peak was probed
+    rather than read from NVIDIA's datasheet."""
+    block = record.get("train_flops") or {}
+    if block.get("mfu_ratio") is None:
+        return ""
+    return f"{100 * block['mfu_ratio']:.1f}%" + ("" if block["peak_source"] == "datasheet" else " (measured peak)")
+
+
 def _precision(record: dict) -> str:
     """A failed run has no dtypes in its record: its precision mode instead."""
     return str((record.get("effective_config") or {}).get("precision") or "")
@@ -53,14 +63,14 @@ def _precision(record: dict) -> str:
 def summary_table(records: list[dict]) -> str:
     head = ("| model | method | weights / trainable dtype | status | trainable params | peak allocated GiB | "
             "peak reserved GiB | samples/s | "
-            "tokens/s | latency base / unmerged / merged p50 ms | unmerged/base | merged/base | stored MiB | "
+            "tokens/s | MFU | latency base / unmerged / merged p50 ms | unmerged/base | merged/base | stored MiB | "
             "full model MiB | decode tokens/s base / unmerged / merged |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
         dtypes = f"{r['weight_dtype']} / {r['trainable_dtype']}" if r.get("weight_dtype") else _precision(r)
         if r.get("status") != "ok":
             lines.append(f"| {r.get('model')} | {r.get('method')} | {dtypes} | {r.get('status')}: "
-                         f"{r.get('error', '')[:80]} |" + " |" * 11)
+                         f"{r.get('error', '')[:80]} |" + " |" * 12)
             continue
         mem = r["memory"]["train"]
         lat = r.get("latency", {})
@@ -70,7 +80,8 @@ def summary_table(records: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['method']} | {dtypes} | ok | {r['trainable_params']:,} | "
             f"{_fmt(alloc / GIB if alloc else None, '.3f')} | {_fmt(reserved / GIB if reserved else None, '.3f')} | "
-            f"{_fmt(r['train_samples_per_s'], '.1f')} | {_fmt(r['train_tokens_per_s'], '.0f')} | {lat_txt} | "
+            f"{_fmt(r['train_samples_per_s'], '.1f')} | {_fmt(r['train_tokens_per_s'], '.0f')} | {_mfu(r)} | "
+            f"{lat_txt} | "
             f"{_fmt(lat.get('unmerged_over_base_p50_ratio'), '.3f')} | "
             f"{_fmt(lat.get('merged_over_base_p50_ratio'), '.3f')} | "
             f"{_fmt(r.get('adapter_bytes', 0) / 2**20, '.2f')} | {_fmt(r['full_model_bytes'] / 2**20, '.1f')} | "
