@@ -222,3 +222,13 @@ def test_perf_gpu_llm_tokenizer_reaches_the_causal_runs_only(tmp_path, monkeypat
     assert seen["tiny-bert"]["hub_id"] == str(tmp_path / "minilm") and seen["tiny-bert"]["package"] is None
     assert seen["tiny-llama"]["hub_id"] == str(tmp_path / "smollm2")
     assert seen["tiny-llama"]["package"] is None and seen["tiny-llama"]["gguf_file"] is None
+
+
+def test_check_installed_names_a_version_that_is_not_the_kits():
+    have = md.version("peft")
+    ok = {"wheels": {"peft": {"version": have}}, "not_carried": {"datasets": ""}, "torch": {"torch": "2.13.0+cpu"},
+          "left_to_image": {"numpy": {"lock": md.version("numpy")}}}
+    lines = gpu_kit.check_installed(ok)  # peft's own requirements (torch, transformers, ...) are all met here
+    assert f"  numpy {md.version('numpy')} (lock {md.version('numpy')})" in lines
+    with pytest.raises(gpu_kit.BenchError, match=f"peft is {re.escape(have)}, the kit's is 0.0.1"):
+        gpu_kit.check_installed({**ok, "wheels": {"peft": {"version": "0.0.1"}}})

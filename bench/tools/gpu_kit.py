@@ -56,8 +56,9 @@ PLATFORMS = ("manylinux2014_x86_64", *(f"manylinux_2_{n}_x86_64" for n in range(
 
 TORCH_PREFIXES = ("torch", "triton", "nvidia-")  # torch itself, triton, the nvidia-* CUDA wheels
 LEFT_TO_IMAGE = {
-    name: "compiled numeric stack: the CUDA image has it, built together; GPU memory and speed do not depend on its "
-          "version, and each record lists versions that differ from the lock (provenance.lock_mismatches)"
+    name: "compiled numeric stack the CUDA image has, built together (~130 MiB of wheels): the GPU figures come from "
+          "torch, transformers and peft, and each record lists versions that differ from the lock "
+          "(provenance.lock_mismatches)"
     for name in ("numpy", "scipy", "pandas", "pyarrow", "matplotlib", "scikit-learn")
 }
 NOT_CARRIED = {
@@ -112,9 +113,10 @@ def _pyproject(repo: Path) -> dict:
 
 def plan_kit(repo: Path = REPO_ROOT, with_bitsandbytes: bool = False, python: str = PYTHON) -> dict:
     """What the kit holds: {"wheels": {name: version}, "left_to_image": {name: version}, "not_carried": [names],
-    "torch": [names], "build": [name==version], "unread": [names]}, walked from pyproject's dependencies through the
-    requirements of the packages installed here (which must be the locked versions). A package the lock pins but this
-    environment lacks (bitsandbytes) is carried; its requirements are read from its wheel after download (`unread`)."""
+    "torch": {name: version}, "build": [name==version], "unread": [names]}, walked from pyproject's dependencies
+    through the requirements of the packages installed here (which must be the locked versions). A package the lock
+    pins but this environment lacks (bitsandbytes) is carried; its requirements are read from its wheel after download
+    (`unread`, checked by check_wheels)."""
     import importlib.metadata as md
 
     from packaging.requirements import Requirement
@@ -125,7 +127,7 @@ def plan_kit(repo: Path = REPO_ROOT, with_bitsandbytes: bool = False, python: st
     if with_bitsandbytes:
         roots += [Requirement(r) for r in project["project"].get("optional-dependencies", {}).get("gpu", [])]
     env = target_env(python)
-    wheels, image, not_carried, torch, unread = {}, {}, set(), set(), set()
+    wheels, image, torch, not_carried, unread = {}, {}, {}, set(), set()
     seen: set[tuple[str, str]] = set()
     todo = [(r, "pyproject.toml") for r in roots]
     while todo:
@@ -135,7 +137,7 @@ def plan_kit(repo: Path = REPO_ROOT, with_bitsandbytes: bool = False, python: st
             raise BenchError(f"{name} (needed by {parent}) is not in requirements.lock: regenerate the lock "
                              f"(bash .ci/lock)")
         if is_torch(name):
-            torch.add(name)
+            torch[name] = lock[name][1]
             continue
         if name in LEFT_TO_IMAGE:
             image[name] = lock[name][1]
@@ -166,7 +168,8 @@ def plan_kit(repo: Path = REPO_ROOT, with_bitsandbytes: bool = False, python: st
                 todo.append((dep, name))
     build = [_pin_build_requirement(text) for text in project.get("build-system", {}).get("requires", [])]
     return {"python": python, "wheels": dict(sorted(wheels.items())), "left_to_image": dict(sorted(image.items())),
-            "not_carried": sorted(not_carried), "torch": sorted(torch), "build": build, "unread": sorted(unread)}
+            "not_carried": sorted(not_carried), "torch": dict(sorted(torch.items())), "build": build,
+            "unread": sorted(unread)}
 
 
 def _pin_build_requirement(text: str) -> str:
@@ -490,16 +493,18 @@ def check_installed(manifest: dict) -> list[str]:
     if problems:
         raise BenchError(f"the installed packages do not fit together: {'; '.join(problems)}")
     lines.append("the image's own packages (the kit leaves them out) against requirements.lock:")
-    for name, info in {"torch": {"lock": "CUDA build"}, **manifest["left_to_image"]}.items():
+    locked = {**manifest["torch"], **{n: info["lock"] for n, info in manifest["left_to_image"].items()}}
+    for name, lock_version in locked.items():
         try:
             version = md.version(name)
         except md.PackageNotFoundError:
             version = "not installed"
-        lines.append(f"  {name} {version} (lock {info['lock']})")
+        lines.append(f"  {name} {version} (lock {lock_version})")
     return lines
 
 
-def run_kit(kit: Path, out: Path, dry_run: bool = False, install: bool = True, quick: bool = False) -> int:
+def run_kit(kit: Path, out: Path, dry_run: bool = False, install: bool = True, quick: bool = False,
+            only: str | None = None) -> int:
     manifest_path = kit / "kit.json"
     if not manifest_path.is_file():
         raise BenchError(f"{kit} is not a kit (no kit.json): build one with python -m bench.tools.gpu_kit --out {kit}")
@@ -510,7 +515,8 @@ def run_kit(kit: Path, out: Path, dry_run: bool = False, install: bool = True, q
                          f"(build a kit for it with --python {here})")
     qlora = "bitsandbytes" in manifest["wheels"]
     installs = install_commands(kit) if install else []
-    runs = run_commands(kit, out, qlora, quick=quick)
+    runs = [(what, cmd) for what, cmd in run_commands(kit, out, qlora, quick=quick)
+            if only is None or what.startswith({"perf": "perf.gpu", "sweep": "llm_gpu"}[only])]
     if dry_run:
         print(f"environment: GLUE_DIR={(kit / 'glue').resolve()} HF_HUB_OFFLINE=1 BENCH_PROGRESS=0")
         for what, cmd in [*(("install", c) for c in installs), *runs]:
@@ -520,6 +526,10 @@ def run_kit(kit: Path, out: Path, dry_run: bool = False, install: bool = True, q
 
     if importlib.util.find_spec("torch") is None:
         raise BenchError("no torch in this Python: run the kit with the Python that holds the CUDA build of torch")
+    import torch
+
+    if not quick and not torch.cuda.is_available():
+        raise BenchError("torch sees no CUDA GPU here: the GPU figures need one (--quick runs the tiny models on CPU)")
     start = time.perf_counter()
     env = run_env(kit)
     for cmd in installs:
@@ -532,7 +542,7 @@ def run_kit(kit: Path, out: Path, dry_run: bool = False, install: bool = True, q
         print(f"== {what} ({time.perf_counter() - start:.0f} s): {shlex.join(cmd)}", flush=True)
         if subprocess.run(cmd, env=env).returncode != 0:
             failed.append(what)
-    summary = _llm_gpu_summary(out.resolve() / "llm_gpu")
+    summary = _llm_gpu_summary(out.resolve() / "llm_gpu") if any(w.startswith("llm_gpu") for w, _ in runs) else ""
     print(f"\n{summary}\nperf.gpu: {out / 'perf_gpu' / 'summary.md'}; llm_gpu: {out / 'llm_gpu' / 'summary.md'}; "
           f"{time.perf_counter() - start:.0f} s in all")
     if failed:
@@ -563,9 +573,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("--no-install", action="store_true", help="the kit is installed already")
         ap.add_argument("--quick", action="store_true",
                         help="tiny test models, a few steps: does the install work (a minute; figures meaningless)")
+        ap.add_argument("--only", choices=("perf", "sweep"),
+                        help="one of the two: perf.gpu, or the llm_gpu sweep's 1B rows (two calls of 10 minutes)")
         args = ap.parse_args(argv[1:])
         try:
-            return run_kit(args.kit, args.out, dry_run=args.dry_run, install=not args.no_install, quick=args.quick)
+            return run_kit(args.kit, args.out, dry_run=args.dry_run, install=not args.no_install, quick=args.quick,
+                           only=args.only)
         except BenchError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
