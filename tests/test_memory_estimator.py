@@ -136,6 +136,42 @@ def test_activation_coefficients_match_what_autograd_keeps():
     assert lora_measured <= lora_est["activations_bytes"] <= 1.3 * lora_measured  # an upper bound for LoRA
 
 
+def test_gradient_checkpointing_keeps_no_autocast_weight_copies_across_layers():
+    """Autocast over fp32 weights: without checkpointing autograd keeps a bf16 copy of the linear weights of the
+    layers for the backward pass; with checkpointing it keeps none (a layer's copies are made again when its forward
+    is recomputed), so the estimator counts one layer's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=176, vocab_size=500)
+    arch = mem.arch_from_config(config)
+    kept = {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        weights = {n: m.weight.detach().to(torch.bfloat16) for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and ".layers." in n and "lora_" not in n}
+        saved = []
+        ids = torch.randint(0, 500, (2, 8))
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(
+                lambda t, saved=saved: saved.append(t) or t, lambda t: t):
+            model(input_ids=ids, labels=ids)
+        # a weight's copy is saved as it is or transposed
+        kept[ckpt] = {n for n, w in weights.items() for t in saved if t.dtype == torch.bfloat16 and any(
+            t.shape == v.shape and torch.equal(t, v) for v in (w, w.T))}
+    # every copy but the first layer's q, k, v: their input (the frozen embeddings) needs no gradient
+    assert kept[False] == {n for n in weights if not any(f"layers.0.self_attn.{p}_proj" in n for p in "qkv")}
+    assert len(kept[False]) == 3 * 7 - 3 and kept[True] == set()
+    st = mem.Setting(method="lora", rank=4, targets=("q_proj", "v_proj"), batch=2, seq=8, precision="bf16-mixed")
+    assert mem.estimate(arch, st)["autocast_weight_copies_bytes"] == 2 * arch.layer_linear_params
+    ckpt = mem.estimate(arch, mem.Setting(**{**st.__dict__, "grad_checkpointing": True}))
+    assert ckpt["autocast_weight_copies_bytes"] == 2 * arch.layer_linear_params / 3
+
+
 def test_estimate_vs_measured_from_a_record(make_cfg, tmp_path):
     p = plan(make_cfg("method=lora", "rank=4"))
     arch = mem.resolve_arch("tiny-bert", None)

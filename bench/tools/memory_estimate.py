@@ -32,7 +32,9 @@ parameter for full fine-tuning). The precisions are the suite's (bench/model/pre
 - autocast weight copies: autocast casts each fp32 weight a linear layer uses to 16 bits per use and autograd keeps
   the copy for the backward pass: 2 bytes per linear weight of the layers under `bf16-mixed` / `fp16-mixed`; under
   `bf16` only the trainable fp32 tensors are cast (2 T; none for full fine-tuning, already bf16); QLoRA dequantises
-  one layer at a time instead;
+  one layer at a time instead. With gradient checkpointing autograd keeps none of them across layers (a test counts
+  the saved bf16 weight copies of a Llama under CPU autocast: one per linear weight without, none with): one layer's
+  copies, made again when its forward is recomputed;
 - activations kept for the backward pass, per layer, for s tokens x b sequences, hidden h, FFN width f,
   a heads:  alpha*s*b*h + beta*s*b*f + gamma*a*s^2*b  bytes.  Korthikanti et al. 2022 ("Reducing Activation
   Recomputation in Large Transformer Models") give s*b*h*(34 + 5*a*s/h) for pure 16-bit activations; PyTorch
@@ -373,6 +375,8 @@ def estimate(arch: Arch, s: Setting) -> dict[str, float]:
             copies = 2.0 * trainable
         else:
             copies = 0.0
+        if s.grad_checkpointing:  # kept only for the layer being recomputed
+            copies /= max(arch.layers, 1)
     precision = "bf16-mixed" if s.method == "qlora" else s.precision
     per_layer = activation_bytes_per_layer(arch, s.batch, s.seq, precision, s.fused_attention, not full)
     tokens = s.batch * s.seq
