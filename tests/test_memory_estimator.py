@@ -375,6 +375,31 @@ def test_nonsense_strategies_and_gpu_counts_are_refused_in_one_line(setting, mes
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--gpus", "0", "--strategy", "fsdp"], "error: --gpus '0': GPU counts are whole numbers, at least 1"),
+    (["--gpus", "two", "--strategy", "ddp"], "error: --gpus 'two'"),
+    (["--strategy", "fsdp1", "--gpus", "2"], "error: --strategy 'fsdp1': choose from none, ddp, fsdp"),
+    (["--gpus", "2"], "error: --gpus 2: strategy none is one process on one GPU"),
+])
+def test_cli_refuses_nonsense_in_one_line(argv, message):
+    with pytest.raises(SystemExit) as err:
+        mem.main(["--model", "tiny-bert", *argv])
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_cli_prints_per_gpu_components_for_each_strategy_and_count(capsys):
+    mem.main(["--model", "tiny-llama", "--batch-size", "2", "--seq-len", "16", "--strategy", "none,ddp,fsdp",
+              "--gpus", "1,2,8"])
+    text = capsys.readouterr().out
+    header = "| component | none | ddp x1 | ddp x2 | ddp x8 | fsdp x1 | fsdp x2 | fsdp x8 |"
+    assert text.count(header) == 3  # full, lora, qlora
+    assert "| fsdp_gathered_params |" in text and "| ddp_buckets |" in text and "peak per GPU (GiB)" in text
+    mem.main(["--model", "tiny-llama", "--method", "lora", "--strategy", "fsdp", "--gpus", "2",
+              "--no-reshard-after-forward", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert list(data["per_gpu"]["lora"]) == ["fsdp x2 keep"]
+
+
 # Real DDP and FSDP2 on the CPU: what torch allocates, against the arithmetic above.
 
 def _tiny_llama(method: str):
