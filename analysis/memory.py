@@ -5,6 +5,8 @@ named preset, and estimate vs measured for CUDA run records.
     python -m analysis.memory --model 7b --batch-size 1 --seq-len 2048 --precision bf16 --grad-checkpointing
     python -m analysis.memory --params 3e9 --plot memory.png --gpu h100-80gb
     python -m analysis.memory --records results/runs          # estimate vs measured peak for CUDA runs
+    python -m analysis.memory --model 8b --batch-size 1 --seq-len 2048 --grad-checkpointing \
+        --strategy none,ddp,fsdp --gpus 1,2,8                     # per GPU: one run over several GPUs
 
 The estimator's arithmetic (what is counted and how) is bench/tools/memory_estimate.py; this module is its
 command line, the peak-vs-size plot and the estimate vs measured comparison over run records.
@@ -25,11 +27,13 @@ from bench.tools.memory_estimate import (
     OPTIMIZERS,
     PRECISIONS,
     PRESETS,
+    STRATEGIES,
     Arch,
     Setting,
     arch_from_config,
     arch_from_model_conf,
     estimate,
+    fsdp_unit_bytes,
     llama_like,
     lora_targets,
     lora_trainable,
@@ -39,10 +43,10 @@ from bench.tools.memory_estimate import (
     training_state_bytes,
 )
 
-__all__ = ["GIB", "GPUS_GIB", "METHODS", "OPTIMIZER_IMPLS", "OPTIMIZERS", "PRECISIONS", "PRESETS", "Arch",
-           "Setting", "arch_from_config", "arch_from_model_conf", "estimate", "llama_like", "lora_targets",
-           "lora_trainable", "record_precision", "resolve_arch", "training_state_bytes", "format_table", "plot",
-           "compare_records", "main"]
+__all__ = ["GIB", "GPUS_GIB", "METHODS", "OPTIMIZER_IMPLS", "OPTIMIZERS", "PRECISIONS", "PRESETS", "STRATEGIES",
+           "Arch", "Setting", "arch_from_config", "arch_from_model_conf", "estimate", "fsdp_unit_bytes", "llama_like",
+           "lora_targets", "lora_trainable", "record_precision", "resolve_arch", "training_state_bytes",
+           "format_table", "format_per_gpu", "distributed_settings", "plot", "compare_records", "main"]
 
 # ---------------------------------------------------------------- output
 
@@ -66,6 +70,64 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
                 cells += [f"{int(round(v)):,}", f"{v / GIB:.3f}"]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+PER_GPU_ROWS = ("weights_bytes", "master_weights_bytes", "gradients_bytes", "optimizer_bytes", "ddp_buckets_bytes",
+                "fsdp_gathered_params_bytes", "fsdp_unsharded_grads_bytes", "autocast_weight_copies_bytes",
+                "activations_bytes", "backward_working_bytes", "optimizer_step_working_bytes", "peak_bytes")
+
+
+def distributed_settings(strategies: Iterable[str], gpus: Iterable[int]) -> list[tuple[str, int]]:
+    """(strategy, N) pairs to estimate: each strategy at each N, `none` only at N = 1 (one process, one GPU)."""
+    pairs = []
+    for strategy in strategies:
+        for n in ([1] if strategy == "none" else gpus):
+            if (strategy, n) not in pairs:
+                pairs.append((strategy, n))
+    return pairs
+
+
+def _label(strategy: str, n: int, reshard: bool) -> str:
+    return "none" if strategy == "none" else f"{strategy} x{n}" + ("" if reshard or strategy != "fsdp" else " keep")
+
+
+def format_per_gpu(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Markdown: for each method a table of components (rows) x strategy and GPU count (columns), GiB per GPU; then
+    the peaks of every method in one table."""
+    blocks = []
+    for method, by_label in results.items():
+        labels = list(by_label)
+        lines = [f"{method} (GiB per GPU)", "", "| component | " + " | ".join(labels) + " |",
+                 "|" + "---|" * (1 + len(labels))]
+        for row in PER_GPU_ROWS:
+            lines.append(f"| {row.removesuffix('_bytes')} | "
+                         + " | ".join(f"{by_label[label][row] / GIB:.2f}" for label in labels) + " |")
+        blocks.append("\n".join(lines))
+    labels = list(next(iter(results.values())))
+    lines = ["peak per GPU (GiB)", "", "| method | " + " | ".join(labels) + " |", "|" + "---|" * (1 + len(labels))]
+    for method, by_label in results.items():
+        lines.append(f"| {method} | " + " | ".join(f"{by_label[label]['peak_bytes'] / GIB:.1f}" for label in labels)
+                     + " |")
+    blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _choices(text: str, flag: str, allowed: Iterable[str]) -> list[str]:
+    values, allowed = [v.strip() for v in text.split(",")], list(allowed)
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise SystemExit(f"error: {flag} {bad[0]!r}: choose from {', '.join(allowed)}")
+    return values
+
+
+def _gpu_counts(text: str) -> list[int]:
+    try:
+        counts = [int(v) for v in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"error: --gpus {text!r}: GPU counts are whole numbers, at least 1 (e.g. 1,2,8)")
+    return counts
 
 
 def plot(path: str, setting: Setting, gpu: str, sizes: Iterable[float]) -> None:
@@ -110,7 +172,8 @@ def compare_records(root: str, methods: Iterable[str] | None = None) -> list[dic
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="conf/model name, folder, config.json, preset (7b, 13b, 70b) or cached Hub id")
+    ap.add_argument("--model", help="conf/model name, folder, config.json, preset (7b, 13b, 70b: Llama-2; 8b, "
+                                    "llama3-70b: Llama-3) or cached Hub id")
     ap.add_argument("--params", type=float, help="a parameter count instead (Llama-shaped fit), e.g. 7e9")
     ap.add_argument("--method", default="full,lora,qlora", help="comma-separated subset of full,lora,qlora")
     ap.add_argument("--rank", type=int, default=8)
@@ -132,6 +195,14 @@ def main(argv: list[str] | None = None) -> None:
                          "default: materialised for fp32, fused otherwise")
     ap.add_argument("--grad-checkpointing", action="store_true")
     ap.add_argument("--no-double-quant", action="store_true")
+    ap.add_argument("--strategy", default="none",
+                    help="comma-separated subset of none,ddp,fsdp: what each GPU holds when one run spans --gpus "
+                         "GPUs (conf/distributed/); --batch-size is then each GPU's micro-batch")
+    ap.add_argument("--gpus", default="1", help="comma-separated GPU counts, e.g. 1,2,8 (none: 1 only)")
+    ap.add_argument("--no-reshard-after-forward", action="store_true",
+                    help="fsdp: keep each block's gathered parameters from its forward to its backward (ZeRO-2-like)")
+    ap.add_argument("--gradient-as-bucket-view", action="store_true",
+                    help="ddp: gradients as views into DDP's buckets (torch default False: the buckets are a copy)")
     ap.add_argument("--json", action="store_true", help="print the estimates as JSON")
     ap.add_argument("--plot", help="write a PNG of estimated peak vs model size (full, LoRA, QLoRA)")
     ap.add_argument("--gpu", choices=sorted(GPUS_GIB), default="h100-80gb", help="GPU memory line in the plot")
@@ -152,6 +223,12 @@ def main(argv: list[str] | None = None) -> None:
                   f"{r['estimate_bytes'] / GIB:.3f} | {meas} | {ratio} |")
         return
 
+    strategies = _choices(args.strategy, "--strategy", STRATEGIES)
+    gpus = _gpu_counts(args.gpus)
+    if strategies == ["none"] and gpus != [1]:
+        raise SystemExit(f"error: --gpus {args.gpus}: strategy none is one process on one GPU; "
+                         "add --strategy ddp or fsdp")
+    methods = _choices(args.method, "--method", METHODS)
     arch = resolve_arch(args.model, args.params)
     if args.targets:
         targets = tuple(args.targets.split(","))
@@ -164,7 +241,27 @@ def main(argv: list[str] | None = None) -> None:
                    precision=args.precision, optimizer=args.optimizer, optimizer_impl=args.optimizer_impl,
                    fused_attention=fused,
                    grad_checkpointing=args.grad_checkpointing, double_quant=not args.no_double_quant)
-    results = {m: estimate(arch, Setting(**{**base.__dict__, "method": m})) for m in args.method.split(",")}
+    reshard = not args.no_reshard_after_forward
+    pairs = distributed_settings(strategies, gpus)
+    if pairs != [("none", 1)]:
+        per_gpu = {m: {_label(st, n, reshard): estimate(arch, Setting(**{
+            **base.__dict__, "method": m, "strategy": st, "gpus": n, "reshard_after_forward": reshard,
+            "gradient_as_bucket_view": args.gradient_as_bucket_view})) for st, n in pairs} for m in methods}
+        if args.json:
+            print(json.dumps({"model": arch.name, "setting": base.__dict__, "per_gpu": per_gpu}, indent=1))
+            return
+        print(f"{arch.name}: {arch.params:,} parameters, {arch.layers} layers, hidden {arch.hidden}; per GPU: "
+              f"micro-batch {args.batch_size} x {args.seq_len} tokens; {args.precision}; {args.optimizer}; "
+              f"LoRA r={args.rank} on {','.join(targets)}"
+              + ("; gradient checkpointing" if args.grad_checkpointing else "")
+              + ("; fsdp keeps gathered blocks for the backward pass (reshard_after_forward=False)" if not reshard
+                 else "") + ("; ddp gradient_as_bucket_view" if args.gradient_as_bucket_view else ""))
+        print(format_per_gpu(per_gpu))
+        print("ddp: a full replica + its gradient buckets (one copy of the trainable gradients); fsdp: parameters, "
+              "gradients and optimiser states / N + the root's and two blocks' gathered parameters; activations "
+              "are per GPU. Not counted: CUDA context, NCCL buffers, allocator fragmentation")
+        return
+    results = {m: estimate(arch, Setting(**{**base.__dict__, "method": m})) for m in methods}
     if args.json:
         print(json.dumps({"model": arch.name, "setting": base.__dict__, "estimates": results}, indent=1))
     else:

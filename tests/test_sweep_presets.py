@@ -1,5 +1,6 @@
 """Sweep presets (conf/sweep/) compose with the real config, name only configs that exist, say what they cost,
-and expand to the number of runs their header promises; the Slurm launcher config composes."""
+and expand to the number of runs their header promises; the Slurm launcher config composes and takes its job
+shape from conf/distributed."""
 from __future__ import annotations
 
 import pytest
@@ -74,6 +75,36 @@ def test_slurm_launcher_defaults():
     assert (launcher.gpus_per_node, launcher.tasks_per_node) == (1, 1) and launcher.timeout_min >= 60
     assert OmegaConf.select(compose_hydra("hydra/launcher=submitit_local"), "hydra.launcher._target_") \
         .endswith("LocalLauncher")
+
+
+@pytest.mark.parametrize("overrides, shape", [
+    ((), (1, 1)),  # distributed=none: the old one run per GPU
+    (("distributed=ddp",), (1, 2)),  # conf/distributed/ddp.yaml: 1 node x 2 ranks
+    (("distributed=ddp", "distributed.nnodes=2", "distributed.nproc_per_node=4"), (2, 4)),
+    (("distributed=fsdp", "distributed.nproc_per_node=8"), (1, 8)),
+])
+def test_slurm_launcher_takes_its_shape_from_distributed(overrides, shape):
+    """The launcher Hydra instantiates from the composed config asks for distributed.nnodes nodes x
+    distributed.nproc_per_node tasks, one GPU per task and host memory per GPU, and submitit writes that into the
+    sbatch script (no cluster needed: the script is only written)."""
+    from hydra.utils import instantiate
+    from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
+
+    launcher = instantiate(compose_hydra("hydra/launcher=slurm", *overrides).hydra.launcher)
+    nodes, tasks = shape
+    params = launcher.params
+    assert (params["nodes"], params["tasks_per_node"], params["gpus_per_node"]) == (nodes, tasks, tasks)
+    assert params["mem_gb"] is None and params["mem_per_gpu"] == "32G"  # per rank, not per node
+    # the launcher's names -> sbatch's, as the plugin hands them to submitit (its generic keys through submitit's
+    # equivalence table; the Slurm-only keys as they are)
+    names = SlurmExecutor._equivalence_dict()
+    sbatch = {names.get(k, k): v for k, v in params.items() if v is not None and k in
+              ("nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task", "mem_gb", "mem_per_gpu", "gpus_per_task")}
+    text = _make_sbatch_string(command="python -m bench", folder="/tmp/submitit", **sbatch)
+    for line in (f"--nodes={nodes}", f"--ntasks-per-node={tasks}", f"--gpus-per-node={tasks}", "--mem-per-gpu=32G",
+                 "--cpus-per-task=8"):
+        assert f"#SBATCH {line}\n" in text
+    assert "--mem=" not in text and "--gpus-per-task" not in text
 
 
 def test_tables_and_plots_label_each_scaling_rule_apart(tmp_path):

@@ -32,7 +32,10 @@ parameter for full fine-tuning). The precisions are the suite's (bench/model/pre
 - autocast weight copies: autocast casts each fp32 weight a linear layer uses to 16 bits per use and autograd keeps
   the copy for the backward pass: 2 bytes per linear weight of the layers under `bf16-mixed` / `fp16-mixed`; under
   `bf16` only the trainable fp32 tensors are cast (2 T; none for full fine-tuning, already bf16); QLoRA dequantises
-  one layer at a time instead;
+  one layer at a time instead. With gradient checkpointing autograd keeps none of them across layers (a test counts
+  the saved bf16 weight copies of a Llama under CPU autocast: one per linear weight without, but the first layer's
+  q, k, v, whose input needs no gradient; none with): one layer's
+  copies, made again when its forward is recomputed;
 - activations kept for the backward pass, per layer, for s tokens x b sequences, hidden h, FFN width f,
   a heads:  alpha*s*b*h + beta*s*b*f + gamma*a*s^2*b  bytes.  Korthikanti et al. 2022 ("Reducing Activation
   Recomputation in Large Transformer Models") give s*b*h*(34 + 5*a*s/h) for pure 16-bit activations; PyTorch
@@ -73,9 +76,46 @@ parameter for full fine-tuning). The precisions are the suite's (bench/model/pre
 - a run record is modelled at its own precision; a record whose effective config says `bf16` or `fp16` without a
   `weight_dtype` ran autocast over fp32 weights: `bf16-mixed` / `fp16-mixed` (`record_precision`).
 
-Not counted: the CUDA context (~0.3-0.6 GiB, outside PyTorch's allocator), cuBLAS workspaces, the caching
-allocator's fragmentation (measured as reserved - allocated), and the data batch. So compare with
-`peak_allocated_bytes`, not with nvidia-smi.
+Per GPU, for one run over N GPUs (`Setting.strategy`, `Setting.gpus`; conf/distributed/). `batch` is then the
+micro-batch each GPU computes (the suite splits its global `budget.batch_size` over the ranks), so activations, autocast
+copies and the backward working memory are per GPU and not divided.
+- `none`: one process, the figures above (N = 1).
+- `ddp` (DistributedDataParallel): every GPU holds everything above, plus DDP's gradient buckets. DDP packs the
+  gradients of the parameters that require one (frozen ones are never reduced) into flat buckets of `bucket_cap_mb`
+  (25 MiB by default; the cap sets how many buckets there are, not their total) that are allocated when the model is
+  wrapped and live as long as it. With `gradient_as_bucket_view=False` (torch's default) `param.grad` is a separate
+  tensor copied into its bucket, so the buckets are one more copy of the trainable gradients, in their dtype: +G
+  (torch's own docs of `gradient_as_bucket_view`: the saving "will be equal to the total gradients size"). A test
+  checks it on gloo: the bucket buffers DDP hands to a communication hook hold exactly the trainable gradients'
+  bytes, and no gradient is a view of them unless `gradient_as_bucket_view=True` (then +0). For LoRA G is the
+  adapters' and the head's: tens of MB next to a replica of GBs.
+- `fsdp` (FSDP2, `fully_shard` on every transformer block, then on the root: embeddings, final norm and the heads):
+  weights, master copies, gradients, optimiser states and the optimiser step's temporaries are divided by N
+  (frozen and trainable parameters alike; FSDP pads each parameter to a multiple of N rows, not counted). On top, per
+  GPU, the unsharded working set, in the dtype each parameter is stored in (16-bit frozen weights stay 16-bit,
+  fp32 adapters fp32; QLoRA's packed 4-bit storage all-gathers as 0.5 byte per weight):
+  the root's parameters, gathered at the start of the forward pass and kept until the end of the backward pass,
+  and 2 blocks (`FSDP_UNITS_IN_FLIGHT`: the block computing and the next one, whose all-gather FSDP2 issues early);
+  during the backward pass also the unsharded gradients of the root's and of one block's trainable parameters,
+  before they are reduce-scattered. With `reshard_after_forward=False` (ZeRO-2-like) no block is freed after its
+  forward, so the gathered set is the root and every block: the whole unsharded model, from the end of the forward
+  pass into the backward pass, on top of its 1/N shard. Parameters then cost (1 + 1/N) x their bytes per GPU,
+  more than DDP's one copy: only gradients and optimiser states are saved, which for LoRA are small.
+  QLoRA under FSDP needs the 4-bit weights stored in a 16-bit dtype (`bnb_4bit_quant_storage`, peft's
+  docs/source/accelerate/fsdp.md), so that they shard like bf16 tensors; the bytes per weight are the same 0.5. Its
+  quantisation constants are module state, not parameters, so FSDP does not shard them: counted whole on every GPU.
+  With N = 1 FSDP still all-gathers into separate buffers: `none` plus the working set.
+  Checked on CPU with a fake process group (torch's `FakeStore`): every GPU's local shards of the parameters,
+  gradients and AdamW states are 1/N of the whole, and with `reshard_after_forward=False` every unit is unsharded
+  when the last block runs; with `True` the root and the running block are (no overlap on the CPU: the estimate's
+  second block is the GPU's prefetch).
+- peak per GPU = weights + master + optimiser + DDP buckets + the larger of
+  (a) FSDP's gathered parameters and unsharded gradients + max(activations + autocast copies, gradients) +
+      backward working memory, and (b) gradients + the optimiser step's working memory.
+
+Not counted: the CUDA context (~0.3-0.6 GiB, outside PyTorch's allocator), cuBLAS workspaces, NCCL's communication
+buffers (outside it too), CPU offloading, the caching allocator's fragmentation (measured as reserved - allocated), and
+the data batch. So compare with `peak_allocated_bytes`, not with nvidia-smi.
 """
 from __future__ import annotations
 
@@ -99,10 +139,16 @@ OPTIMIZERS: dict[str, float | None] = {"adamw": None, "adamw8bit": 2.0, "paged_a
 OPTIMIZER_IMPLS = ("fused", "foreach", "single_tensor")  # torch AdamW implementations (fused: in place)
 GPUS_GIB = {"t4": 16, "l4": 24, "rtx4090": 24, "a10g": 24, "a100-40gb": 40, "a100-80gb": 80, "h100-80gb": 80,
             "h200": 141}
-# Llama-2 shapes (Touvron et al. 2023): hidden, layers, heads, kv heads, FFN width, vocabulary.
+# Llama shapes: hidden, layers, heads, kv heads, FFN width, vocabulary. `7b`, `13b`, `70b`: Llama-2 (Touvron et al.
+# 2023); `8b`, `llama3-70b`: Llama-3 / 3.1 (their config.json: 128256-entry vocabulary, untied LM head).
 PRESETS = {"7b": (4096, 32, 32, 32, 11008, 32000), "13b": (5120, 40, 40, 40, 13824, 32000),
-           "70b": (8192, 80, 64, 8, 28672, 32000)}
+           "70b": (8192, 80, 64, 8, 28672, 32000), "8b": (4096, 32, 32, 8, 14336, 128256),
+           "llama3-70b": (8192, 80, 64, 8, 28672, 128256)}
 NF4_BYTES = 0.5
+# One run over several GPUs (conf/distributed/): none, DistributedDataParallel, FSDP2 (fully_shard).
+STRATEGIES = ("none", "ddp", "fsdp")
+# FSDP2 blocks unsharded at once with reshard_after_forward=True: the one computing and the next (prefetched).
+FSDP_UNITS_IN_FLIGHT = 2
 # A causal LM's loss over the vocabulary (transformers' ForCausalLMLoss: fp32 logits -> cross entropy), bytes per
 # token x vocabulary entry, measured on tiny-llama with bench.tools.perf.memory (fp32, CPU): log_softmax keeps its fp32
 # output for the backward pass (4); the backward pass starts with two dense fp32 tokens x vocab gradients alive at
@@ -128,6 +174,7 @@ class Arch:
     causal_lm: bool
     head_params: int  # the task head (trains for every method; 0 for a causal LM)
     largest_param: int = 0  # elements of the largest parameter tensor (usually the token embedding)
+    block_params: int = 0  # parameters of the largest transformer block (FSDP's shard unit); 0: not found
     linears: dict[str, tuple[int, int, bool]] = field(default_factory=dict, repr=False)
 
     @property
@@ -160,16 +207,19 @@ def arch_from_config(config: Any, name: str = "model") -> Arch:
     linears = {n: (m.in_features, m.out_features, m.bias is not None)
                for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     params = sum(p.numel() for p in model.parameters())
+    layers = int(config.num_hidden_layers)
+    blocks = next((m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == layers), [])
     head = 0 if causal else sum(p.numel() for n, p in model.named_parameters() if _is_head(n))
     hidden = int(config.hidden_size)
     act = str(getattr(config, "hidden_act", "gelu"))
-    return Arch(name=name, params=params, hidden=hidden, layers=int(config.num_hidden_layers),
+    return Arch(name=name, params=params, hidden=hidden, layers=layers,
                 heads=int(config.num_attention_heads), ffn=int(getattr(config, "intermediate_size", 4 * hidden)),
                 vocab=int(config.vocab_size), swiglu=act == "silu",
                 dropout=float(getattr(config, "hidden_dropout_prob", getattr(config, "attention_dropout", 0.0))
                               or 0.0) > 0,
                 causal_lm=causal, head_params=head, linears=linears,
-                largest_param=max(p.numel() for p in model.parameters()))
+                largest_param=max(p.numel() for p in model.parameters()),
+                block_params=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0))
 
 
 def llama_like(params: float | None = None, preset: str | None = None) -> Arch:
@@ -337,12 +387,68 @@ class Setting:
     grad_checkpointing: bool = False
     double_quant: bool = True
     trainable: int | None = None  # a method's own trainable count (record_setting); None: counted for the method
+    strategy: str = "none"  # none | ddp | fsdp: what each of `gpus` GPUs holds (batch: each GPU's micro-batch)
+    gpus: int = 1
+    reshard_after_forward: bool = True  # fsdp: free each block's gathered parameters after its forward (ZeRO-3)
+    gradient_as_bucket_view: bool = False  # ddp: gradients as views into the buckets (no second copy)
+
+
+def check_distribution(s: Setting) -> None:
+    """One-line refusals for a strategy and GPU count that mean nothing."""
+    if s.strategy not in STRATEGIES:
+        raise ValueError(f"strategy '{s.strategy}': choose one of {', '.join(STRATEGIES)}")
+    if isinstance(s.gpus, bool) or not isinstance(s.gpus, int) or s.gpus < 1:
+        raise ValueError(f"gpus {s.gpus!r}: the number of GPUs is a whole number, at least 1")
+    if s.strategy == "none" and s.gpus != 1:
+        raise ValueError(f"strategy none is one process on one GPU; {s.gpus} GPUs need ddp or fsdp")
+
+
+def fsdp_unit_bytes(arch: Arch, s: Setting, trainable: float) -> dict[str, float]:
+    """FSDP2's shard units unsharded (bytes): one transformer block and the root (embeddings, final norm, heads), each
+    parameter in the dtype it is stored in, and the gradients of their trainable parameters. Adapters (trainable
+    parameters other than the task head) are spread evenly over the blocks."""
+    layers = max(arch.layers, 1)
+    block = float(arch.block_params)
+    root = arch.params - arch.layers * block  # no block found: everything is the root
+    if s.method == "full":
+        _, per, _ = weight_bytes(s.precision, True)
+        return {"block": per * block, "root": per * root, "block_grads": per * block, "root_grads": per * root}
+    adapters = max(trainable - arch.head_params, 0) / layers
+    if s.method == "qlora":  # packed 4-bit linear weights; the rest and the adapters fp32
+        linear = arch.layer_linear_params / layers if block else 0.0
+        frozen_block, frozen_root, per = NF4_BYTES * linear + 4.0 * (block - linear), 4.0 * root, 4.0
+    else:
+        frozen, per, _ = weight_bytes(s.precision, False)
+        frozen_block, frozen_root = frozen * block, frozen * (root - arch.head_params) + per * arch.head_params
+    return {"block": frozen_block + per * adapters, "root": frozen_root, "block_grads": per * adapters,
+            "root_grads": per * arch.head_params}
+
+
+def distribute(arch: Arch, s: Setting, out: dict[str, float]) -> dict[str, float]:
+    """One process's components -> what each of `s.gpus` GPUs holds under `s.strategy` (module docstring)."""
+    out.update(gpus=float(s.gpus), ddp_buckets_bytes=0.0, fsdp_gathered_params_bytes=0.0,
+               fsdp_unsharded_grads_bytes=0.0)
+    if s.strategy == "ddp" and not s.gradient_as_bucket_view:  # one more copy of the trainable gradients
+        out["ddp_buckets_bytes"] = out["gradients_bytes"]
+    elif s.strategy == "fsdp":
+        n = s.gpus
+        # QLoRA's quantisation constants are module state, not parameters: every GPU holds them whole
+        whole = arch.quantisable_params * QUANT_CONST_BYTES[s.double_quant] if s.method == "qlora" else 0.0
+        out["weights_bytes"] = (out["weights_bytes"] - whole) / n + whole
+        for key in ("master_weights_bytes", "gradients_bytes", "optimizer_bytes", "optimizer_step_working_bytes"):
+            out[key] /= n
+        units = fsdp_unit_bytes(arch, s, out["trainable_params"])
+        blocks = min(FSDP_UNITS_IN_FLIGHT, arch.layers) if s.reshard_after_forward else arch.layers
+        out["fsdp_gathered_params_bytes"] = units["root"] + blocks * units["block"]
+        out["fsdp_unsharded_grads_bytes"] = units["root_grads"] + units["block_grads"]
+    return out
 
 
 def estimate(arch: Arch, s: Setting) -> dict[str, float]:
-    """Memory components and the estimated peak (bytes) for one method on one model."""
+    """Memory components and the estimated peak (bytes) for one method on one model, per GPU under `s.strategy`."""
     if s.method not in METHODS:
         raise ValueError(f"method {s.method}: choose one of {METHODS}")
+    check_distribution(s)
     if s.method == "full":
         trainable = arch.params
     elif s.trainable is not None:
@@ -373,6 +479,8 @@ def estimate(arch: Arch, s: Setting) -> dict[str, float]:
             copies = 2.0 * trainable
         else:
             copies = 0.0
+        if s.grad_checkpointing:  # kept only for the layer being recomputed
+            copies /= max(arch.layers, 1)
     precision = "bf16-mixed" if s.method == "qlora" else s.precision
     per_layer = activation_bytes_per_layer(arch, s.batch, s.seq, precision, s.fused_attention, not full)
     tokens = s.batch * s.seq
@@ -394,10 +502,13 @@ def estimate(arch: Arch, s: Setting) -> dict[str, float]:
         "fp32" if s.method == "qlora" else s.precision)
     if s.trainable is not None:  # a method's own tensors, shapes unknown here: at most 8 bytes per trainable one
         out["optimizer_step_working_bytes"] = min(out["optimizer_step_working_bytes"], 8.0 * trainable)
-    fixed = out["weights_bytes"] + out["master_weights_bytes"] + out["optimizer_bytes"]
-    backward = max(out["activations_bytes"] + copies, out["gradients_bytes"]) + out["backward_working_bytes"]
+    distribute(arch, s, out)
+    fixed = out["weights_bytes"] + out["master_weights_bytes"] + out["optimizer_bytes"] + out["ddp_buckets_bytes"]
+    unsharded = out["fsdp_gathered_params_bytes"] + out["fsdp_unsharded_grads_bytes"]
+    backward = unsharded + max(out["activations_bytes"] + copies, out["gradients_bytes"]) \
+        + out["backward_working_bytes"]
     out["peak_bytes"] = fixed + max(backward, out["gradients_bytes"] + out["optimizer_step_working_bytes"])
-    out["sum_of_parts_bytes"] = fixed + out["gradients_bytes"] + out["activations_bytes"] + copies
+    out["sum_of_parts_bytes"] = fixed + unsharded + out["gradients_bytes"] + out["activations_bytes"] + copies
     return out
 
 
