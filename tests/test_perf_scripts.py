@@ -23,6 +23,23 @@ def test_perf_overhead_quick_trains_all_three_ways_on_the_same_batches(capsys):
     assert set(tokens) == {"bare", "suite", "trainer"} and len(set(tokens.values())) == 1, tokens
 
 
+@needs_glue
+def test_perf_overhead_outside_way_is_plain_peft_with_the_runs_lora_shape_and_profiles(capsys):
+    """`outside` builds the model with transformers and peft alone: the same LoRA tensors (names and shapes) as the
+    suite's model, trained on the same batches; --profile prints each way's operators."""
+    perf_overhead.main(["--quick", "--threads", "1", "--ways", "outside,suite", "--profile"])
+    out = capsys.readouterr().out
+    assert "| outside |" in out and "| suite |" in out and "vs outside" in out
+    assert "profile of outside, 5 steps" in out and "profile of suite, 5 steps" in out and "aten::" in out
+    cfg = perf_overhead.compose_config(["model=tiny-bert", "budget=smoke"])
+    setup = perf_overhead.Setup(cfg, 4)
+
+    def lora(model):
+        return {n.split("base_model.model.")[-1]: tuple(p.shape) for n, p in model.named_parameters() if "lora_" in n}
+
+    assert lora(perf_overhead.outside_model(setup)) == lora(setup.model()) != {}
+
+
 @pytest.mark.slow
 @needs_glue
 def test_perf_gpu_script_runs_and_skips_what_cannot_run_here(tmp_path, capsys):

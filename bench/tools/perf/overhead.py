@@ -1,6 +1,8 @@
 """Overhead benchmark: the suite's training loop vs a minimal hand-written PEFT loop vs transformers' Trainer.
 
     python -m bench.tools.perf.overhead                 # 200 LoRA steps of MiniLM on SST-2, each way
+    python -m bench.tools.perf.overhead --ways outside,suite --steps 80 --repeats 2 --profile method.dropout=0 \
+        budget.batch_size=32 budget.max_seq_len=64 budget.max_grad_norm=null method.weight_decay=0
     python -m bench.tools.perf.overhead --steps 100 --repeats 2
     python -m bench.tools.perf.overhead --quick         # tiny random-init model, 20 steps: checks the script runs
     python -m bench.tools.perf.overhead --data-only     # tokenisation and loader time vs step time
@@ -14,6 +16,11 @@ throwaway warm-up of the process; with --repeats the order of the ways rotates b
 a shared machine drift, and the fastest and the median repeat of each way are reported. On CPU it also
 reports steps per second of this process's CPU time, which other processes on a shared machine do not inflate
 (with --threads 1 it is the work done). This is a benchmark script that prints figures, not a test.
+
+`bare` trains the suite's own model (its method attached by methods/); `outside` trains the model a plain peft script
+builds (transformers' loader, peft's `LoraConfig` with the run's rank, alpha, dropout and target modules, peft's task
+head handling), in the same bare loop: `outside` vs `suite` is the whole harness's cost, model building included.
+`--profile` prints each way's most expensive operators over a few steps (torch.profiler, self CPU time).
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ from omegaconf import DictConfig
 from bench.config import compose_config
 from bench.data import load_data, train_loader
 from bench.data.encode import make_loader
+from bench.model import is_causal_lm, load_model, seed_everything
 from bench.model.precision import autocast, autocast_dtype
 from bench.plan import plan
 from bench.recipe import fresh_model, train_model
@@ -94,11 +102,26 @@ def run_suite(s: Setup, steps: int) -> tuple[float, float]:
     return res.wall_s, time.process_time() - cpu0
 
 
-def run_bare(s: Setup, steps: int) -> tuple[float, float]:
-    """The smallest correct loop: AdamW, linear schedule, clipping, autocast on GPU."""
+def outside_model(s: Setup):
+    """The model as a plain peft script builds it, seeded as the run is: the same pre-trained weights and LoRA
+    shape, without the suite's method code (peft trains the classifier; the suite's head also holds BERT's pooler)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    seed_everything(int(s.cfg.seed))
+    model, _ = load_model(s.cfg.model, s.plan.task.num_labels)
+    m = s.cfg.method
+    lora = LoraConfig(task_type=TaskType.CAUSAL_LM if is_causal_lm(s.cfg.model) else TaskType.SEQ_CLS,
+                      r=int(s.cfg.rank), lora_alpha=float(m.alpha_over_rank) * int(s.cfg.rank),
+                      lora_dropout=float(m.dropout), target_modules=list(m.target_modules))
+    return get_peft_model(model, lora).to(s.device)
+
+
+def run_bare(s: Setup, steps: int, model=None) -> tuple[float, float]:
+    """The smallest correct loop: AdamW, linear schedule, clipping (unless budget.max_grad_norm is null), autocast on
+    GPU."""
     from transformers import get_linear_schedule_with_warmup
 
-    model = s.model()
+    model = model if model is not None else s.model()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=float(s.cfg.method.weight_decay),
                             fused=s.device.type == "cuda")
@@ -113,7 +136,8 @@ def run_bare(s: Setup, steps: int) -> tuple[float, float]:
         with autocast(s.device, amp):
             loss = model(**batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, float(s.cfg.budget.max_grad_norm))
+        if s.cfg.budget.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, float(s.cfg.budget.max_grad_norm))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -170,13 +194,29 @@ def _forever(loader):
         yield from loader
 
 
-WAYS = {"suite": run_suite, "bare": run_bare, "trainer": run_trainer}
+def run_outside(s: Setup, steps: int) -> tuple[float, float]:
+    return run_bare(s, steps, outside_model(s))
+
+
+WAYS = {"suite": run_suite, "bare": run_bare, "outside": run_outside, "trainer": run_trainer}
+
+
+def profile(s: Setup, way: str, steps: int = 5, top: int = 12) -> str:
+    """The way's operators that took the most self CPU time over `steps` steps (after the process's warm-up)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        WAYS[way](s, steps)
+    return f"\nprofile of {way}, {steps} steps:\n" + prof.key_averages().table(sort_by="self_cpu_time_total",
+                                                                                 row_limit=top)
 
 
 def _table(title: str, times: dict[str, float], steps: int) -> str:
-    lines = [f"\n{title}:", "| way | steps/s | s/step | vs bare | vs trainer |", "|---|---|---|---|---|"]
+    reference = "bare" if "bare" in times else "outside"
+    lines = [f"\n{title}:", f"| way | steps/s | s/step | vs {reference} | vs trainer |", "|---|---|---|---|---|"]
     for name, t in times.items():
-        vs_bare = f"{times['bare'] / t:.3f}" if "bare" in times else ""
+        vs_bare = f"{times[reference] / t:.3f}" if reference in times else ""
         vs_trainer = f"{times['trainer'] / t:.3f}" if "trainer" in times else ""
         lines.append(f"| {name} | {steps / t:.3f} | {t / steps:.4f} | {vs_bare} | {vs_trainer} |")
     return "\n".join(lines)
@@ -207,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="tiny random-init model, 20 steps: a check that it runs")
     ap.add_argument("--ways", default="bare,suite,trainer")
     ap.add_argument("--data-only", action="store_true", help="only the tokenisation / data-loading check")
+    ap.add_argument("--profile", action="store_true", help="also print each way's top operators over 5 steps")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); on a machine shared "
                                                "with other busy processes, 1 thread gives steadier timings")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny-bert budget.batch_size=16")
@@ -247,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
         if s.device.type == "cpu":
             print(_table(f"CPU time of this process, fastest of {n} (robust to other processes on a shared "
                          "machine; meaningful with --threads 1)", {k: min(v) for k, v in cpu.items()}, steps))
+        for name in ways if args.profile else ():
+            print(profile(s, name))
         spread = {k: max(v) / min(v) - 1 for k, v in wall.items()}
         print("(ratios are speed ratios: > 1 means faster than the reference; spread of each way's own repeats, "
               "slowest/fastest - 1: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in spread.items()) + ")")
