@@ -140,6 +140,42 @@ def _img(path: Path | str, alt: str) -> str:
     return f'<img alt="{_e(alt)}" src="{_png(path)}">'
 
 
+def markdown_html(lines: list[str], base: Path) -> str:
+    """The report's Markdown sections that have no page of their own here (serving benchmarks, intruder mitigation)
+    as HTML: headings, tables, images (inlined; their paths relative to `base`), list items and paragraphs."""
+    parts: list[str] = []
+    table: list[list[str]] = []
+
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    def flush() -> None:
+        if table:
+            parts.append(_plain_table(pd.DataFrame(table[1:], columns=table[0])))
+            table.clear()
+
+    for line in "\n".join(lines).splitlines():  # an item may hold several lines (a whole table)
+        if line.startswith("|"):
+            if not set(line) <= set("|-: "):  # the header's separator row
+                table.append(cells(line))
+            continue
+        flush()
+        if image := re.fullmatch(r"!\[(.*)\]\((.+)\)", line.strip()):
+            path = base / image[2]
+            parts.append(_img(path if path.suffix == ".png" and path.is_file() else str(path), image[1]))
+        elif line.startswith("#"):
+            level = min(len(line) - len(line.lstrip("#")), 4)
+            parts.append(f"<h{level}>{_e(line.lstrip('#').strip())}</h{level}>")
+        elif bold := re.fullmatch(r"\*\*(.+)\*\*", line.strip()):
+            parts.append(f"<h4>{_e(bold[1])}</h4>")
+        elif line.startswith("- "):
+            parts.append(f"<p>• {_e(line[2:])}</p>")
+        elif line.strip():
+            parts.append(f"<p>{_e(line)}</p>")
+    flush()
+    return "".join(parts)
+
+
 def _kv(pairs: list[tuple[str, object]]) -> str:
     rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in pairs if v is not None and v != "")
     return f'<table class="kv">{rows}</table>'
@@ -371,8 +407,9 @@ def _run_section(rec: dict, analysis: dict | None, work: Path, index: int) -> st
 
 def write_html(path: Path, *, title: str, generated: str, df: pd.DataFrame, records: list[dict],
                reproductions: list[Reproduction | ExperimentReproduction], analyses: dict[str, dict],
-               problems: list[str]) -> Path:
-    """Write the whole report as one HTML file and return its path."""
+               problems: list[str], extra: str = "") -> Path:
+    """Write the whole report as one HTML file and return its path; `extra`: HTML sections placed before the failed
+    runs (markdown_html of the serving and mitigation sections)."""
     ok = tables.ok_frame(df)
     failed = df[df["status"] != "ok"] if "status" in df else df.iloc[0:0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -435,6 +472,7 @@ def write_html(path: Path, *, title: str, generated: str, df: pd.DataFrame, reco
 {pareto}
 <h2 id="claims">Claims checked</h2>
 {_claims_section(ok) if not ok.empty else '<p>No ok runs.</p>'}
+{extra}
 <h2 id="failed">Runs that did not finish</h2>
 {failed_html}
 <h2 id="runs">Runs</h2>

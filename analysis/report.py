@@ -43,7 +43,7 @@ import pandas as pd
 from analysis import claims, intruders, plots, reproduce, tables, tuned
 from analysis.analyse import analyse_all
 from analysis.collect import load_records
-from analysis.html import write_html
+from analysis.html import markdown_html, write_html
 from analysis.mitigate import report_section as mitigation_section
 from analysis.serving import serving_section
 from bench import BenchError
@@ -391,8 +391,9 @@ def build_report(
 
     lines += causal_lm_section(ok, analyses, out)
     lines += generation_section(ok, analyses, out)
-    lines += serving_section(results)  # serving benchmark records in perf/ beside the results folder
-    lines += mitigation_section(results, out / "plots", lambda p: _rel(p, out))  # <run dir>/mitigation.json files
+    after_training = serving_section(results)  # serving benchmark records in perf/ beside the results folder
+    after_training += mitigation_section(results, out / "plots", lambda p: _rel(p, out))  # <run dir>/mitigation.json
+    lines += after_training
 
     if table == "auto":
         published = [reproduce.load_published(name) for name in published_tables(df)]
@@ -453,7 +454,8 @@ def build_report(
     index.write_text("\n".join(lines) + "\n")
     generated = f"Generated {dt.datetime.now().isoformat(timespec='seconds')} by python -m analysis.report."
     write_html(out / "index.html", title=f"peft-bench report: {results}", generated=generated, df=df,
-               records=records, reproductions=reproductions, analyses=analyses, problems=problems)
+               records=records, reproductions=reproductions, analyses=analyses, problems=problems,
+               extra=markdown_html(after_training, out))
     return index
 
 

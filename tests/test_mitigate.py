@@ -171,3 +171,6 @@ def test_cli_end_to_end_writes_json_and_plot_and_the_report_shows_them(run_dir, 
     text = index.read_text()
     assert "## Intruder mitigation" in text and f"](plots/mitigation_{res['run_id']}.png)" in text
     assert (tmp_path / "report" / "plots" / f"mitigation_{res['run_id']}.png").stat().st_size > 1000
+    page = (tmp_path / "report" / "index.html").read_text()  # the HTML page: the section, its table, its plot inlined
+    assert "<h2>Intruder mitigation" in page and 'src="data:image/png;base64,' in page
+    assert page.count("<th>λ</th>") >= 1

@@ -148,6 +148,8 @@ def test_serving_script_quick_mode_runs_and_the_report_shows_it(name, tmp_path, 
         assert f"**{table}**" in section
     mib = f"{each / 2**20:,.3f}"  # the exact per-adapter figure, in MiB
     assert any(line.startswith("| 2 |") and f"| {mib} |" in line for line in section.splitlines()), section
+    page = (tmp_path / "report" / "index.html").read_text()  # the HTML page has the same tables
+    assert "Serving: many adapters on one base model" in page and f"<td>{mib}</td>" in page
     assert "serving-old.json: schema 'serving/0', this report reads 'serving/1'" in section
 
 
