@@ -18,7 +18,8 @@ Rules (also printed with each verdict):
 - "intruders grow as rank falls": over LoRA runs analysed at three or more ranks, Spearman's ρ between rank
   and intruder count is negative and the lowest rank has more intruders than the highest.
 - "intruder dimensions track forgetting": over LoRA runs with an intruder count and a forgetting probe (5 or more per
-  task), Spearman's ρ between the two is positive with its 95% bootstrap interval over runs above 0.
+  task, 3 or more of them off the most common count), Spearman's ρ between the two is positive with its 95% bootstrap
+  interval over runs above 0.
 
 Power: the comparisons of means say what they can detect. With n_a and n_b runs and a per-run standard deviation sd,
 a two-sided test at 5% finds a true difference with 80% probability when it is at least
@@ -365,10 +366,14 @@ def spearman_interval(x: np.ndarray, y: np.ndarray, n_boot: int = 2000, seed: in
     return rho, float(low), float(high)
 
 
+MIN_OFF_MODE = 3  # runs whose intruder count differs from the most common count, for a ρ worth an interval
+
+
 def intruders_track_forgetting(df: pd.DataFrame) -> Claim:
     claim = "intruder dimensions track forgetting"
-    rule = ("over LoRA runs with both an intruder count (saved weights) and a forgetting probe, at least 5 per task: "
-            "Spearman's ρ(intruders, forgetting) > 0 with its 95% bootstrap interval (over runs) above 0")
+    rule = ("over LoRA runs with both an intruder count (saved weights) and a forgetting probe, at least 5 per task "
+            f"and at least {MIN_OFF_MODE} whose count differs from the most common one: Spearman's "
+            "ρ(intruders, forgetting) > 0 with its 95% bootstrap interval (over runs) above 0")
     need = ["intruders", "forgetting_value"]
     lora = df[(df["method"] == "lora") & df[need].notna().all(axis=1)] if set(need) <= set(df.columns) else df[:0]
     if lora.empty:
@@ -379,9 +384,13 @@ def intruders_track_forgetting(df: pd.DataFrame) -> Claim:
     lines, verdicts = [], []
     for task, part in lora.groupby("task"):
         x, y = part["intruders"].to_numpy(float), (100 * part["forgetting_value"]).to_numpy(float)
-        if len(part) < 5 or np.ptp(x) == 0 or np.ptp(y) == 0:
-            lines.append(f"{_t(task)}: {len(part)} run(s)" + ("" if len(part) < 5 else ", one variable constant")
-                         + ": not enough (5 or more runs with varying counts needed)")
+        off_mode = int((x != pd.Series(x).mode().iloc[0]).sum())  # runs whose count is not the most common one
+        if len(part) < 5 or off_mode < MIN_OFF_MODE or np.ptp(y) == 0:
+            why = ("" if len(part) < 5 else f", {off_mode} with a count other than the most common"
+                   if off_mode < MIN_OFF_MODE else ", forgetting constant")
+            lines.append(f"{_t(task)}: {len(part)} run(s){why}: not enough (5 or more runs, {MIN_OFF_MODE} or more of "
+                         "them off the most common count, needed: with fewer, most bootstrap draws hold one count "
+                         "and the interval is an artefact)")
             continue
         rho, low, high = spearman_interval(x, y)
         verdicts.append(bool(low > 0))

@@ -406,6 +406,13 @@ def test_intruders_track_forgetting_with_an_interval_over_runs():
     assert claims.intruders_track_forgetting(runs(opposed)).verdict == "not supported"
     few = claims.intruders_track_forgetting(runs(tracking[:4]))
     assert few.verdict == "not enough data" and "4 run(s)" in few.lines[0]
+    # 15 runs, all but two with 0 intruders (as the forgetting study found): ρ exists but its interval would be an
+    # artefact of the draws that hold a non-zero count, so the claim says not enough
+    mostly_zero = [(8, 0, 0.01 * i) for i in range(13)] + [(64, 1, 0.2), (64, 2, 0.3)]
+    thin = claims.intruders_track_forgetting(runs(mostly_zero))
+    assert thin.verdict == "not enough data" and "2 with a count other than the most common" in thin.lines[0]
+    third = claims.intruders_track_forgetting(runs(mostly_zero + [(64, 1, 0.25)]))
+    assert third.verdict != "not enough data"
     none = claims.intruders_track_forgetting(_frame([{"task": "sst2", "method": "lora", "rank": 8,
                                                       "main_metric_value": 0.8}]))
     assert none.verdict == "not enough data" and "forgetting=sts" in none.lines[0]
