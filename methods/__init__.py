@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import warnings
 from typing import TYPE_CHECKING, Any
+
+# peft 0.21.2's PeftModel reads transformers 5's deprecated `is_gradient_checkpointing` each time a method attaches:
+# a warning about peft's code that no run can act on (it goes once peft reads `is_activation_checkpointing`).
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 if TYPE_CHECKING:
     from methods.base import AttachContext, Method
