@@ -194,6 +194,15 @@ def test_estimate_vs_measured_from_a_record(make_cfg, tmp_path):
     old = mem.record_estimate({**rec, "effective_config": legacy})
     assert old["estimate_bytes"] == mem.estimate(arch, mem.Setting(method="lora", rank=4, batch=8, seq=24,
                                                                    precision="bf16-mixed"))["peak_bytes"]
+    # a 2-rank FSDP run: estimated per GPU with each rank's half of the batch, against the largest rank's peak
+    fsdp = {"strategy": "fsdp", "world_size": 2, "reshard_after_forward": True}
+    per_gpu = mem.estimate(arch, mem.Setting(method="lora", rank=4, batch=4, seq=24, precision="bf16",
+                                             strategy="fsdp", gpus=2))["peak_bytes"]
+    two = mem.record_estimate({**rec, "effective_config": {**rec["effective_config"], "distributed": fsdp},
+                               "distributed": {**fsdp, "rank_peak_memory_bytes": [100, int(per_gpu)],
+                                               "max_rank_peak_memory_bytes": int(per_gpu)}})
+    assert two["estimate_bytes"] == per_gpu and two["measured_bytes"] == int(per_gpu)
+    assert "fsdp over 2 GPUs" in two["modelled_as"]
 
 
 def test_cli_prints_a_table_and_plots(tmp_path, capsys):

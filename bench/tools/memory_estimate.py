@@ -537,8 +537,14 @@ def record_setting(rec: dict) -> tuple[Setting, str]:
             seq += int(rec["rank"])
             modelled_as += f" (+{int(rec['rank'])} virtual tokens)"
     device_type = str(eff.get("device_type") or "cpu")
+    dist = eff.get("distributed") or {}  # a run over several processes: what each GPU held, its share of the batch
+    gpus = int(dist.get("world_size", 1))
+    if dist:
+        modelled_as += f", {dist['strategy']} over {gpus} GPUs"
     st = Setting(method=method if method in METHODS else "lora", rank=rec.get("rank") or 8,
-                 targets=tuple(method_cfg.get("target_modules") or ()), batch=int(eff["budget"]["batch_size"]),
+                 targets=tuple(method_cfg.get("target_modules") or ()), batch=int(eff["budget"]["batch_size"]) // gpus,
+                 strategy=str(dist.get("strategy", "none")), gpus=gpus,
+                 reshard_after_forward=bool(dist.get("reshard_after_forward", True)),
                  seq=seq, precision=record_precision(eff),
                  fused_attention=device_type == "cuda",
                  # bench.train: fused AdamW on CUDA, torch's default (single-tensor) elsewhere
@@ -558,9 +564,10 @@ def record_precision(eff: dict) -> str:
 
 
 def record_estimate(rec: dict) -> dict[str, Any]:
-    """Estimate vs measured training peak for one ok record (measured: memory.train.peak_allocated_bytes, on
-    CUDA only; a CPU record's peak RSS is given as `measured_rss_bytes`, not compared: it holds the Python
-    process, the data and the allocator's free lists too). Methods other than full/lora/qlora: `record_setting`."""
+    """Estimate vs measured training peak for one ok record, on CUDA only (measured: memory.train's
+    peak_allocated_bytes; for a distributed run, its largest rank's peak, against the estimate per GPU under its
+    strategy). A CPU record's peak RSS is given as `measured_rss_bytes`, not compared: it holds the Python process,
+    the data and the allocator's free lists too. Methods other than full/lora/qlora: `record_setting`."""
     mem = (rec.get("memory") or {}).get("train") or {}
     eff = rec["effective_config"]
     arch = arch_from_model_conf(eff["model"], num_labels=record_num_labels(rec))
@@ -571,8 +578,10 @@ def record_estimate(rec: dict) -> dict[str, Any]:
            "seq": st.seq, "estimate_bytes": est["peak_bytes"], "kind": mem.get("kind"), "modelled_as": modelled_as,
            "causal_lm": arch.causal_lm, "parts": est}
     if mem.get("kind") == "cuda":
-        row["measured_bytes"] = mem["peak_allocated_bytes"]
-        row["estimate_over_measured_ratio"] = est["peak_bytes"] / mem["peak_allocated_bytes"]
+        # a distributed run: the largest rank's peak (the record's train phase is rank 0's alone)
+        row["measured_bytes"] = (rec.get("distributed") or {}).get("max_rank_peak_memory_bytes") \
+            or mem["peak_allocated_bytes"]
+        row["estimate_over_measured_ratio"] = est["peak_bytes"] / row["measured_bytes"]
     elif mem.get("peak_rss_bytes"):
         row["measured_rss_bytes"] = mem["peak_rss_bytes"]
     return row
