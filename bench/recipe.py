@@ -131,7 +131,7 @@ class Recipe:
                 trains_all_weights=p.method.trains_all_weights,
                 trainable_params_excl_head=self.out["trainable_params_excl_head"], dtypes=p.dtypes, device=p.device,
                 world_size=p.world.size)
-        if self.p.world.distributed:
+        if p.world.distributed:
             self.gather_ranks()
 
     def gather_ranks(self) -> None:
@@ -146,11 +146,10 @@ class Recipe:
             "max_rank_peak_memory_bytes": max((peak["peak_memory_bytes"] or 0) for peak in peaks),
             "peak_memory_kind": peaks[0]["peak_memory_kind"]}
         if world.strategy == "fsdp":
-            state = distributed.full_state_dict(self.model, world)
+            state = distributed.full_state_dict(self.model)
             self.model = self.trained = None
             if world.main:
-                seed_everything(int(p.cfg.seed))
-                self.model = attach(p, build_model(p)[0], self.steps)[0]
+                self.model = fresh_model(p, self.steps)
                 self.model.load_state_dict(state)
 
     def evaluate(self) -> None:

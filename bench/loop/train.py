@@ -157,7 +157,7 @@ def train(model: nn.Module, method: Method, loader, s: TrainSettings,
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with autocast(device, amp_dtype):
                 loss = model(**batch).loss
-            loss = (loss if weight == 1.0 else loss * weight) / accum
+            loss = loss * weight / accum  # x 1.0 on one process: exact
             for hook in hooks:
                 loss = hook.on_loss(loss, res.steps)
             scaler.scale(loss).backward()

@@ -58,6 +58,8 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from bench.model.device import device_name as bench_device_name
+from bench.model.device import sync
+from bench.model.distributed import unwrap
 from bench.model.precision import Dtypes, dtype_name
 
 # transformers model types with BERT's layout (query/key/value/output, a 2-matrix MLP, a pooled classifier head)
@@ -298,20 +300,15 @@ def measured_peak(device_type: str, device: str, dtype: str, threads: int) -> tu
     a = torch.randn(size, size, generator=gen).to(device=device, dtype=dt)
     b = torch.randn(size, size, generator=gen).to(device=device, dtype=dt)
     out = torch.empty(size, size, device=device, dtype=dt)
-
-    def sync() -> None:
-        if device_type == "cuda":
-            torch.cuda.synchronize(device)
-
     torch.mm(a, b, out=out)  # first-use costs (kernel choice, page faults) stay out of the windows
-    sync()
+    sync(out.device)
     best = 0.0
     for _ in range(PROBE_WINDOWS):
         n, start = 0, time.perf_counter()
         while True:
             torch.mm(a, b, out=out)
             n += 1
-            sync()
+            sync(out.device)
             elapsed = time.perf_counter() - start
             if elapsed >= PROBE_SECONDS / PROBE_WINDOWS:
                 break
@@ -332,8 +329,8 @@ def train_utilisation(model: nn.Module, tr: Any, train: dict[str, Any], *, causa
         "note": ("gradient checkpointing: hardware FLOPs add the recomputed forward of the checkpointed layers"
                  if recomputed else "no gradient checkpointing: hardware FLOPs = model FLOPs, HFU = MFU"),
     }
-    try:  # a wrapper that hides the config (DistributedDataParallel) holds the model as `module`
-        arch = Architecture.from_config(getattr(model, "module", model).config, causal_lm)
+    try:
+        arch = Architecture.from_config(unwrap(model).config, causal_lm)
     except ValueError as exc:
         return {**out, "note": str(exc)}
     tokens_per_s, samples_per_s = train.get("tokens_per_s"), train.get("samples_per_s")

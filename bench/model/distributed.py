@@ -184,7 +184,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def full_state_dict(model: nn.Module, world: World) -> dict[str, torch.Tensor]:
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor of the model, whole, in host memory on rank 0 (FSDP: gathered from all ranks; every rank must
     call it); an empty dict on the other ranks."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -38,9 +38,10 @@ OUTCOME_ENV = "BENCH_RUN_OUTCOME"  # set by the parent: where the child says who
 
 def announce(identity: dict[str, Any]) -> None:
     """In an isolated child: tell the parent the run's identity (run_id, run_dir, config hash, ...) before it runs,
-    so the parent can record the run if the child is killed. Does nothing in a plain run (or on ranks other than 0)."""
+    so the parent can record the run if the child is killed. Does nothing in a plain run; only rank 0 of a
+    distributed run calls it (bench/orchestrate/runner.py)."""
     path = os.environ.get(OUTCOME_ENV)
-    if path and os.environ.get("RANK", "0") == "0":
+    if path:
         write_json_atomic(Path(path), {"identity": identity})
 
 
@@ -56,7 +57,8 @@ def run_isolated(cfg: DictConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
         cfg_path, outcome_path = Path(tmp) / "config.yaml", Path(tmp) / "outcome.json"
         OmegaConf.save(cfg, cfg_path, resolve=True)
-        proc = subprocess.Popen([*_launch(cfg), "-m", "bench.orchestrate.isolate", str(cfg_path)],
+        launch = _launch(cfg)
+        proc = subprocess.Popen([*launch, "-m", "bench.orchestrate.isolate", str(cfg_path)],
                                 env={**os.environ, OUTCOME_ENV: str(outcome_path)})
         proc.wait()
         said = json.loads(outcome_path.read_text()) if outcome_path.is_file() else {}
@@ -66,7 +68,7 @@ def run_isolated(cfg: DictConfig) -> dict[str, Any]:
     why = (f"killed by {signal.Signals(-proc.returncode).name} (signal {-proc.returncode}): out of memory (the "
            "kernel's OOM killer sends SIGKILL) or stopped from outside" if proc.returncode < 0
            else f"a rank of the distributed run failed (torchrun exit code {proc.returncode}); the output above says "
-           "which and why" if len(_launch(cfg)) > 1
+           "which and why" if len(launch) > 1
            else f"the run's process ended with exit code {proc.returncode} before it finished")
     if identity is None:  # killed before it knew its identity: nothing to record; the next invocation runs it
         return {"status": "error", "error": why, "skipped": False}

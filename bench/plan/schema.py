@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bench import BenchError
+from bench.model.distributed import STRATEGIES
 from bench.model.precision import PRECISIONS
 
 
@@ -104,7 +105,7 @@ class LM(_Strict):
 class Distributed(_Strict):
     """conf/distributed/: one run over several processes (bench/distributed.py)."""
 
-    strategy: Literal["none", "ddp", "fsdp"] = "none"
+    strategy: Literal[STRATEGIES] = "none"  # bench/model/distributed.py
     nproc_per_node: int = Field(2, gt=0)
     nnodes: int = Field(1, gt=0)
     backend: Literal["auto", "gloo", "nccl"] = "auto"

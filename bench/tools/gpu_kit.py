@@ -31,7 +31,6 @@ Llama-1B rows. It imports nothing outside the standard library before the instal
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -45,6 +44,7 @@ import zipfile
 from pathlib import Path
 
 from bench import BenchError
+from bench.hashing import file_sha256
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MIB = 2**20
@@ -320,10 +320,6 @@ def check_size(folder: Path, max_mib: float) -> int:
     return total
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def describe(plan: dict, out: Path, glue_dir: Path | None) -> str:
     """The dry run's text: packages, versions, what stays out and why, and the commands."""
     lines = [f"kit for CPython {plan['python']} on manylinux x86-64 -> {out}", "",
@@ -389,7 +385,7 @@ def build(out: Path, with_bitsandbytes: bool = False, max_mib: float = DEFAULT_M
                   for p in sorted((stage / "wheels").glob("*.whl"))}
         manifest = {
             "schema": "gpu-kit/1", "made_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": python,
-            "platforms": list(PLATFORMS), "lock_sha256": _sha256(REPO_ROOT / "requirements.lock"),
+            "platforms": list(PLATFORMS), "lock_sha256": file_sha256(REPO_ROOT / "requirements.lock"),
             "wheels": wheels, "build": sorted(p.name for p in (stage / "build").glob("*.whl")),
             "left_to_image": {n: {"lock": v, "why": LEFT_TO_IMAGE[n]} for n, v in plan["left_to_image"].items()},
             "not_carried": {n: NOT_CARRIED[n] for n in plan["not_carried"]}, "torch": plan["torch"],

@@ -127,6 +127,7 @@ from bench import BenchError
 from bench.config import CONF, compose_config
 from bench.data.tasks import record_num_labels
 from bench.model import package_model_dir
+from bench.model.distributed import STRATEGIES, blocks
 
 GIB = 2**30
 METHODS = ("full", "lora", "qlora")
@@ -145,8 +146,6 @@ PRESETS = {"7b": (4096, 32, 32, 32, 11008, 32000), "13b": (5120, 40, 40, 40, 138
            "70b": (8192, 80, 64, 8, 28672, 32000), "8b": (4096, 32, 32, 8, 14336, 128256),
            "llama3-70b": (8192, 80, 64, 8, 28672, 128256)}
 NF4_BYTES = 0.5
-# One run over several GPUs (conf/distributed/): none, DistributedDataParallel, FSDP2 (fully_shard).
-STRATEGIES = ("none", "ddp", "fsdp")
 # FSDP2 blocks unsharded at once with reshard_after_forward=True: the one computing and the next (prefetched).
 FSDP_UNITS_IN_FLIGHT = 2
 # A causal LM's loss over the vocabulary (transformers' ForCausalLMLoss: fp32 logits -> cross entropy), bytes per
@@ -208,7 +207,10 @@ def arch_from_config(config: Any, name: str = "model") -> Arch:
                for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     params = sum(p.numel() for p in model.parameters())
     layers = int(config.num_hidden_layers)
-    blocks = next((m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == layers), [])
+    try:  # FSDP's shard units, found as the run finds them (bench/model/distributed.py)
+        units = blocks(model)
+    except BenchError:
+        units = []
     head = 0 if causal else sum(p.numel() for n, p in model.named_parameters() if _is_head(n))
     hidden = int(config.hidden_size)
     act = str(getattr(config, "hidden_act", "gelu"))
@@ -219,7 +221,7 @@ def arch_from_config(config: Any, name: str = "model") -> Arch:
                               or 0.0) > 0,
                 causal_lm=causal, head_params=head, linears=linears,
                 largest_param=max(p.numel() for p in model.parameters()),
-                block_params=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0))
+                block_params=max((sum(p.numel() for p in b.parameters()) for b in units), default=0))
 
 
 def llama_like(params: float | None = None, preset: str | None = None) -> Arch:
@@ -438,8 +440,8 @@ def distribute(arch: Arch, s: Setting, out: dict[str, float]) -> dict[str, float
         for key in ("master_weights_bytes", "gradients_bytes", "optimizer_bytes", "optimizer_step_working_bytes"):
             out[key] /= n
         units = fsdp_unit_bytes(arch, s, out["trainable_params"])
-        blocks = min(FSDP_UNITS_IN_FLIGHT, arch.layers) if s.reshard_after_forward else arch.layers
-        out["fsdp_gathered_params_bytes"] = units["root"] + blocks * units["block"]
+        gathered = min(FSDP_UNITS_IN_FLIGHT, arch.layers) if s.reshard_after_forward else arch.layers
+        out["fsdp_gathered_params_bytes"] = units["root"] + gathered * units["block"]
         out["fsdp_unsharded_grads_bytes"] = units["root_grads"] + units["block_grads"]
     return out
 
