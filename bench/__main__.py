@@ -22,6 +22,16 @@ def _is_multirun() -> bool:
         return False
 
 
+def _is_rank(cfg: DictConfig) -> bool:
+    """This process is one rank of a distributed run (started by torchrun or Slurm): it is the run, not its parent."""
+    from bench.model.distributed import planned_world
+
+    try:
+        return planned_world(cfg.get("distributed")).launched
+    except BenchError:  # the run says what is wrong with the config, in one line
+        return False
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def app(cfg: DictConfig) -> dict:
     """Returns (in multirun) the job's outcome for the sweep progress callback (bench/orchestrate/sweep.py):
@@ -43,8 +53,7 @@ def app(cfg: DictConfig) -> dict:
             sys.exit(1)
         return outcome
     isolate = cfg.get("isolate_runs", "auto")
-    launched = "WORLD_SIZE" in os.environ  # a rank of a distributed run (torchrun): this process is the run
-    if (isolate is True or (isolate == "auto" and multirun)) and not launched:
+    if (isolate is True or (isolate == "auto" and multirun)) and not _is_rank(cfg):
         from bench.orchestrate.isolate import run_isolated
 
         return run_isolated(cfg)

@@ -172,6 +172,7 @@ def test_slurm_tasks_become_ranks(monkeypatch):
     cfg = compose_cfg("distributed=ddp", "distributed.nnodes=2", "distributed.nproc_per_node=4")
     world = distributed.planned_world(cfg.distributed)
     assert world == World("ddp", 8, 5, 1, "slurm")
+    assert distributed.planned_world(cfg.distributed) == world  # again, now that torch's variables are exported
     assert os.environ["MASTER_ADDR"] == "gpu07" and os.environ["RANK"] == "5" and os.environ["WORLD_SIZE"] == "8"
 
 

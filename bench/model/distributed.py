@@ -64,8 +64,10 @@ SINGLE = World()
 def _launcher_env(strategy: str) -> tuple[int, int, int, str] | None:
     """(rank, world size, local rank, launcher) from the environment a launcher set, else None."""
     env = os.environ
-    if "WORLD_SIZE" in env and "RANK" in env:  # torchrun, or anything that sets torch's variables
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun"
+    if "WORLD_SIZE" in env and "RANK" in env:  # torchrun, or anything that sets torch's variables (as below)
+        slurm = env.get("SLURM_NTASKS") == env["WORLD_SIZE"] and env.get("SLURM_PROCID") == env["RANK"]
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), \
+            "slurm" if slurm else "torchrun"
     if strategy != "none" and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
         try:
             from submitit.helpers import TorchDistributedEnvironment
