@@ -80,7 +80,7 @@ def check_group_choices(argv: list[str]) -> str | None:
     """One-line message for an override that names a config that does not exist (`method=nosuch`),
     before Hydra prints its multi-line error. Sweep expressions (`range(...)`, globs) are left to Hydra."""
     for arg in argv:
-        match = re.fullmatch(r"(method|task|model|budget)=([\w.,-]+)", arg)
+        match = re.fullmatch(r"(method|task|model|budget|distributed)=([\w.,-]+)", arg)
         if not match:
             continue
         group, values = match.groups()

@@ -19,7 +19,7 @@ def bench(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("override, choices", [("method=nosuch", "lora"), ("task=imagenet", "sst2"),
-                                               ("model=gpt9", "minilm")])
+                                               ("model=gpt9", "minilm"), ("distributed=dpp", "fsdp")])
 def test_unknown_name_is_one_clear_line(override, choices):
     out = bench(override)
     assert out.returncode != 0
